@@ -1,0 +1,1 @@
+//! Distillation: forward/reverse KL and generalized JSD between teacher and student token distributions.

@@ -1,0 +1,150 @@
+//! Policy-gradient losses: the clipped surrogate and its variants.
+//!
+//! # Overview
+//!
+//! With `r = π(a)/π_old(a) = exp(log π − log π_old)` and advantage `A`, PPO
+//! minimises per token
+//!
+//! ```text
+//! ℓ = max(−A·r, −A·clip(r, 1−ε_low, 1+ε_high))          (clip-higher when ε_high ≠ ε_low)
+//! ℓ = min(ℓ, −A·c)   where A < 0                          (dual clip, c > 1)
+//! ```
+//!
+//! [`ppo_clipped_surrogate`] is that kernel, written once over [`Elem`] and
+//! shared by every token-level variant in the submodules:
+//!
+//! * [`grpo`] — GRPO-family losses with sequence-level ratios (GSPO),
+//!   delta caps, entropy masks, SAPO, CISPO, VESPO, LUSPO and their normalizers;
+//! * [`sequence_mean`] — per-sequence-mean policy losses (GRPO with completion
+//!   ratios, on-policy and chunked-logits forms);
+//! * [`rollout`] — importance-sampling correction and rejection between the
+//!   rollout engine's and the trainer's log-probs.
+
+use crate::elem::{Elem, MaskElem};
+
+pub mod grpo;
+pub mod rollout;
+pub mod sequence_mean;
+
+/// Parameters of the clipped surrogate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct ClipConfig {
+    /// `ε_low`: the ratio is clipped from below at `1 − ε_low`.
+    pub eps_low: f64,
+    /// `ε_high`: the ratio is clipped from above at `1 + ε_high`.
+    pub eps_high: f64,
+    /// Dual clip `c > 1`: for `A < 0` the loss is capped at `−A·c`. `None`: off.
+    pub dual_clip: Option<f64>,
+    /// Clamp `log π − log π_old` to `[−k, k]` before `exp` (verl, OpenRLHF: 20).
+    pub log_ratio_clamp: Option<f64>,
+}
+
+/// One token's clipped surrogate, its gradient and its clip indicators.
+#[derive(Debug, Clone)]
+pub struct SurrogateToken<E: Elem> {
+    /// The per-token loss `ℓ`.
+    pub loss: E,
+    /// `∂ℓ/∂ log π`.
+    pub grad: E,
+    /// The ratio `r` (after the log-ratio clamp).
+    pub ratio: E,
+    /// The log-ratio `log π − log π_old` (after the clamp).
+    pub log_ratio: E,
+    /// Where the clipped branch is strictly larger (`−A·clip(r) > −A·r`):
+    /// verl's and torchtune's `clipfrac` counts these.
+    pub clipped: E::Mask,
+    /// Where the dual clip is active (`A < 0` and `−A·c` strictly below the clipped loss).
+    pub dual_clipped: E::Mask,
+}
+
+/// The PPO clipped surrogate (with clip-higher and dual clip) for one token —
+/// or, in the burn adapter, for a whole tensor of tokens.
+///
+/// # Formula
+///
+/// ```text
+/// x  = clamp(log π − log π_old, −k, k)        (if log_ratio_clamp = k)
+/// r  = eˣ
+/// ℓ₁ = −A·r,  ℓ₂ = −A·clip(r, 1−ε_low, 1+ε_high),  ℓ_clip = max(ℓ₁, ℓ₂)
+/// ℓ  = min(ℓ_clip, −A·c) if A < 0 and dual clip c is set, else ℓ_clip
+/// ```
+///
+/// # Gradient
+///
+/// `∂ℓ/∂ log π = −A·r` on the branch that is active and unclipped, 0 where the
+/// ratio is clipped, the dual clip is active, or the log-ratio clamp is
+/// active. At a tie `ℓ₁ = ℓ₂` (ratio inside the range) both branches have the
+/// same derivative, so the choice does not matter.
+///
+/// # Peers
+///
+/// verl `compute_policy_loss_vanilla` (log-ratio clamp 20, dual clip with
+/// `clip_ratio_c`), OpenRLHF `PolicyLoss` (clamp 20, `dual_clip`), TRL GRPO
+/// token level (no clamp, no dual clip), torchtune `PPOLoss` (no clamp).
+///
+/// # Example
+///
+/// ```
+/// use posttrain_core::policy::{ppo_clipped_surrogate, ClipConfig};
+/// let cfg = ClipConfig { eps_low: 0.2, eps_high: 0.2, dual_clip: None, log_ratio_clamp: None };
+/// // ratio e^{0.5} ≈ 1.65 > 1.2 with A > 0: clipped, no gradient.
+/// let t = ppo_clipped_surrogate(&cfg, 0.5f64, 0.0, 1.0);
+/// assert!((t.loss + 1.2).abs() < 1e-12);
+/// assert_eq!(t.grad, 0.0);
+/// assert!(t.clipped);
+/// ```
+pub fn ppo_clipped_surrogate<E: Elem>(
+    cfg: &ClipConfig,
+    log_prob: E,
+    old_log_prob: E,
+    advantage: E,
+) -> SurrogateToken<E> {
+    let raw = log_prob.sub(old_log_prob);
+    let zero = raw.full_like(0.0);
+    let (log_ratio, live) = match cfg.log_ratio_clamp {
+        Some(k) => {
+            let live = raw.ge_scalar(-k).and(raw.le_scalar(k));
+            (raw.clamp(-k, k), Some(live))
+        }
+        None => (raw, None),
+    };
+    let ratio = log_ratio.clone().exp();
+    let neg_a = advantage.clone().neg();
+    let l1 = neg_a.clone().mul(ratio.clone());
+    let lo = 1.0 - cfg.eps_low;
+    let hi = 1.0 + cfg.eps_high;
+    let l2 = neg_a.clone().mul(ratio.clone().clamp(lo, hi));
+    let in_range = ratio.ge_scalar(lo).and(ratio.le_scalar(hi));
+    let d1 = neg_a.clone().mul(ratio.clone());
+    let d2 = E::select(&in_range, d1.clone(), zero.clone());
+    let clipped = l2.gt(&l1);
+    let l_clip = E::select(&clipped, l2, l1);
+    let d_clip = E::select(&clipped, d2, d1);
+    let (loss, grad, dual_clipped) = match cfg.dual_clip {
+        Some(c) => {
+            let l3 = neg_a.mul_scalar(c);
+            let neg_adv = advantage.lt_scalar(0.0);
+            let dual = neg_adv.clone().and(l_clip.gt(&l3));
+            let loss = E::select(&dual, l3, l_clip);
+            let grad = E::select(&dual, zero.clone(), d_clip);
+            (loss, grad, dual)
+        }
+        None => {
+            let none = zero.gt(&zero);
+            (l_clip, d_clip, none)
+        }
+    };
+    let grad = match live {
+        Some(live) => E::select(&live, grad, zero),
+        None => grad,
+    };
+    SurrogateToken {
+        loss,
+        grad,
+        ratio,
+        log_ratio,
+        clipped,
+        dual_clipped,
+    }
+}

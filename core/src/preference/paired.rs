@@ -1,0 +1,1 @@
+//! Paired preference losses (DPO and its family, reward-model pairwise).

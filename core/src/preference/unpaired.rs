@@ -1,0 +1,1 @@
+//! Unpaired preference losses (KTO, BCO) and process reward losses.

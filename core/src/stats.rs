@@ -1,0 +1,1 @@
+//! Masked statistics and whitening: masked mean, sum, variance, whitening, NaN-aware reductions.

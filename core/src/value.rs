@@ -1,0 +1,1 @@
+//! Value-function losses: clipped and unclipped squared error, value clip fraction.
