@@ -191,7 +191,7 @@ pub fn weighted_sum<F: Real>(loss: &[F], mask: &[bool], weights: &[F]) -> F {
     let mut acc = F::zero();
     for ((&l, &m), &w) in loss.iter().zip(mask).zip(weights) {
         if m {
-            acc = acc + w * l;
+            acc += w * l;
         }
     }
     acc
@@ -253,7 +253,7 @@ pub fn aggregate<F: Real>(
             for (l_row, m_row) in loss.chunks(dims.seq).zip(mask.chunks(dims.seq)) {
                 let n = m_row.iter().filter(|&&m| m).count();
                 let w = F::of(totals.row_weight(mode, norm, dims.seq, n));
-                acc = acc + w * masked_sum(l_row, m_row);
+                acc += w * masked_sum(l_row, m_row);
             }
             Ok(acc)
         }

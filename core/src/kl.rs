@@ -88,11 +88,9 @@ impl KlConfig {
     pub fn preset(estimator: KlEstimator, preset: Preset) -> Self {
         let mut c = KlConfig::new(estimator);
         match preset {
-            Preset::Verl => {
-                if estimator == KlEstimator::K3 {
-                    c.log_ratio_clamp = Some(20.0);
-                    c.value_clamp = Some(10.0);
-                }
+            Preset::Verl if estimator == KlEstimator::K3 => {
+                c.log_ratio_clamp = Some(20.0);
+                c.value_clamp = Some(10.0);
             }
             Preset::OpenRlhf => c.value_clamp = Some(10.0),
             _ => {}

@@ -5,8 +5,6 @@ use posttrain_core::Real;
 
 /// Runs `op` if this family knows it.
 pub fn run<F: Real>(op: &str, ctx: &Ctx) -> Option<OpResult> {
-    let _ = ctx;
-    match op {
-        _ => None,
-    }
+    let _ = (op, ctx, F::zero());
+    None
 }
