@@ -222,3 +222,290 @@ impl KlConfig {
         Ok(())
     }
 }
+
+/// Statistics of a KL penalty applied to rewards.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KlRewardStats<F> {
+    /// Mean over rows of each row's masked-mean KL (verl
+    /// `actor/reward_kl_penalty`; the `current_kl` fed to the controller).
+    /// A row's masked mean divides by `nᵢ + 1e-8` as verl's `masked_mean` does.
+    pub mean_kl: F,
+}
+
+/// KL-in-reward: `r̃ = score − β · KL̂(log π_old, log π_ref)` per token, with
+/// masked positions carrying no KL.
+///
+/// # Formula
+///
+/// ```text
+/// kᵢⱼ  = estimate(old_log_probᵢⱼ, ref_log_probᵢⱼ)   if maskᵢⱼ, else 0
+/// r̃ᵢⱼ  = scoresᵢⱼ − β · kᵢⱼ
+/// mean_kl = (1/B) Σᵢ (Σⱼ kᵢⱼ) / (nᵢ + 1e-8)
+/// ```
+///
+/// # Peers
+///
+/// verl `apply_kl_penalty` (with `KlConfig::parse_verl`, β = the controller's
+/// value *before* its update — feed `mean_kl` to
+/// [`KlController::update`] afterwards) and, with `mask = None`, verl
+/// `compute_rewards` (`β = kl_ratio`, k1 unmasked).
+///
+/// # Masking
+///
+/// Masked positions get `r̃ = score` whatever the log-probs hold (verl
+/// multiplies the KL by the mask, which would turn a NaN into NaN).
+///
+/// # Errors
+///
+/// [`Error::ShapeMismatch`] if a slice is not `dims.len()` long.
+///
+/// # Example
+///
+/// ```
+/// use posttrain_core::kl::{kl_penalized_rewards, KlConfig, KlEstimator};
+/// use posttrain_core::Dims;
+/// let cfg = KlConfig::new(KlEstimator::K1);
+/// let mut out = [0.0f64; 2];
+/// let s = kl_penalized_rewards(&cfg, 0.1, Dims::new(1, 2), &[0.0, 1.0], &[-1.0, -1.0], &[-1.5, -0.5], Some(&[true, true]), &mut out)?;
+/// assert!((out[0] + 0.05).abs() < 1e-12 && (out[1] - 1.05).abs() < 1e-12);
+/// assert!(s.mean_kl.abs() < 1e-9);
+/// # Ok::<(), posttrain_core::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn kl_penalized_rewards<F: Real>(
+    cfg: &KlConfig,
+    beta: f64,
+    dims: crate::Dims,
+    scores: &[F],
+    old_log_prob: &[F],
+    ref_log_prob: &[F],
+    mask: Option<&[bool]>,
+    out: &mut [F],
+) -> Result<KlRewardStats<F>, Error> {
+    let n = dims.len();
+    check_len("token_level_scores", scores.len(), n)?;
+    check_len("old_log_prob", old_log_prob.len(), n)?;
+    check_len("ref_log_prob", ref_log_prob.len(), n)?;
+    check_len("out", out.len(), n)?;
+    if let Some(m) = mask {
+        check_len("response_mask", m.len(), n)?;
+    }
+    let beta = F::of(beta);
+    let mut sum_of_row_means = F::zero();
+    for i in 0..dims.batch {
+        let mut row_sum = F::zero();
+        let mut row_n = 0usize;
+        for j in dims.row(i) {
+            let valid = mask.is_none_or(|m| m[j]);
+            let k = if valid {
+                cfg.estimate(old_log_prob[j], ref_log_prob[j]).0
+            } else {
+                F::zero()
+            };
+            if valid {
+                row_sum += k;
+                row_n += 1;
+            }
+            out[j] = scores[j] - beta * k;
+        }
+        sum_of_row_means += row_sum / (F::of_usize(row_n) + F::of(1e-8));
+    }
+    let mean_kl = if dims.batch == 0 {
+        F::zero()
+    } else {
+        sum_of_row_means / F::of_usize(dims.batch)
+    };
+    Ok(KlRewardStats { mean_kl })
+}
+
+/// Where the sequence-level score lands in a `[batch, seq]` reward matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScorePosition<'a> {
+    /// The last column of every row (torchtune when `valid_score_idxs` is None).
+    LastColumn,
+    /// The last position where the mask is true (OpenRLHF `compute_reward`; a
+    /// row with no valid position uses the last column, as OpenRLHF's
+    /// `argmax` of an all-zero row does).
+    LastValid(&'a [bool]),
+    /// An explicit column per row (torchtune `valid_score_idxs`).
+    Explicit(&'a [i64]),
+}
+
+/// Token rewards with the sequence score at its EOS position and a
+/// per-token KL penalty: `rᵢⱼ = −β·klᵢⱼ + 1[j = eosᵢ]·scoreᵢ`.
+///
+/// # Formula
+///
+/// ```text
+/// rᵢⱼ = −β · klᵢⱼ + (scoreᵢ if j = eosᵢ else 0)
+/// ```
+///
+/// `kl` is any per-token estimate (e.g. k1 `log π − log π_ref`, see
+/// [`KlConfig::estimate_slices`]). Callers apply the peers' conventions
+/// before: OpenRLHF clamps `β ≥ 0` and clips the score to `reward_clip_range`.
+///
+/// # Gradient
+///
+/// `∂r/∂kl = −β` everywhere (the KL is not masked, as in both peers).
+///
+/// # Peers
+///
+/// OpenRLHF `compute_reward` ([`ScorePosition::LastValid`]), torchtune
+/// `get_rewards_ppo` ([`ScorePosition::LastColumn`] / [`ScorePosition::Explicit`]).
+///
+/// # Errors
+///
+/// [`Error::ShapeMismatch`] for lengths; [`Error::Invalid`] for an explicit
+/// position outside `[0, seq)`; [`Error::Empty`] for a zero-length row when a
+/// score must be placed.
+pub fn rewards_with_score_at_eos<F: Real>(
+    dims: crate::Dims,
+    scores: &[F],
+    position: ScorePosition<'_>,
+    kl: &[F],
+    beta: f64,
+    out: &mut [F],
+) -> Result<(), Error> {
+    let n = dims.len();
+    check_len("scores", scores.len(), dims.batch)?;
+    check_len("kl", kl.len(), n)?;
+    check_len("out", out.len(), n)?;
+    match position {
+        ScorePosition::LastValid(m) => check_len("action_mask", m.len(), n)?,
+        ScorePosition::Explicit(idx) => {
+            check_len("valid_score_idxs", idx.len(), dims.batch)?;
+            if idx.iter().any(|&j| j < 0 || j as usize >= dims.seq) {
+                return Err(Error::Invalid {
+                    input: "valid_score_idxs",
+                    rule: "every index must lie in [0, seq)",
+                });
+            }
+        }
+        ScorePosition::LastColumn => {}
+    }
+    if dims.seq == 0 && dims.batch > 0 {
+        return Err(Error::Empty { input: "seq" });
+    }
+    let beta = F::of(beta);
+    for (o, &k) in out.iter_mut().zip(kl) {
+        *o = -(beta * k);
+    }
+    for i in 0..dims.batch {
+        let j = match position {
+            ScorePosition::LastColumn => dims.seq - 1,
+            ScorePosition::Explicit(idx) => idx[i] as usize,
+            ScorePosition::LastValid(m) => m[dims.row(i)]
+                .iter()
+                .rposition(|&v| v)
+                .unwrap_or(dims.seq - 1),
+        };
+        out[i * dims.seq + j] += scores[i];
+    }
+    Ok(())
+}
+
+/// The KL coefficient β of KL-in-reward, fixed or adapted towards a target KL.
+///
+/// # Formula
+///
+/// Adaptive (Ziegler et al. 2019):
+///
+/// ```text
+/// e = clip(current_kl / target − 1, −0.2, 0.2)
+/// β ← β · (1 + e · n_steps / horizon)
+/// ```
+///
+/// There is no floor: with a large `n_steps / horizon` β can turn negative,
+/// exactly as in verl and TRL.
+///
+/// # Peers
+///
+/// verl `FixedKLController` / `AdaptiveKLController` (and TRL's PPO
+/// controllers, which are the same).
+///
+/// # Example
+///
+/// ```
+/// use posttrain_core::kl::KlController;
+/// let mut c = KlController::adaptive(0.05, 0.1, 10_000.0)?;
+/// c.update(0.2, 256); // KL above target: β grows by 0.2·256/10000
+/// assert!((c.value() - 0.05 * (1.0 + 0.2 * 256.0 / 10_000.0)).abs() < 1e-15);
+/// # Ok::<(), posttrain_core::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum KlController {
+    /// β never changes.
+    Fixed {
+        /// β.
+        coef: f64,
+    },
+    /// β follows the proportional rule above.
+    Adaptive {
+        /// Current β.
+        coef: f64,
+        /// Target KL.
+        target: f64,
+        /// Horizon (in samples).
+        horizon: f64,
+    },
+}
+
+impl KlController {
+    /// A fixed coefficient.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`] if `coef` is not finite.
+    pub fn fixed(coef: f64) -> Result<Self, Error> {
+        crate::error::check_param(coef.is_finite(), "kl_coef", coef, "must be finite")?;
+        Ok(KlController::Fixed { coef })
+    }
+
+    /// An adaptive coefficient starting at `coef`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`] if `coef` is not finite, or `target` or
+    /// `horizon` is not finite and > 0.
+    pub fn adaptive(coef: f64, target: f64, horizon: f64) -> Result<Self, Error> {
+        crate::error::check_param(coef.is_finite(), "kl_coef", coef, "must be finite")?;
+        crate::error::check_param(
+            target.is_finite() && target > 0.0,
+            "target_kl",
+            target,
+            "must be finite and > 0",
+        )?;
+        crate::error::check_param(
+            horizon.is_finite() && horizon > 0.0,
+            "horizon",
+            horizon,
+            "must be finite and > 0",
+        )?;
+        Ok(KlController::Adaptive {
+            coef,
+            target,
+            horizon,
+        })
+    }
+
+    /// The current β.
+    pub fn value(&self) -> f64 {
+        match *self {
+            KlController::Fixed { coef } | KlController::Adaptive { coef, .. } => coef,
+        }
+    }
+
+    /// Updates β after a batch of `n_steps` samples whose mean KL was `current_kl`.
+    pub fn update(&mut self, current_kl: f64, n_steps: u64) {
+        if let KlController::Adaptive {
+            coef,
+            target,
+            horizon,
+        } = self
+        {
+            let e = (current_kl / *target - 1.0).clamp(-0.2, 0.2);
+            *coef *= 1.0 + e * n_steps as f64 / *horizon;
+        }
+    }
+}

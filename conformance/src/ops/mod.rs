@@ -11,6 +11,7 @@ pub mod distill;
 pub mod grpo;
 pub mod kl;
 pub mod logits;
+pub mod loss_agg;
 pub mod odds_ratio;
 pub mod paired;
 pub mod policy;
@@ -31,6 +32,7 @@ pub fn dispatch<F: Real>(op: &str, ctx: &Ctx) -> Option<OpResult> {
         .or_else(|| kl::run::<F>(op, ctx))
         .or_else(|| advantage::run::<F>(op, ctx))
         .or_else(|| aggregate::run::<F>(op, ctx))
+        .or_else(|| loss_agg::run::<F>(op, ctx))
         .or_else(|| logits::run::<F>(op, ctx))
         .or_else(|| distill::run::<F>(op, ctx))
         .or_else(|| paired::run::<F>(op, ctx))
