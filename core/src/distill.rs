@@ -417,7 +417,7 @@ pub fn generalized_jsd_elementwise<F: Real>(
     for r in 0..rows {
         let span = r * vocab..(r + 1) * vocab;
         let o = &mut out[span.clone()];
-        let is_valid = valid.map_or(true, |v| v[r]);
+        let is_valid = valid.is_none_or(|v| v[r]);
         if !is_valid {
             o.iter_mut().for_each(|x| *x = F::zero());
             if let Some((_, g)) = vjp.as_mut() {
@@ -513,7 +513,7 @@ pub fn generalized_jsd_loss<F: Real>(
     let mut sum = F::zero();
     for r in 0..rows {
         let span = r * vocab..(r + 1) * vocab;
-        let is_valid = valid.map_or(true, |v| v[r]);
+        let is_valid = valid.is_none_or(|v| v[r]);
         if !is_valid {
             if let Some((_, g)) = vjp.as_mut() {
                 g[span].iter_mut().for_each(|x| *x = F::zero());
@@ -666,9 +666,9 @@ pub fn kd_loss<F: Real>(
     let nf = F::of_usize(n.max(1));
     let is_inf = |z: F| z == F::infinity() || z == F::neg_infinity();
     let mut total = F::zero();
-    for r in 0..rows {
+    for (r, &is_valid) in valid.iter().enumerate() {
         let span = r * vocab..(r + 1) * vocab;
-        if !valid[r] {
+        if !is_valid {
             if let Some((_, g)) = vjp.as_mut() {
                 g[span].iter_mut().for_each(|x| *x = F::zero());
             }

@@ -94,7 +94,7 @@ fn trl_jsd_loss<F: Real>(ctx: &Ctx) -> OpResult {
         let rows = dims.len();
         // Output rows: the valid ones (TRL's `jsd[mask]`), or all.
         let kept: Vec<usize> = (0..rows)
-            .filter(|&r| valid.as_ref().map_or(true, |v| v[r]))
+            .filter(|&r| valid.as_ref().is_none_or(|v| v[r]))
             .collect();
         let mut out = vec![F::zero(); zs.len()];
         let cot = cot_vec::<F>(ctx, "loss", kept.len() * vocab)?;
