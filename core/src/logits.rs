@@ -207,10 +207,11 @@ pub fn log_softmax_vjp_row<F: Real>(z: &[F], lse: F, t: F, g: &mut [F]) {
 ///
 /// ```
 /// use posttrain_core::logits::{log_softmax_vjp, Temperature};
-/// // A cotangent that is constant over a row has zero gradient (softmax is shift-invariant).
+/// // log-softmax is invariant to adding a constant to the logits, so every
+/// // gradient row sums to zero.
 /// let mut g = [0.0f64; 3];
-/// log_softmax_vjp(&[0.5, -1.0, 2.0], 1, 3, Temperature::ONE, &[1.0, 1.0, 1.0], &mut g)?;
-/// assert!(g.iter().all(|x| x.abs() < 1e-12));
+/// log_softmax_vjp(&[0.5, -1.0, 2.0], 1, 3, Temperature::ONE, &[1.0, -2.0, 0.5], &mut g)?;
+/// assert!(g.iter().sum::<f64>().abs() < 1e-12);
 /// # Ok::<(), posttrain_core::Error>(())
 /// ```
 pub fn log_softmax_vjp<F: Real>(
