@@ -7,6 +7,7 @@ use posttrain_core::distill::{
     generalized_jsd_elementwise, generalized_jsd_loss, jsd_from_log_probs, kd_loss, DistillConfig,
     Jsd, Reduction,
 };
+use posttrain_core::error::check_len;
 use posttrain_core::{Dims, Real};
 
 /// TRL's and OpenRLHF's ignore index.
@@ -80,18 +81,16 @@ fn trl_jsd_loss<F: Real>(ctx: &Ctx) -> OpResult {
     let zs = ctx.f::<F>("student_logits")?;
     let zt = ctx.f::<F>("teacher_logits")?;
     let valid: Option<Vec<bool>> = if ctx.has("labels") {
-        Some(
-            ctx.i64("labels")?
-                .iter()
-                .map(|&l| l != IGNORE_INDEX)
-                .collect(),
-        )
+        let labels = ctx.i64("labels")?;
+        check_len("labels", labels.len(), dims.len())?;
+        Some(labels.iter().map(|&l| l != IGNORE_INDEX).collect())
     } else {
         None
     };
     let mut o = Outputs::new();
     if red == Reduction::None && cfg.num_items_in_batch.is_none() {
         let rows = dims.len();
+        check_len("student_logits", zs.len(), rows * vocab)?;
         // Output rows: the valid ones (TRL's `jsd[mask]`), or all.
         let kept: Vec<usize> = (0..rows)
             .filter(|&r| valid.as_ref().is_none_or(|v| v[r]))
@@ -100,6 +99,7 @@ fn trl_jsd_loss<F: Real>(ctx: &Ctx) -> OpResult {
         let cot = cot_vec::<F>(ctx, "loss", kept.len() * vocab)?;
         match cot {
             Some(c) => {
+                check_len("cotangent", c.len(), kept.len() * vocab)?;
                 let mut full = vec![F::zero(); zs.len()];
                 for (i, &r) in kept.iter().enumerate() {
                     full[r * vocab..(r + 1) * vocab]
@@ -226,8 +226,8 @@ fn sliced_jsd<F: Real>(
 ) -> OpResult {
     let zs_full = ctx.f::<F>("logits")?;
     let zt_full = ctx.f::<F>("teacher_logits")?;
-    posttrain_core::error::check_len("logits", zs_full.len(), dims.len() * vocab)?;
-    posttrain_core::error::check_len("teacher_logits", zt_full.len(), dims.len() * vocab)?;
+    check_len("logits", zs_full.len(), dims.len() * vocab)?;
+    check_len("teacher_logits", zt_full.len(), dims.len() * vocab)?;
     let zs = slice_positions(&zs_full, dims, vocab, from, len);
     let zt = slice_positions(&zt_full, dims, vocab, from, len);
     let sdims = Dims::new(dims.batch, len);
@@ -256,7 +256,7 @@ fn trl_gkd_compute_loss<F: Real>(ctx: &Ctx) -> OpResult {
     )?;
     let (dims, vocab) = dims3(ctx, "logits")?;
     let labels = ctx.i64("labels")?;
-    posttrain_core::error::check_len("labels", labels.len(), dims.len())?;
+    check_len("labels", labels.len(), dims.len())?;
     let len = dims.seq.saturating_sub(1);
     let mut valid = Vec::with_capacity(dims.batch * len);
     for b in 0..dims.batch {
