@@ -95,6 +95,15 @@ impl Default for Temperature {
 }
 
 /// `(max zₖ, lse(z))` of one row. An empty row gives `(-inf, -inf)`.
+///
+/// # Formula
+///
+/// `m = max z`, `lse = m + ln Σₖ e^{zₖ − m}`; when `m` is not finite (all
+/// −∞, or a +∞ / NaN present) the naive `ln Σ e^{zₖ}` gives the IEEE answer.
+///
+/// # Peers
+///
+/// `torch.logsumexp` (every peer's log-softmax).
 #[inline]
 pub fn row_max_lse<F: Real>(row: &[F]) -> (F, F) {
     scaled_max_lse(row, F::one())
@@ -102,6 +111,10 @@ pub fn row_max_lse<F: Real>(row: &[F]) -> (F, F) {
 
 /// `(max zₖ/T, lse(z/T))` of one row, dividing each logit by `t` as the
 /// peers do (`logits / temperature`). `t = 1` is exactly [`row_max_lse`].
+///
+/// # Formula
+///
+/// As [`row_max_lse`] on `z / t` (`t > 0`, so the arg-max is unchanged).
 #[inline]
 pub fn scaled_max_lse<F: Real>(row: &[F], t: F) -> (F, F) {
     let m = row
@@ -182,6 +195,11 @@ pub fn log_softmax<F: Real>(
 ///
 /// Positions with `pₖ = 0` (a logit of −∞, or −1e30 next to finite ones)
 /// get `gₖ / T`, never `0 · ∞`.
+///
+/// # Gradient
+///
+/// This *is* the VJP of `z ↦ log softmax(z/T)`; every other op of this
+/// module and of [`distill`](crate::distill) chains through it.
 #[inline]
 pub fn log_softmax_vjp_row<F: Real>(z: &[F], lse: F, t: F, g: &mut [F]) {
     let total = g.iter().fold(F::zero(), |a, &x| a + x);
@@ -645,7 +663,7 @@ pub fn sequence_log_probs<F: Real>(
 /// # Formula
 ///
 /// `L = Σᵢⱼ wᵢⱼ H(z[i, j])` with `w` from
-/// [`aggregation_weights`](crate::aggregate::aggregation_weights).
+/// [`aggregation_weights`].
 ///
 /// # Gradient
 ///
@@ -660,7 +678,7 @@ pub fn sequence_log_probs<F: Real>(
 /// # Errors
 ///
 /// [`Error::ShapeMismatch`] for lengths; the errors of
-/// [`aggregate`](crate::aggregate::aggregate).
+/// [`aggregate`].
 ///
 /// # Example
 ///
