@@ -177,14 +177,17 @@ impl ValueLossConfig {
         self
     }
 
-    /// The peer's defaults: verl clips at 0.5 (`cliprange_value`) with
-    /// `token-mean`; OpenRLHF does not clip by default (`clip_eps = None`)
-    /// and aggregates per token; TRL clips at 0.2 with a token mean;
-    /// torchtune clips at 0.2 (its [`policy_value_loss`] uses masked means).
+    /// The peers' trainer defaults, all with `token-mean` and local normalizers:
+    ///
+    /// | preset | clip range | source |
+    /// |---|---|---|
+    /// | `Verl` | 0.5 | `critic.cliprange_value` |
+    /// | `OpenRlhf` | 0.5 | `--critic.value_clip` (the bare `ValueLoss` class defaults to no clip) |
+    /// | `Trl` | 0.2 | `PPOConfig.cliprange_value` |
+    /// | `Torchtune` | 0.2 | `PPOLoss.value_clip_range` (see [`policy_value_loss`]) |
     pub fn preset(preset: Preset) -> Self {
         let clip_range = match preset {
-            Preset::Verl => Some(0.5),
-            Preset::OpenRlhf => None,
+            Preset::Verl | Preset::OpenRlhf => Some(0.5),
             _ => Some(0.2),
         };
         ValueLossConfig {
@@ -203,6 +206,38 @@ impl ValueLossConfig {
         } else {
             AggMode::SeqMeanTokenMean
         }
+    }
+
+    /// OpenRLHF's `ValueLoss(clip_eps, token_level_loss)` called with
+    /// `dp_size`, `batch_num_tokens`, `global_batch_size`: the aggregation of
+    /// [`openrlhf_aggregation`](Self::openrlhf_aggregation), where `dp_size`
+    /// applies only together with the global count of the mode in use
+    /// (`batch_num_tokens` per token, `global_batch_size` per sequence), as in
+    /// OpenRLHF's `aggregate_loss`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`] for a negative `clip_eps`.
+    pub fn openrlhf(
+        clip_eps: Option<f64>,
+        token_level_loss: bool,
+        dp_size: f64,
+        batch_num_tokens: Option<f64>,
+        global_batch_size: Option<f64>,
+    ) -> Result<Self, Error> {
+        let agg = Self::openrlhf_aggregation(token_level_loss);
+        let global = if token_level_loss {
+            batch_num_tokens.is_some()
+        } else {
+            global_batch_size.is_some()
+        };
+        let norm = GlobalNorm {
+            dp_size: if global { dp_size } else { 1.0 },
+            batch_num_tokens: batch_num_tokens.filter(|_| token_level_loss),
+            global_batch_size: global_batch_size.filter(|_| !token_level_loss),
+            loss_scale_factor: None,
+        };
+        Ok(Self::new(clip_eps, agg)?.with_norm(norm))
     }
 
     fn validate(&self) -> Result<(), Error> {

@@ -98,8 +98,13 @@ fn verl_value_loss<F: Real>(ctx: &Ctx) -> OpResult {
 }
 
 fn openrlhf_value_loss<F: Real>(ctx: &Ctx) -> OpResult {
-    let agg = ValueLossConfig::openrlhf_aggregation(ctx.p_bool("token_level_loss")?);
-    let cfg = ValueLossConfig::new(ctx.p_opt_f64("clip_eps")?, agg)?;
+    let cfg = ValueLossConfig::openrlhf(
+        ctx.p_opt_f64("clip_eps")?,
+        ctx.p_bool("token_level_loss")?,
+        ctx.p_opt_f64("dp_size")?.unwrap_or(1.0),
+        ctx.p_opt_f64("batch_num_tokens")?,
+        ctx.p_opt_f64("global_batch_size")?,
+    )?;
     run_value_loss::<F>(
         ctx,
         &cfg,
