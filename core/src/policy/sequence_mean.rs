@@ -265,7 +265,10 @@ pub struct OnPolicyToken<E: Elem> {
 ///
 /// # Gradient
 ///
-/// `∂loss/∂log π = −A + β(1 − e^{ref − log π})`.
+/// `∂loss/∂log π = −A + β(1 − e^{ref − log π})`. This is the gradient of the
+/// stop-gradient surrogate `−(A·e^{log π − sg(log π)} − β·kl)`, not of the
+/// value above (which does not move with `log π` through its policy term):
+/// finite differences must hold the `sg` copy fixed.
 ///
 /// # Peers
 ///
