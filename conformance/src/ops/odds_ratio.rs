@@ -27,10 +27,7 @@ fn cpo_config(ctx: &Ctx) -> Result<CpoConfig, Fail> {
         Ok(t) => t,
         Err(_) => return Err(ctx.unsupported("loss_type")),
     };
-    let cpo_alpha = match ctx.p_opt_f64("cpo_alpha")? {
-        Some(a) => a,
-        None => 1.0,
-    };
+    let cpo_alpha = ctx.p_opt_f64("cpo_alpha")?.unwrap_or(1.0);
     Ok(CpoConfig::new(
         loss_type,
         ctx.p_f64("beta")?,

@@ -32,6 +32,16 @@ fn vocab_of(ctx: &Ctx, name: &str) -> Result<usize, Fail> {
     }
 }
 
+/// Sequence log-probs with the inputs they came from.
+struct SeqLogps<F> {
+    logps: Vec<F>,
+    logits: Vec<F>,
+    dims: Dims,
+    vocab: usize,
+    ids: Vec<i64>,
+    mask: Vec<bool>,
+}
+
 /// Sequence log-prob sums over the shifted completion mask of one
 /// `(logits, input_ids, completion_mask)` triple.
 fn completion_logps<F: Real>(
@@ -39,7 +49,7 @@ fn completion_logps<F: Real>(
     logits: &str,
     ids: &str,
     mask: &str,
-) -> Result<(Vec<F>, Vec<F>, Dims, usize, Vec<i64>, Vec<bool>), Fail> {
+) -> Result<SeqLogps<F>, Fail> {
     let z = ctx.f::<F>(logits)?;
     let dims = ctx.dims(ids)?;
     let vocab = vocab_of(ctx, logits)?;
@@ -47,7 +57,14 @@ fn completion_logps<F: Real>(
     let m = ctx.mask(mask)?;
     let mut out = vec![F::zero(); dims.batch];
     shifted_sequence_logps(&z, dims, vocab, &t, &m, false, &mut out)?;
-    Ok((out, z, dims, vocab, t, m))
+    Ok(SeqLogps {
+        logps: out,
+        logits: z,
+        dims,
+        vocab,
+        ids: t,
+        mask: m,
+    })
 }
 
 fn trl_kto<F: Real>(ctx: &Ctx) -> OpResult {
@@ -62,22 +79,28 @@ fn trl_kto<F: Real>(ctx: &Ctx) -> OpResult {
         ctx.p_f64("desirable_weight")?,
         ctx.p_f64("undesirable_weight")?,
     )?;
-    let (lp, z, dims, vocab, ids, cmask) =
-        completion_logps::<F>(ctx, "logits", "input_ids", "completion_mask")?;
+    let SeqLogps {
+        logps: lp,
+        logits: z,
+        dims,
+        vocab,
+        ids,
+        mask: cmask,
+    } = completion_logps::<F>(ctx, "logits", "input_ids", "completion_mask")?;
     let labels = ctx.mask("label")?;
     let ref_lp = if ctx.has("ref_logps") {
         ctx.f::<F>("ref_logps")?
     } else {
-        completion_logps::<F>(ctx, "ref_logits", "input_ids", "completion_mask")?.0
+        completion_logps::<F>(ctx, "ref_logits", "input_ids", "completion_mask")?.logps
     };
     posttrain_core::error::check_len("ref_logps", ref_lp.len(), lp.len())?;
     let kl = if loss_type.uses_kl() {
         let kl_lp =
-            completion_logps::<F>(ctx, "KL_logits", "KL_input_ids", "KL_completion_mask")?.0;
+            completion_logps::<F>(ctx, "KL_logits", "KL_input_ids", "KL_completion_mask")?.logps;
         let ref_kl = if ctx.has("ref_KL_logps") {
             ctx.f::<F>("ref_KL_logps")?
         } else {
-            completion_logps::<F>(ctx, "ref_KL_logits", "KL_input_ids", "KL_completion_mask")?.0
+            completion_logps::<F>(ctx, "ref_KL_logits", "KL_input_ids", "KL_completion_mask")?.logps
         };
         kto_kl_baseline(&kl_lp, &ref_kl)?
     } else {

@@ -587,7 +587,7 @@ pub fn shifted_sequence_logps<F: Real>(
 ) -> Result<(), Error> {
     check_logits_shape(logits, dims, vocab, targets, valid)?;
     check_len("out", out.len(), dims.batch)?;
-    for b in 0..dims.batch {
+    for (b, out_b) in out.iter_mut().enumerate() {
         let (mut s, mut n) = (F::zero(), 0usize);
         for t in 1..dims.seq {
             let i = b * dims.seq + t;
@@ -598,7 +598,7 @@ pub fn shifted_sequence_logps<F: Real>(
             s += token_logp(&logits[r..r + vocab], targets[i], None)?;
             n += 1;
         }
-        out[b] = if !average {
+        *out_b = if !average {
             s
         } else if n == 0 {
             F::zero()
@@ -637,16 +637,16 @@ pub fn shifted_sequence_logps_vjp<F: Real>(
     check_len("cotangent", cot.len(), dims.batch)?;
     check_len("grad", grad.len(), logits.len())?;
     check_len("scratch", scratch.len(), vocab)?;
-    for b in 0..dims.batch {
+    for (b, &cot_b) in cot.iter().enumerate() {
         let row = b * dims.seq..(b + 1) * dims.seq;
         let n = valid[row].iter().skip(1).filter(|&&v| v).count();
         if n == 0 {
             continue;
         }
         let w = if average {
-            cot[b] / F::of_usize(n)
+            cot_b / F::of_usize(n)
         } else {
-            cot[b]
+            cot_b
         };
         for t in 1..dims.seq {
             let i = b * dims.seq + t;
