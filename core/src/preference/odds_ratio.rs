@@ -46,7 +46,12 @@ use crate::logits::selective_log_softmax;
 use crate::preset::Preset;
 use crate::shape::Dims;
 
-/// The CPO preference term (`loss_type` in TRL's `CPOConfig`).
+/// The CPO preference term (`loss_type` in TRL's `CPOConfig`); see
+/// [`cpo_pair_loss`] for the formulas.
+///
+/// # Peers
+///
+/// TRL `CPOTrainer` (`sigmoid`, `hinge`, `ipo`, `simpo`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
@@ -356,6 +361,11 @@ fn exp_m1<E: Elem>(x: E) -> E {
 /// # Gradient
 ///
 /// `d/dx = −eˣ/(1 − eˣ) = 1 + 1/expm1(x)`.
+///
+/// # Peers
+///
+/// TRL `orpo_trainer.log1mexp` (same branches). `expm1` is evaluated from
+/// [`Elem`] primitives with Kahan's `(u − 1)·x/ln u`, accurate near 0 in f32.
 pub fn log1mexp<E: Elem>(x: E) -> E {
     let lo = x.lt_scalar(-core::f64::consts::LN_2);
     let a = x.clone().exp().neg().ln_1p();

@@ -37,7 +37,12 @@ use crate::elem::{Elem, ElemExt, Real};
 use crate::error::{check_len, check_param, Error};
 use crate::logits::row_max_lse;
 
-/// The KTO-family loss variant (`loss_type` in TRL's `KTOConfig`).
+/// The KTO-family loss variant (`loss_type` in TRL's `KTOConfig`); see
+/// [`kto_desirable_term`] and [`kto_undesirable_term`] for the formulas.
+///
+/// # Peers
+///
+/// TRL `KTOTrainer` (`kto`, `apo_zero_unpaired`); OpenRLHF `KTOLoss` is `kto`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum KtoLossType {
