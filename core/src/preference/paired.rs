@@ -388,6 +388,14 @@ impl PairedConfig {
     /// otherwise (set `label_smoothing` afterwards and call
     /// [`validate`](Self::validate), or use [`new`](Self::new)).
     ///
+    /// # Peers
+    /// | preset | `Sigmoid` smoothing | notes |
+    /// |---|---|---|
+    /// | `Trl` | ignored (`sigmoid` is plain DPO) | `robust`, `exo_pair`, `aot*` read ε |
+    /// | `OpenRlhf` | cDPO | `ipo=True` ↔ [`PairedLoss::Ipo`] without lengths |
+    /// | `Torchtune` | cDPO | IPO: β = τ; RSO: [`PairedLoss::Hinge`], β = γ; SimPO: `target_margin` = γ, no reference |
+    /// | `Verl` | cDPO | (verl has no DPO loss; same as OpenRLHF) |
+    ///
     /// # Errors
     /// [`Error::OutOfRange`] unless `beta > 0`.
     pub fn preset(preset: Preset, beta: f64) -> Result<Self, Error> {
@@ -939,8 +947,28 @@ pub struct PairedOutput<F> {
     pub d_sft_chosen_logps: F,
 }
 
-/// `β·(policy − reference)` per element (the implicit rewards the peers
-/// return; `reference = None` gives `β·policy`, SimPO).
+/// The implicit rewards of DPO-style losses, per sequence.
+///
+/// # Formula
+/// ```text
+/// rewardᵢ = β · (policyᵢ − referenceᵢ)      (reference = None: β · policyᵢ, SimPO)
+/// ```
+/// # Gradient
+/// None: every peer detaches these rewards (they are metrics).
+///
+/// # Peers
+/// OpenRLHF `DPOLoss` and torchtune `DPOLoss`/`IPOLoss` (β = τ)/`RSOLoss`
+/// (β = γ)/`SimPOLoss` return them as `chosen_rewards`/`rejected_rewards`;
+/// TRL logs their means ([`PairedMetrics`]).
+///
+/// # Example
+/// ```
+/// use posttrain_core::preference::paired::implicit_rewards;
+/// let mut out = [0.0f64; 2];
+/// implicit_rewards(0.5, &[-1.0, -2.0], Some(&[-1.5, -1.0]), &mut out)?;
+/// assert_eq!(out, [0.25, -0.5]);
+/// # Ok::<(), posttrain_core::Error>(())
+/// ```
 ///
 /// # Errors
 /// [`Error::ShapeMismatch`] on length disagreement.
@@ -1276,7 +1304,8 @@ pub struct LogitsMetrics<F> {
     pub token_accuracy: F,
 }
 
-/// The `F` scratch length [`dpo_from_logits`] needs for `dims = [2B, T]`.
+/// The `F` scratch length [`dpo_from_logits`] needs for `dims = [2B, T]`:
+/// one value per token plus five per row (`2B·T + 5·2B`).
 pub const fn dpo_from_logits_scratch_len(dims: Dims) -> usize {
     dims.len() + 5 * dims.batch
 }
