@@ -23,8 +23,10 @@
 use crate::elem::{Elem, MaskElem};
 
 pub mod grpo;
+pub mod ppo;
 pub mod rollout;
 pub mod sequence_mean;
+pub mod token;
 
 /// Parameters of the clipped surrogate.
 #[derive(Debug, Clone, Copy, PartialEq)]
