@@ -13,6 +13,12 @@
 //! [`ppo_clipped_surrogate`] is that kernel, written once over [`Elem`] and
 //! shared by every token-level variant in the submodules:
 //!
+//! * [`token`] — the token-level policy-gradient losses: PPO and every
+//!   variant of verl's policy-loss registry (DPPO-TV/KL, GSPO, SAPO, GPG /
+//!   REINFORCE, Clip-Cov, KL-Cov, GMPO, DRO, CISPO) with importance weights,
+//!   global normalizers and verl's metrics;
+//! * [`ppo`] — OpenRLHF's PPO / GSPO loss with dual clip and vLLM
+//!   importance-sampling correction (TIS, IcePop, sequence-masked TIS);
 //! * [`grpo`] — GRPO-family losses with sequence-level ratios (GSPO),
 //!   delta caps, entropy masks, SAPO, CISPO, VESPO, LUSPO and their normalizers;
 //! * [`sequence_mean`] — per-sequence-mean policy losses (GRPO with completion
