@@ -9,7 +9,6 @@ use posttrain_core::policy::ppo::{
 use posttrain_core::policy::token::{
     policy_loss, PolicyBatch, PolicyLoss, PolicyLossMode, VerlPolicyParams,
 };
-use posttrain_core::policy::ClipConfig;
 use posttrain_core::Real;
 
 /// Runs `op` if this family knows it.
@@ -165,13 +164,10 @@ fn openrlhf_policy_loss<F: Real>(ctx: &Ctx) -> OpResult {
     } else {
         None
     };
-    let cfg = ClippedPolicyLoss::new(
-        ClipConfig {
-            eps_low: ctx.p_f64("clip_eps_low")?,
-            eps_high: ctx.p_f64("clip_eps_high")?,
-            dual_clip: ctx.p_opt_f64("dual_clip")?,
-            log_ratio_clamp: Some(20.0),
-        },
+    let cfg = ClippedPolicyLoss::openrlhf(
+        ctx.p_f64("clip_eps_low")?,
+        ctx.p_f64("clip_eps_high")?,
+        ctx.p_opt_f64("dual_clip")?,
         ratio,
         ctx.p_bool("token_level_loss")?,
         correction,
@@ -190,7 +186,7 @@ fn openrlhf_policy_loss<F: Real>(ctx: &Ctx) -> OpResult {
         mask: &mask,
         is_weights: None,
     };
-    let norm = GlobalNorm::default();
+    let norm = global_norm(ctx)?;
     let mut scratch = vec![F::zero(); ClippedPolicyLoss::scratch_len(dims)];
     let mut o = Outputs::new();
     let out = if ctx.wants_grad("log_probs") {

@@ -57,7 +57,7 @@ use crate::elem::{Elem, MaskElem, Real};
 use crate::error::{check_len, check_param, Error};
 use crate::shape::Dims;
 
-use super::token::{validate_clip, PolicyBatch};
+use super::token::PolicyBatch;
 use super::{ppo_clipped_surrogate, ClipConfig};
 
 /// Where the importance ratio is formed.
@@ -137,7 +137,7 @@ impl ClippedPolicyLoss {
         token_level_loss: bool,
         correction: Option<RolloutIsCorrection>,
     ) -> Result<Self, Error> {
-        validate_clip(&clip)?;
+        clip.validate()?;
         if let Some(c) = correction {
             check_param(
                 c.low.is_finite() && c.low >= 0.0,

@@ -367,23 +367,6 @@ fn check_pos(name: &'static str, v: f64) -> Result<(), Error> {
     check_param(v.is_finite() && v > 0.0, name, v, "must be finite and > 0")
 }
 
-/// Validates a [`ClipConfig`] (ε ≥ 0, dual clip `c > 1`, clamp > 0).
-///
-/// # Errors
-///
-/// [`Error::OutOfRange`] naming the offending field.
-pub fn validate_clip(cfg: &ClipConfig) -> Result<(), Error> {
-    check_eps("clip_ratio_low", cfg.eps_low)?;
-    check_eps("clip_ratio_high", cfg.eps_high)?;
-    if let Some(c) = cfg.dual_clip {
-        check_param(c.is_finite() && c > 1.0, "clip_ratio_c", c, "must be > 1")?;
-    }
-    if let Some(k) = cfg.log_ratio_clamp {
-        check_pos("log_ratio_clamp", k)?;
-    }
-    Ok(())
-}
-
 impl PolicyLoss {
     /// The variant verl's `loss_mode` selects, with its parameters read from
     /// the actor config as verl reads them, validated.
@@ -468,7 +451,7 @@ impl PolicyLoss {
     /// truncation ≤ 0, `τ ≤ 0`, covariance ratios ≤ 0, `β ≤ 0`, non-finite values.
     pub fn validate(&self) -> Result<(), Error> {
         match *self {
-            PolicyLoss::Ppo(ref c) => validate_clip(c),
+            PolicyLoss::Ppo(ref c) => c.validate(),
             PolicyLoss::DivergenceTv(c) | PolicyLoss::DivergenceKl(c) => {
                 check_eps("clip_ratio_low", c.eps_low)?;
                 check_eps("clip_ratio_high", c.eps_high)?;
@@ -499,7 +482,7 @@ impl PolicyLoss {
                 lb,
                 ub,
             } => {
-                validate_clip(clip)?;
+                clip.validate()?;
                 check_pos("clip_cov_ratio", ratio)?;
                 check_param(!lb.is_nan(), "clip_cov_lb", lb, "must not be NaN")?;
                 check_param(!ub.is_nan(), "clip_cov_ub", ub, "must not be NaN")
