@@ -13,6 +13,12 @@
 //! [`ppo_clipped_surrogate`] is that kernel, written once over [`Elem`] and
 //! shared by every token-level variant in the submodules:
 //!
+//! * [`token`] — the token-level policy-gradient losses: PPO and every
+//!   variant of verl's policy-loss registry (DPPO-TV/KL, GSPO, SAPO, GPG /
+//!   REINFORCE, Clip-Cov, KL-Cov, GMPO, DRO, CISPO) with importance weights,
+//!   global normalizers and verl's metrics;
+//! * [`ppo`] — OpenRLHF's PPO / GSPO loss with dual clip and vLLM
+//!   importance-sampling correction (TIS, IcePop, sequence-masked TIS);
 //! * [`grpo`] — GRPO-family losses with sequence-level ratios (GSPO),
 //!   delta caps, entropy masks, SAPO, CISPO, VESPO, LUSPO and their normalizers;
 //! * [`sequence_mean`] — per-sequence-mean policy losses (GRPO with completion
@@ -21,10 +27,14 @@
 //!   rollout engine's and the trainer's log-probs.
 
 use crate::elem::{Elem, MaskElem};
+use crate::error::{check_param, Error};
+use crate::preset::Preset;
 
 pub mod grpo;
+pub mod ppo;
 pub mod rollout;
 pub mod sequence_mean;
+pub mod token;
 
 /// Parameters of the clipped surrogate.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -38,6 +48,67 @@ pub struct ClipConfig {
     pub dual_clip: Option<f64>,
     /// Clamp `log π − log π_old` to `[−k, k]` before `exp` (verl, OpenRLHF: 20).
     pub log_ratio_clamp: Option<f64>,
+}
+
+impl ClipConfig {
+    /// The clip of `preset` with clip range `[1 − eps_low, 1 + eps_high]`.
+    ///
+    /// | preset | log-ratio clamp | dual clip |
+    /// |---|---|---|
+    /// | [`Preset::Verl`] | 20 | `clip_ratio_c` = 3 |
+    /// | [`Preset::OpenRlhf`] | 20 | off (`dual_clip=None`) |
+    /// | [`Preset::Trl`], [`Preset::Torchtune`] | none | off |
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use posttrain_core::policy::ClipConfig;
+    /// use posttrain_core::Preset;
+    /// let c = ClipConfig::preset(Preset::Verl, 0.2, 0.28);
+    /// assert_eq!((c.dual_clip, c.log_ratio_clamp), (Some(3.0), Some(20.0)));
+    /// c.validate()?;
+    /// # Ok::<(), posttrain_core::Error>(())
+    /// ```
+    pub fn preset(preset: Preset, eps_low: f64, eps_high: f64) -> Self {
+        let (dual_clip, log_ratio_clamp) = match preset {
+            Preset::Verl => (Some(3.0), Some(20.0)),
+            Preset::OpenRlhf => (None, Some(20.0)),
+            _ => (None, None),
+        };
+        ClipConfig {
+            eps_low,
+            eps_high,
+            dual_clip,
+            log_ratio_clamp,
+        }
+    }
+
+    /// Checks the ranges: `ε_low, ε_high` finite and ≥ 0, dual clip `c > 1`,
+    /// log-ratio clamp finite and > 0.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`] naming the field as verl names it
+    /// (`clip_ratio_low`, `clip_ratio_high`, `clip_ratio_c`, `log_ratio_clamp`).
+    pub fn validate(&self) -> Result<(), Error> {
+        let eps = |name, v: f64| {
+            check_param(v.is_finite() && v >= 0.0, name, v, "must be finite and ≥ 0")
+        };
+        eps("clip_ratio_low", self.eps_low)?;
+        eps("clip_ratio_high", self.eps_high)?;
+        if let Some(c) = self.dual_clip {
+            check_param(c.is_finite() && c > 1.0, "clip_ratio_c", c, "must be > 1")?;
+        }
+        if let Some(k) = self.log_ratio_clamp {
+            check_param(
+                k.is_finite() && k > 0.0,
+                "log_ratio_clamp",
+                k,
+                "must be finite and > 0",
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// One token's clipped surrogate, its gradient and its clip indicators.
