@@ -814,3 +814,39 @@ pub fn nan_min<F: Real>(values: &[F]) -> Option<F> {
         .filter(|v| !v.is_nan())
         .fold(None, |acc, v| Some(acc.map_or(v, |a: F| Elem::min(a, v))))
 }
+
+/// [`masked_whiten`] in place, without a gradient (for estimators that
+/// whiten their own intermediate results).
+///
+/// # Formula
+/// As [`masked_whiten`].
+/// # Gradient
+/// None (advantages are constants to the loss).
+/// # Peers
+/// See [`WhitenConfig`].
+/// # Errors
+/// As [`masked_whiten`].
+pub fn masked_whiten_in_place<F: Real>(
+    cfg: &WhitenConfig,
+    dims: Dims,
+    reduce: Reduce,
+    values: &mut [F],
+    mask: &[bool],
+) -> Result<(), Error> {
+    check_mask::<F>(dims, values.len(), mask, None)?;
+    for s in 0..reduce.out_len(dims) {
+        let it = reduce.members(dims, s);
+        let m = moments(&cfg.moments, it, values, mask, true);
+        let v = m.sq * cfg.moments.var_scale(m.w)?;
+        let (r, _) = cfg.rsqrt(v);
+        let keep = if cfg.keep_mean { m.mean } else { F::zero() };
+        for i in it {
+            values[i] = if mask[i] || !cfg.zero_masked {
+                (values[i] - m.mean) * r + keep
+            } else {
+                keep
+            };
+        }
+    }
+    Ok(())
+}
