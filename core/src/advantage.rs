@@ -57,6 +57,9 @@
 //! # Ok::<(), posttrain_core::Error>(())
 //! ```
 
+// Index loops over rows, groups and parallel slices read clearer here.
+#![allow(clippy::needless_range_loop)]
+
 use crate::elem::Real;
 use crate::error::{check_len, check_param, Error};
 use crate::preset::Preset;
@@ -499,7 +502,7 @@ pub fn pass_at_k_advantages<F: Real>(
         let mut a = scores[best] - second;
         if cfg.scale_by_std {
             let (_, std) = group_mean_std(scores, members, true);
-            a = a / (std + F::of(cfg.std_eps));
+            a /= std + F::of(cfg.std_eps);
         }
         for &i in members {
             out[i] = if i == best { a } else { F::zero() };
