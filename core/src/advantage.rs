@@ -66,6 +66,99 @@ use crate::preset::Preset;
 use crate::shape::Dims;
 use crate::stats::{masked_whiten_in_place, Reduce, WhitenConfig};
 
+/// The advantage estimators by their verl names (`algorithm.adv_estimator`),
+/// so a configuration string maps onto a function of this module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[non_exhaustive]
+pub enum AdvantageEstimator {
+    /// `gae` → [`gae_advantages_returns`].
+    Gae,
+    /// `grpo` → [`group_zscore_advantages`].
+    Grpo,
+    /// `grpo_vectorized` → [`group_zscore_advantages`] (same numbers).
+    GrpoVectorized,
+    /// `grpo_passk` → [`pass_at_k_advantages`].
+    GrpoPassK,
+    /// `gdpo` → [`gdpo_advantages`].
+    Gdpo,
+    /// `gpg` → [`gpg_advantages`].
+    Gpg,
+    /// `rloo` → [`leave_one_out_advantages`] (singleton keeps its score).
+    Rloo,
+    /// `rloo_vectorized` → [`leave_one_out_advantages`] (singleton gets 0).
+    RlooVectorized,
+    /// `opo` → [`length_weighted_baseline_advantages`].
+    Opo,
+    /// `reinforce_plus_plus` → [`reinforce_plus_plus_advantages`].
+    ReinforcePlusPlus,
+    /// `reinforce_plus_plus_baseline` → [`group_mean_baseline_advantages`], whitened.
+    ReinforcePlusPlusBaseline,
+    /// `remax` → [`remax_advantages`].
+    Remax,
+    /// `optimal_token_baseline` → [`optimal_token_baseline_advantages`].
+    OptimalTokenBaseline,
+    /// `tir_optimal_token_baseline` → [`optimal_token_baseline_advantages`] with compact steps.
+    MultiTurnOptimalTokenBaseline,
+}
+
+impl AdvantageEstimator {
+    /// Every estimator with its verl name.
+    pub const NAMES: [(&'static str, AdvantageEstimator); 14] = [
+        ("gae", AdvantageEstimator::Gae),
+        ("grpo", AdvantageEstimator::Grpo),
+        ("grpo_vectorized", AdvantageEstimator::GrpoVectorized),
+        ("grpo_passk", AdvantageEstimator::GrpoPassK),
+        ("gdpo", AdvantageEstimator::Gdpo),
+        ("gpg", AdvantageEstimator::Gpg),
+        ("rloo", AdvantageEstimator::Rloo),
+        ("rloo_vectorized", AdvantageEstimator::RlooVectorized),
+        ("opo", AdvantageEstimator::Opo),
+        ("reinforce_plus_plus", AdvantageEstimator::ReinforcePlusPlus),
+        (
+            "reinforce_plus_plus_baseline",
+            AdvantageEstimator::ReinforcePlusPlusBaseline,
+        ),
+        ("remax", AdvantageEstimator::Remax),
+        (
+            "optimal_token_baseline",
+            AdvantageEstimator::OptimalTokenBaseline,
+        ),
+        (
+            "tir_optimal_token_baseline",
+            AdvantageEstimator::MultiTurnOptimalTokenBaseline,
+        ),
+    ];
+
+    /// The verl name.
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(_, e)| *e == self)
+            .map_or("?", |(n, _)| n)
+    }
+}
+
+impl core::str::FromStr for AdvantageEstimator {
+    type Err = Error;
+    /// Parses a verl `adv_estimator` name (case-sensitive, as verl).
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|(_, e)| *e)
+            .ok_or_else(|| {
+                Error::unknown_option(
+                    "advantage estimator",
+                    s,
+                    "gae, grpo, grpo_vectorized, grpo_passk, gdpo, gpg, rloo, rloo_vectorized, opo, \
+                     reinforce_plus_plus, reinforce_plus_plus_baseline, remax, \
+                     optimal_token_baseline, tir_optimal_token_baseline",
+                )
+            })
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Grouping
 // ---------------------------------------------------------------------------

@@ -581,7 +581,7 @@ impl WhitenConfig {
 }
 
 /// Masked whitening per output group of `reduce` ([`Reduce::All`] for the
-/// whole batch, [`Reduce::Rows`] per sequence).
+/// whole batch, [`Reduce::Rows`] per sequence, [`Reduce::Columns`] per position).
 ///
 /// # Formula
 /// ```text
@@ -599,8 +599,8 @@ impl WhitenConfig {
 /// See [`WhitenConfig`].
 /// # Errors
 /// [`Error::ShapeMismatch`] on inconsistent lengths; [`Error::Invalid`] for
-/// an unbiased variance with fewer than two valid entries;
-/// [`Error::OutOfRange`] for `reduce = Columns` (not supported).
+/// an unbiased variance ([`Bessel::Exact`]) with fewer than two valid entries
+/// in a group.
 pub fn masked_whiten<F: Real>(
     cfg: &WhitenConfig,
     dims: Dims,

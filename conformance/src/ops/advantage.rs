@@ -6,8 +6,9 @@ use posttrain_core::advantage::{
     group_mean_baseline_advantages, group_zscore_advantages, leave_one_out_advantages,
     leave_one_out_reward_advantages, length_weighted_baseline_advantages,
     multi_reward_group_advantages, optimal_token_baseline_advantages, outcome_scores,
-    pass_at_k_advantages, reinforce_plus_plus_advantages, remax_advantages, GaeConfig,
-    GroupNormConfig, MultiRewardConfig, OtbConfig, PassAtKConfig, RlooConfig, SingletonGroup,
+    pass_at_k_advantages, reinforce_plus_plus_advantages, remax_advantages, AdvantageEstimator,
+    GaeConfig, GroupNormConfig, MultiRewardConfig, OtbConfig, PassAtKConfig, RlooConfig,
+    SingletonGroup,
 };
 use posttrain_core::stats::{masked_whiten_in_place, nan_mean, nan_std, Reduce, WhitenConfig};
 use posttrain_core::{Dims, Preset, Real};
@@ -15,6 +16,13 @@ use serde_json::Value;
 
 /// Runs `op` if this family knows it.
 pub fn run<F: Real>(op: &str, ctx: &Ctx) -> Option<OpResult> {
+    if op.starts_with("verl.compute_") && op.ends_with("advantage") || op.ends_with("_return") {
+        if let Some(name) = ctx.param("adv_estimator").and_then(Value::as_str) {
+            if name.parse::<AdvantageEstimator>().is_err() {
+                return Some(Err(ctx.unsupported("adv_estimator")));
+            }
+        }
+    }
     let r = match op {
         "verl.compute_gae_advantage_return" => verl_gae::<F>(ctx),
         "torchtune.estimate_advantages" => torchtune_gae::<F>(ctx),
