@@ -298,6 +298,14 @@ pub fn masked_sum<F: Real>(
 
 /// Vector-Jacobian product of [`masked_sum`]: `dx_i = w_i · cot_s` for valid `i`.
 ///
+/// # Formula
+/// ```text
+/// dx_i = w_i · cot_{s(i)} if mask_i else 0
+/// ```
+/// # Gradient
+/// This is the gradient of [`masked_sum`].
+/// # Peers
+/// As [`masked_sum`].
 /// # Errors
 /// [`Error::ShapeMismatch`] on inconsistent lengths.
 pub fn masked_sum_vjp<F: Real>(
@@ -362,6 +370,14 @@ pub fn masked_mean<F: Real>(
 
 /// Vector-Jacobian product of [`masked_mean`]: `dx_i = w_i · cot_s / D_s` for valid `i`.
 ///
+/// # Formula
+/// ```text
+/// dx_i = w_i · cot_{s(i)} / D_{s(i)} if mask_i else 0
+/// ```
+/// # Gradient
+/// This is the gradient of [`masked_mean`] (exactly 0 everywhere when all is masked).
+/// # Peers
+/// As [`masked_mean`].
 /// # Errors
 /// [`Error::ShapeMismatch`] on inconsistent lengths.
 pub fn masked_mean_vjp<F: Real>(

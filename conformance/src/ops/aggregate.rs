@@ -64,7 +64,7 @@ fn stats_axis(ctx: &Ctx, key: &str) -> Result<Reduce, Fail> {
 /// The mask as booleans plus, for a float mask, its weights.
 fn stats_mask<F: Real>(ctx: &Ctx, name: &str) -> Result<(Vec<bool>, Option<Vec<F>>), Fail> {
     let mask = ctx.mask(name)?;
-    let weights = if ctx.dtype(name)? == "f64" {
+    let weights = if ctx.dtype(name)? != "bool" {
         Some(ctx.f::<F>(name)?)
     } else {
         None
