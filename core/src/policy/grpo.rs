@@ -867,10 +867,10 @@ fn valid_quantile<F: Real>(values: &[F], mask: &[bool], q: f64, scratch: &mut [F
     let s = &mut scratch[..n];
     s.sort_unstable_by(|a, b| a.partial_cmp(b).unwrap_or(core::cmp::Ordering::Equal));
     let rank = F::of(q) * F::of_usize(n - 1);
-    let below = rank.to_f64().floor();
-    let lo = (below as usize).min(n - 1);
-    let hi = (lo + 1).min(n - 1);
-    let w = rank - F::of(below);
+    // rank ≥ 0, so truncation is the floor.
+    let lo: usize = core::cmp::min(rank.to_f64() as usize, n - 1);
+    let hi: usize = core::cmp::min(lo + 1, n - 1);
+    let w = rank - F::of_usize(lo);
     let (a, b) = (s[lo], s[hi]);
     // torch.lerp
     Some(if w < F::of(0.5) {
