@@ -1,6 +1,8 @@
 //! Property tests of the GRPO family (TRL semantics): closed-form gradients
 //! against central finite differences, on-policy gradients, masking.
 
+#![allow(clippy::needless_range_loop)]
+
 use posttrain_core::policy::grpo::{
     gmpo_loss, grpo_loss, rloo_loss, EntropyBonus, GmpoConfig, GrpoConfig, GrpoInputs,
     GrpoLossType, ImportanceSamplingLevel, RlooConfig, TokenOrRow,
