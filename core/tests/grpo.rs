@@ -62,7 +62,7 @@ fn inputs<'a>(b: &'a Batch, lp: &'a [f64]) -> GrpoInputs<'a, f64> {
 }
 
 fn config(lt: GrpoLossType, level: ImportanceSamplingLevel, variant: u8) -> GrpoConfig {
-    let mut c = GrpoConfig::trl(lt).unwrap();
+    let mut c = GrpoConfig::trl(lt);
     c.level = level;
     c.eps_high = 0.28;
     c.norm.gradient_accumulation_steps = 2.0;
@@ -295,7 +295,7 @@ fn all_masked_is_exactly_zero() {
     let adv = [1.0, -1.0, 0.5];
     let old = [-1.5; B * T];
     for lt in GrpoLossType::ALL {
-        let cfg = GrpoConfig::trl(lt).unwrap();
+        let cfg = GrpoConfig::trl(lt);
         let x = GrpoInputs::new(Dims::new(B, T), &lp, &ent, &mask, &adv).old_log_probs(&old);
         let mut g = [1.0; B * T];
         let o = grpo_loss(&cfg, &x, Some(&mut g), None, &mut []).unwrap();
@@ -325,10 +325,10 @@ fn options_parse_and_reject_unknown_names() {
 
 #[test]
 fn bad_config_and_shapes_are_typed_errors() {
-    let mut cfg = GrpoConfig::trl(GrpoLossType::Grpo).unwrap();
+    let mut cfg = GrpoConfig::trl(GrpoLossType::Grpo);
     cfg.eps_low = -0.1;
     assert!(matches!(cfg.validate(), Err(Error::OutOfRange { .. })));
-    let cfg = GrpoConfig::trl(GrpoLossType::Grpo).unwrap();
+    let cfg = GrpoConfig::trl(GrpoLossType::Grpo);
     let lp = [-1.0; 6];
     let old = [-1.0; 5];
     let x = GrpoInputs::new(Dims::new(2, 3), &lp, &lp, &[true; 6], &[1.0, 1.0]).old_log_probs(&old);

@@ -65,7 +65,7 @@ fn put_clip(o: &mut Outputs, c: &ClipMetrics<impl Real>) {
 
 fn grpo_config(ctx: &Ctx, gspo_token: bool) -> Result<GrpoConfig, Fail> {
     let loss_type: GrpoLossType = ctx.p_str("loss_type")?.parse()?;
-    let mut cfg = GrpoConfig::trl(loss_type)?;
+    let mut cfg = GrpoConfig::trl(loss_type);
     cfg.level = ctx.p_str("importance_sampling_level")?.parse()?;
     if !gspo_token && cfg.level == ImportanceSamplingLevel::SequenceToken {
         return Err(ctx.unsupported("importance_sampling_level"));

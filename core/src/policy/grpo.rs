@@ -47,9 +47,10 @@
 //! included (so its padding must hold finite values). Log importance
 //! weights (and the KL's `ref − logp`) are clamped to
 //! `±`[`GrpoConfig::log_ratio_clamp`] before `exp` (TRL has no clamp; the
-//! [`GrpoConfig::trl`] preset sets 20 as a safety net, active only where TRL
-//! itself overflows or is within a factor `e^{-20}` of it); an active clamp
-//! zeroes the gradient through that exponent.
+//! [`GrpoConfig::trl`] preset sets 20 as a safety net: it acts only on
+//! ratios beyond `e^{20} ≈ 4.9·10⁸`, where TRL's loss is dominated by one
+//! token or overflows to inf/NaN); an active clamp zeroes the gradient
+//! through that exponent. Set it to `None` for TRL's unclamped numbers.
 //!
 //! # Example
 //!
@@ -63,7 +64,7 @@
 //! let mask = [true, true, true, true, true, false];
 //! let adv = [1.0, -0.5];
 //! let ent = [0.5; 6];
-//! let cfg = GrpoConfig::trl(GrpoLossType::Grpo)?;
+//! let cfg = GrpoConfig::trl(GrpoLossType::Grpo);
 //! let inputs = GrpoInputs::new(dims, &logp, &ent, &mask, &adv).old_log_probs(&old);
 //! let mut grad = [0.0; 6];
 //! let out = grpo_loss(&cfg, &inputs, Some(&mut grad), None, &mut [])?;
@@ -469,12 +470,8 @@ impl GrpoConfig {
     /// TRL's defaults for `loss_type` (ε = 0.2, no δ, β = 0, SAPO 1.0/1.05,
     /// VESPO defaults, no entropy mask, no bonus) with posttrain's safety
     /// clamp of 20 on log-ratios.
-    ///
-    /// # Errors
-    ///
-    /// None in practice; returns `Result` for symmetry with other configs.
-    pub fn trl(loss_type: GrpoLossType) -> Result<Self, Error> {
-        let c = GrpoConfig {
+    pub fn trl(loss_type: GrpoLossType) -> Self {
+        GrpoConfig {
             loss_type,
             level: ImportanceSamplingLevel::Token,
             eps_low: 0.2,
@@ -491,7 +488,35 @@ impl GrpoConfig {
             norm: TrlNormalizer::default(),
             entropy_bonus: None,
             log_ratio_clamp: Some(20.0),
-        };
+        }
+    }
+
+    /// TRL's defaults with the given objective, importance-sampling level
+    /// and clip range, validated.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`] for a negative or non-finite `ε_low` / `ε_high`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use posttrain_core::policy::grpo::{GrpoConfig, GrpoLossType, ImportanceSamplingLevel};
+    /// let gspo = GrpoConfig::new(GrpoLossType::Grpo, ImportanceSamplingLevel::Sequence, 3e-4, 4e-4)?;
+    /// assert!(GrpoConfig::new(GrpoLossType::Dapo, ImportanceSamplingLevel::Token, -0.1, 0.2).is_err());
+    /// # let _ = gspo;
+    /// # Ok::<(), posttrain_core::Error>(())
+    /// ```
+    pub fn new(
+        loss_type: GrpoLossType,
+        level: ImportanceSamplingLevel,
+        eps_low: f64,
+        eps_high: f64,
+    ) -> Result<Self, Error> {
+        let mut c = GrpoConfig::trl(loss_type);
+        c.level = level;
+        c.eps_low = eps_low;
+        c.eps_high = eps_high;
         c.validate()?;
         Ok(c)
     }
@@ -686,6 +711,31 @@ pub fn sapo_surrogate<E: Elem>(tau_pos: f64, tau_neg: f64, log_ratio: E, advanta
         .mul(ls.add(lsn).exp())
         .mul(r);
     (loss, grad)
+}
+
+/// CISPO's truncated-weight policy gradient for one token, as TRL defines it.
+///
+/// # Formula
+///
+/// ```text
+/// w = sg(min(r, ε_high)),   ℓ = −w · A · log π      (r = eˣ; no lower clip)
+/// ```
+///
+/// `ε_high` is an absolute cap on the weight here (TRL), not `1 + ε_high`.
+///
+/// # Gradient
+///
+/// `∂ℓ/∂log π = −w·A` (the weight is detached).
+///
+/// # Peers
+///
+/// TRL `loss_type="cispo"`. (verl's `cispo` caps at `1 + ε_high` and clips
+/// from below too; see [`crate::policy`].)
+pub fn cispo_surrogate<E: Elem>(eps_high: f64, log_ratio: E, log_prob: E, advantage: E) -> (E, E) {
+    let w = log_ratio.exp();
+    let w = w.clone().min(w.full_like(eps_high));
+    let d = w.mul(advantage).neg();
+    (d.clone().mul(log_prob), d)
 }
 
 // ---------------------------------------------------------------------------
@@ -1215,8 +1265,8 @@ pub fn grpo_loss<F: Real>(
             // per-token loss, ∂ℓ/∂x and ∂ℓ/∂logp (direct)
             let (l, d_x, d_lp, capped) = match lt {
                 GrpoLossType::Cispo => {
-                    let wgt = coef.min(F::of(cfg.eps_high));
-                    (-wgt * a * lp[k], F::zero(), -wgt * a, coef)
+                    let (l, d) = cispo_surrogate(cfg.eps_high, lw, lp[k], a);
+                    (l, F::zero(), d, coef)
                 }
                 GrpoLossType::Vespo => (-phi * a * lp[k], F::zero(), -phi * a, coef),
                 GrpoLossType::Sapo => {
@@ -1592,7 +1642,7 @@ pub fn gmpo_loss<F: Real>(
             e_sum += x.entropies[k];
             if emask(k) {
                 m2 += 1;
-                sum += gmpo_clipped_log_ratio(cfg, xr, a).0;
+                sum += gmpo_clipped_log_ratio(cfg.eps_low, cfg.eps_high, xr, a).0;
             }
         }
         metrics.add_row(&row_metrics, n);
@@ -1609,7 +1659,7 @@ pub fn gmpo_loss<F: Real>(
             }
             let mut g = F::zero();
             if emask(k) {
-                let d = gmpo_clipped_log_ratio(cfg, lp[k] - old(k), a).1;
+                let d = gmpo_clipped_log_ratio(cfg.eps_low, cfg.eps_high, lp[k] - old(k), a).1;
                 if c_live {
                     g += -a * c * d / den;
                 }
@@ -1638,27 +1688,34 @@ pub fn gmpo_loss<F: Real>(
     Ok(out)
 }
 
-/// GMPO's sign-aware log-space clip of one log-ratio: value and derivative.
-fn gmpo_clipped_log_ratio<F: Real>(cfg: &GmpoConfig, x: F, a: F) -> (F, F) {
-    let lo = F::of(-cfg.eps_low);
-    let hi = F::of(cfg.eps_high);
-    let inside = x >= lo && x <= hi;
-    if inside {
-        return (x, F::one());
-    }
-    let clamped = x.clamp(-cfg.eps_low, cfg.eps_high);
-    if a > F::zero() {
-        // min(x, clamp(x)): x < lo → x (live); x > hi → hi (dead)
-        if x < clamped {
-            (x, F::one())
-        } else {
-            (clamped, F::zero())
-        }
-    } else if x > clamped {
-        (x, F::one())
-    } else {
-        (clamped, F::zero())
-    }
+/// GMPO's sign-aware log-space clip of one log-ratio: the clipped value
+/// and its derivative with respect to `x`.
+///
+/// # Formula
+///
+/// ```text
+/// x̂ = clamp(x, −ε_low, ε_high)
+/// x̃ = min(x, x̂) if A > 0 else max(x, x̂)
+/// ```
+///
+/// # Gradient
+///
+/// `1` where `x̃ = x` (inside the range, or outside on the side that is not
+/// clipped for this sign of `A`), else `0`.
+///
+/// # Peers
+///
+/// TRL experimental `GMPOTrainer._compute_loss`.
+pub fn gmpo_clipped_log_ratio<E: Elem>(eps_low: f64, eps_high: f64, x: E, advantage: E) -> (E, E) {
+    let pos = advantage.gt_scalar(0.0);
+    let inside = x.ge_scalar(-eps_low).and(x.le_scalar(eps_high));
+    let below = x.lt_scalar(-eps_low);
+    let above = x.gt_scalar(eps_high);
+    let live = inside.or(pos.clone().and(below)).or(pos.not().and(above));
+    let clamped = x.clone().clamp(-eps_low, eps_high);
+    let one = x.full_like(1.0);
+    let zero = x.full_like(0.0);
+    (E::select(&live, x, clamped), E::select(&live, one, zero))
 }
 
 #[derive(Default)]
