@@ -329,6 +329,50 @@ impl TrlNormalizer {
     }
 }
 
+/// The weight `∂L/∂ℓ_t` TRL's normalisation gives one counted position of a
+/// row with `row_valid` valid tokens, in a batch with `total_valid` valid
+/// tokens: the GRPO family's own aggregation.
+///
+/// # Formula
+///
+/// ```text
+/// grpo, sapo:          1 / (B · max(n_i, 1)) / gas
+/// bnpo:                1 / max(N, 1) / gas
+/// dr_grpo:             1 / (B · max_completion_length) / gas
+/// dapo, cispo, vespo:  num_processes / max(num_items_in_batch, 1)
+/// luspo:               n_i / (B · T) / gas        (every entry of the row, padding included)
+/// ```
+///
+/// `gas` is [`TrlNormalizer::accumulation`]. This is not
+/// [`crate::aggregate`]'s `seq-mean-token-mean`: TRL divides by
+/// `max(n_i, 1)` (verl: `n_i + 1e−8`) and averages over all `B` rows,
+/// empty ones included (verl: rows with a valid token).
+///
+/// # Peers
+///
+/// TRL `GRPOTrainer._compute_loss` and the GSPO-token trainer.
+pub fn trl_token_weight<F: Real>(
+    loss_type: GrpoLossType,
+    norm: &TrlNormalizer,
+    dims: Dims,
+    row_valid: usize,
+    total_valid: usize,
+) -> F {
+    let b = F::of_usize(dims.batch);
+    let acc = F::of(norm.accumulation());
+    match loss_type {
+        GrpoLossType::Grpo | GrpoLossType::Sapo => {
+            F::one() / (b * F::of_usize(row_valid.max(1))) / acc
+        }
+        GrpoLossType::Bnpo => F::one() / F::of_usize(total_valid.max(1)) / acc,
+        GrpoLossType::DrGrpo => F::one() / (b * F::of(norm.max_completion_length)) / acc,
+        GrpoLossType::Dapo | GrpoLossType::Cispo | GrpoLossType::Vespo => {
+            F::one() / F::of(norm.token_count())
+        }
+        GrpoLossType::Luspo => F::of_usize(row_valid) / (b * F::of_usize(dims.seq)) / acc,
+    }
+}
+
 /// TRL's adaptive entropy-coefficient controller.
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -1115,7 +1159,7 @@ pub fn grpo_loss<F: Real>(
     cfg.validate()?;
     x.validate()?;
     let dims = x.dims;
-    let (b, t_len) = (dims.batch, dims.seq);
+    let b = dims.batch;
     if let Some(g) = grad_log_probs.as_deref() {
         check_len("grad_log_probs", g.len(), dims.len())?;
     }
@@ -1153,22 +1197,9 @@ pub fn grpo_loss<F: Real>(
     };
 
     let total_valid = row_count(mask);
-    let bf = F::of_usize(b);
     let acc = F::of(cfg.norm.accumulation());
     // Aggregation weight of a counted position in a row with n valid tokens.
-    let weight = |n: usize| -> F {
-        match lt {
-            GrpoLossType::Grpo | GrpoLossType::Sapo => {
-                F::one() / (bf * F::of_usize(n.max(1))) / acc
-            }
-            GrpoLossType::Bnpo => F::one() / F::of_usize(total_valid.max(1)) / acc,
-            GrpoLossType::DrGrpo => F::one() / (bf * F::of(cfg.norm.max_completion_length)) / acc,
-            GrpoLossType::Dapo | GrpoLossType::Cispo | GrpoLossType::Vespo => {
-                F::one() / F::of(cfg.norm.token_count())
-            }
-            GrpoLossType::Luspo => F::of_usize(n) / (bf * F::of_usize(t_len)) / acc,
-        }
-    };
+    let weight = |n: usize| -> F { trl_token_weight(lt, &cfg.norm, dims, n, total_valid) };
     // Whether a position enters the sum (luspo: every entry, padding included).
     let luspo_all = lt == GrpoLossType::Luspo;
 
