@@ -344,3 +344,63 @@ fn bad_config_and_shapes_are_typed_errors() {
         Err(Error::Invalid { .. })
     ));
 }
+
+#[test]
+fn extreme_log_ratios_stay_finite_in_f32_and_f64() {
+    fn check<F: posttrain_core::Real>() {
+        let of = |v: f64| F::of(v);
+        let lp: Vec<F> = (0..B * T)
+            .map(|k| of(if k % 2 == 0 { 998.0 } else { -1002.0 }))
+            .collect();
+        let old: Vec<F> = (0..B * T).map(|_| of(-2.0)).collect();
+        let ent: Vec<F> = (0..B * T).map(|k| of(0.1 * k as f64)).collect();
+        let mask: Vec<bool> = (0..B * T).map(|k| k % 5 != 4).collect();
+        let adv = [of(-0.6), of(0.1), of(1.5)];
+        for lt in GrpoLossType::ALL {
+            for level in [
+                ImportanceSamplingLevel::Token,
+                ImportanceSamplingLevel::Sequence,
+                ImportanceSamplingLevel::SequenceToken,
+            ] {
+                let mut cfg = GrpoConfig::trl(lt);
+                cfg.level = level;
+                cfg.beta = 0.1;
+                cfg.bias_correction_kl = true;
+                let x = GrpoInputs::new(Dims::new(B, T), &lp, &ent, &mask, &adv)
+                    .old_log_probs(&old)
+                    .ref_log_probs(&old);
+                let mut g = vec![F::zero(); B * T];
+                let mut s = vec![F::zero(); B * T];
+                let o = grpo_loss(&cfg, &x, Some(&mut g), None, &mut s).unwrap();
+                assert!(o.loss.is_finite(), "{lt:?} {level:?}");
+                assert!(g.iter().all(|v| v.is_finite()), "{lt:?} {level:?}");
+            }
+        }
+    }
+    check::<f64>();
+    check::<f32>();
+}
+
+#[test]
+fn sequence_token_value_is_sequence_ratio_gradient_is_own_token() {
+    // GSPO-token, no clipping: ℓ_t = −A·e^{s_i}, ∂L/∂log π_t = −A·e^{s_i}·w_t.
+    let lp = [-1.0, -0.8, -1.3, -0.2, -0.6, -2.0];
+    let old = [-1.1, -0.7, -1.2, -0.25, -0.5, -1.0];
+    let mask = [true, true, false, true, true, true];
+    let adv = [0.7, -1.2];
+    let ent = [1.0; 6];
+    let mut cfg = GrpoConfig::trl(GrpoLossType::Bnpo);
+    cfg.level = ImportanceSamplingLevel::SequenceToken;
+    cfg.eps_low = 0.9;
+    cfg.eps_high = 5.0;
+    let x = GrpoInputs::new(Dims::new(2, 3), &lp, &ent, &mask, &adv).old_log_probs(&old);
+    let mut g = [0.0; 6];
+    let o = grpo_loss(&cfg, &x, Some(&mut g), None, &mut []).unwrap();
+    let s0 = ((-1.0f64 + 1.1) + (-0.8 + 0.7)) / 2.0;
+    let s1 = ((-0.2f64 + 0.25) + (-0.6 + 0.5) + (-2.0 + 1.0)) / 3.0;
+    let want = (2.0 * -0.7 * s0.exp() + 3.0 * 1.2 * s1.exp()) / 5.0;
+    assert!((o.loss - want).abs() < 1e-12);
+    assert!((g[0] + 0.7 * s0.exp() / 5.0).abs() < 1e-12);
+    assert_eq!(g[2], 0.0);
+    assert!((g[5] - 1.2 * s1.exp() / 5.0).abs() < 1e-12);
+}

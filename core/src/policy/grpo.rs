@@ -935,7 +935,10 @@ pub struct GrpoOutput<F> {
     /// VESPO: mean of `φ` over rows.
     pub vespo_phi_seq_mean: F,
     /// The entropy coefficient after this step's adaptive update (or the
-    /// static one; 0 when the bonus is off).
+    /// static one; 0 when the bonus is off). The controller measures this
+    /// call's entropy only: TRL accumulates over the accumulation window and
+    /// every rank and updates at the optimizer-step boundary, which agrees
+    /// when this call is the whole window on one rank.
     pub entropy_coef: F,
     /// The mean entropy over the effective mask that the adaptive controller measured.
     pub world_entropy: F,
