@@ -214,8 +214,9 @@ pub fn quantile<F: Real>(values: &mut [F], q: f64) -> Result<Option<F>, Error> {
     }
     values.sort_unstable_by(|a, b| a.partial_cmp(b).unwrap_or(core::cmp::Ordering::Equal));
     let rank = F::of(q) * F::of_usize(values.len() - 1);
-    let below = rank.to_f64().floor() as usize;
-    let above = (rank.to_f64().ceil() as usize).min(values.len() - 1);
+    // `rank ≥ 0`, so truncation is the floor.
+    let below = rank.to_f64() as usize;
+    let above = if F::of_usize(below) < rank { below + 1 } else { below }.min(values.len() - 1);
     let w = rank - F::of_usize(below);
     Ok(Some(torch_lerp(values[below], values[above], w)))
 }
