@@ -25,7 +25,7 @@
 //! let ids = [5i64, 2, 7, 2, 9, 9];
 //! let mut mask = [false; 6];
 //! response_mask_from_eos(Dims::new(2, 3), &ids, &[2], &mut mask)?;
-//! assert_eq!(mask, [true, true, false, true, true, true]);
+//! assert_eq!(mask, [true, true, false, true, false, false]);
 //! # Ok::<(), posttrain_core::Error>(())
 //! ```
 
@@ -216,7 +216,12 @@ pub fn quantile<F: Real>(values: &mut [F], q: f64) -> Result<Option<F>, Error> {
     let rank = F::of(q) * F::of_usize(values.len() - 1);
     // `rank ≥ 0`, so truncation is the floor.
     let below = rank.to_f64() as usize;
-    let above = if F::of_usize(below) < rank { below + 1 } else { below }.min(values.len() - 1);
+    let above = if F::of_usize(below) < rank {
+        below + 1
+    } else {
+        below
+    }
+    .min(values.len() - 1);
     let w = rank - F::of_usize(below);
     Ok(Some(torch_lerp(values[below], values[above], w)))
 }
