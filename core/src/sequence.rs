@@ -41,6 +41,10 @@ use crate::shape::Dims;
 /// e_t = 1[id_t ∈ eos];   mask_t = (Σ_{s ≤ t} e_s − e_t) == 0
 /// ```
 ///
+/// # Gradient
+///
+/// None: a hard mask, not differentiable.
+///
 /// # Peers
 ///
 /// verl `get_response_mask` (`eos_token` an int or a list).
@@ -77,6 +81,10 @@ pub fn response_mask_from_eos(
 /// ```
 ///
 /// (the first stop token itself is kept; a row without one is untouched).
+///
+/// # Gradient
+///
+/// None: a hard mask, not differentiable.
 ///
 /// # Peers
 ///
@@ -143,6 +151,10 @@ pub struct RewardPenaltyConfig {
 /// Rows are assumed truncated at their first EOS (see
 /// [`truncate_at_first_stop_token`]), so "any padding" means "has an EOS".
 ///
+/// # Gradient
+///
+/// None: a hard mask, not differentiable.
+///
 /// # Peers
 ///
 /// torchtune `get_reward_penalty_mask`.
@@ -201,6 +213,15 @@ fn torch_lerp<F: Real>(a: F, b: F, w: F) -> F {
 /// sorted v, ρ = q·(n − 1), i = ⌊ρ⌋, j = ⌈ρ⌉:  lerp(v_i, v_j, ρ − i)
 /// ```
 ///
+/// # Gradient
+///
+/// Not provided (used for masks).
+///
+/// # Peers
+///
+/// `torch.quantile(x, q)` (`interpolation="linear"`, torch's `lerp`
+/// evaluation order), as TRL's entropy mask uses it.
+///
 /// # Errors
 ///
 /// [`Error::OutOfRange`] unless `0 ≤ q ≤ 1`.
@@ -239,6 +260,10 @@ pub fn quantile<F: Real>(values: &mut [F], q: f64) -> Result<Option<F>, Error> {
 /// τ = quantile({H_t : t valid}, q)      (linear interpolation)
 /// mask_t = valid_t and H_t ≥ τ
 /// ```
+///
+/// # Gradient
+///
+/// None: a hard mask, not differentiable.
 ///
 /// # Peers
 ///
@@ -308,6 +333,10 @@ pub fn high_entropy_mask<F: Real>(
 /// KL_i = Σ_{valid t} (log μ_t − log π_t) / max(n_i, 1)
 /// keep_i = A_i ≥ 0  or  KL_i ≤ δ
 /// ```
+///
+/// # Gradient
+///
+/// None: a hard mask, not differentiable.
 ///
 /// # Peers
 ///
@@ -428,6 +457,10 @@ impl PfPpoReweight {
 /// ```
 ///
 /// The draw `multinomial(weight, batch, replacement=True)` is the caller's.
+///
+/// # Gradient
+///
+/// None: sampling weights (verl computes them under `no_grad`).
 ///
 /// # Peers
 ///

@@ -1879,6 +1879,14 @@ impl VllmIsConfig {
     /// ```text
     /// r = exp(d);  truncate: clamp(r, min, max);  mask: r if min ≤ r ≤ max else 0
     /// ```
+    ///
+    /// # Gradient
+    ///
+    /// Not needed (TRL detaches the ratio): `r` where it passes through, else 0.
+    ///
+    /// # Peers
+    ///
+    /// TRL `vllm_importance_sampling_mode` / `_clip_min` / `_clip_max`.
     pub fn ratio<E: Elem>(&self, log_diff: E) -> E {
         let r = log_diff.exp();
         if self.mode.truncates() {
