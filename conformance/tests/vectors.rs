@@ -14,8 +14,23 @@ fn shared_vectors() -> Option<PathBuf> {
     p.is_dir().then_some(p)
 }
 
-/// Runs every vector on core-f64 and core-f32: nothing may fail, and at most
-/// 5 % of the cases may be skipped (unknown op or parameter value).
+/// The cases listed in `conformance/known-vector-defects.txt` (edge contracts
+/// that no correct implementation can meet, each with its reason there).
+fn known_defects() -> Vec<String> {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("known-vector-defects.txt"),
+    )
+    .expect("conformance/known-vector-defects.txt");
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Runs every vector on core-f64 and core-f32: nothing may fail except the
+/// documented known vector defects (exactly those), and at most 5 % of the
+/// cases may be skipped (unknown op or parameter value).
 #[test]
 fn golden_vectors_pass_on_core_backends() {
     // The shared folder is the source of truth when present (it may hold new
@@ -33,12 +48,27 @@ fn golden_vectors_pass_on_core_backends() {
     let report = summary.report();
     println!("{report}");
     let (passed, failed, skipped) = summary.totals();
-    assert_eq!(
-        failed,
-        0,
-        "{failed} cases failed:\n{}",
-        summary.failures.join("\n")
+    let failing: Vec<String> = summary
+        .failures
+        .iter()
+        .map(|f| f.split("]: ").next().unwrap_or(f).to_string() + "]")
+        .collect();
+    let known = known_defects();
+    let unexpected: Vec<_> = summary
+        .failures
+        .iter()
+        .zip(&failing)
+        .filter(|(_, id)| !known.contains(id))
+        .map(|(f, _)| f)
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "{} cases failed:\n{unexpected:#?}",
+        unexpected.len()
     );
+    let fixed: Vec<_> = known.iter().filter(|k| !failing.contains(k)).collect();
+    assert!(fixed.is_empty(), "listed as known defects but passing now (remove them from known-vector-defects.txt): {fixed:#?}");
+    assert_eq!(failed, known.len());
     let total = passed + failed + skipped;
     assert!(
         skipped * 20 <= total,
