@@ -634,12 +634,13 @@ pub struct IsMetrics<F> {
     /// Token level: largest valid weight. Sequence level:
     /// `exp(min(max_rows Σℓ, 20))` over every row.
     pub max: F,
-    /// Token level: smallest valid weight. Sequence level: `exp(min_rows Σℓ)`.
+    /// Token level: smallest valid weight. Sequence level:
+    /// `exp(min(min_rows Σℓ, 20))` (verl does not clamp this one).
     pub min: F,
     /// Masked std (population) of the weights clamped to `[0, upper]`; 0 for `n ≤ 1`.
     pub std: F,
     /// Effective sample size `1 / mean((w / (mean w + 1e-8))²)` of the
-    /// weights clamped to `[0, upper]`.
+    /// weights clamped to `[0, upper]`; 0 when every weight is 0 (verl: inf).
     pub eff_sample_size: F,
     /// Mean over every row of the row's mean weight.
     pub seq_mean: F,
@@ -725,7 +726,8 @@ impl<F> RejectionMetrics<F> {
 /// masked row mean `Σ / (nᵢ + 1e-8)`; "mean over rows" includes every row.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct OffPolicyMetrics<F> {
-    /// Mean over rows of `exp(−row mean log π)`.
+    /// Mean over rows of `exp(clamp(−row mean log π, ±20))` (verl does not
+    /// clamp; this only matters for a mean log-prob below −20).
     pub training_ppl: F,
     /// Mean over rows of `−row mean log π`.
     pub training_log_ppl: F,
@@ -734,7 +736,7 @@ pub struct OffPolicyMetrics<F> {
     /// Masked mean of `e^ℓ − ℓ − 1`, `ℓ = log π − log μ` clamped to `±20`
     /// (verl does not clamp here; posttrain does, to stay finite).
     pub k3_kl: F,
-    /// Mean over rows of `exp(−row mean log μ)`.
+    /// Mean over rows of `exp(clamp(−row mean log μ, ±20))`.
     pub rollout_ppl: F,
     /// Mean over rows of `−row mean log μ`.
     pub rollout_log_ppl: F,
@@ -746,7 +748,7 @@ pub struct OffPolicyMetrics<F> {
     pub log_ppl_diff_max: F,
     /// Min of `dᵢ`.
     pub log_ppl_diff_min: F,
-    /// Mean of `exp(dᵢ)`.
+    /// Mean of `exp(clamp(dᵢ, ±20))`.
     pub ppl_ratio: F,
     /// Masked mean of `exp(2·clamp(ℓ, ±20))` minus 1.
     pub chi2_token: F,
@@ -1008,7 +1010,7 @@ pub fn rollout_correction_weights<F: Real>(
                 l += (s < log_lo) as usize;
             }
             m.max = sums.max.min(F::of(SAFETY_BOUND)).exp();
-            m.min = sums.min.exp();
+            m.min = sums.min.min(F::of(SAFETY_BOUND)).exp();
             m.ratio_fraction_high = frac(h, dims.batch);
             m.ratio_fraction_low = frac(l, dims.batch);
         }
@@ -1025,7 +1027,13 @@ pub fn rollout_correction_weights<F: Real>(
         let x = w.clamp(0.0, th.upper) / denom;
         norm2 += x * x;
     }
-    m.eff_sample_size = F::one() / vmean(norm2, n_valid);
+    // All weights zero (e.g. IcePop rejected everything): no effective
+    // sample (verl divides by zero here).
+    m.eff_sample_size = if norm2 > F::zero() {
+        F::one() / vmean(norm2, n_valid)
+    } else {
+        F::zero()
+    };
 
     // Row means of the weights and of the raw weights, over every row.
     let row_mean = |r: usize| -> F {
@@ -1333,8 +1341,11 @@ pub fn rollout_rejection_mask<F: Real>(
 ///
 /// # Peers
 ///
-/// verl `compute_offpolicy_metrics`, except that `k3_kl` clamps `ℓ` to
-/// `±20` (verl overflows to inf for `|ℓ| ≳ 709`). All-masked: zeros.
+/// verl `compute_offpolicy_metrics`, except that every exponent is clamped
+/// to `±20` (verl's `SAFETY_BOUND`, which verl itself applies to the χ²
+/// terms only), so that the metrics stay finite for hostile log-probs: this
+/// changes nothing unless a log-ratio or a mean log-prob leaves `[−20, 20]`.
+/// All-masked: zeros.
 ///
 /// # Errors
 ///
@@ -1392,14 +1403,14 @@ pub fn off_policy_metrics<F: Real>(
         let n = row_valid_count(mk);
         let mp = vmean(row_masked_sum(&log_prob[rr.clone()], mk), n);
         let mq = vmean(row_masked_sum(&rollout_log_prob[rr.clone()], mk), n);
-        tp += (-mp).exp();
+        tp += safe_importance_weight(-mp);
         tlp += -mp;
-        rp += (-mq).exp();
+        rp += safe_importance_weight(-mq);
         rlp += -mq;
         let d = mq - mp;
         diffs.push(d);
         absd += d.abs();
-        ratio += d.exp();
+        ratio += safe_importance_weight(d);
         let s = rr
             .filter(|&t| mask[t])
             .fold(F::zero(), |a, t| a + (log_prob[t] - rollout_log_prob[t]));
