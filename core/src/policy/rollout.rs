@@ -832,6 +832,21 @@ impl<F: Real> Stats<F> {
     }
 }
 
+/// verl's masked std `sqrt(max(E[x²] − E[x]², 0))` with `E = Σ/(n + 1e-8)`,
+/// from the sums `Σx`, `Σx²`. The moments are accumulated in `f64` whatever
+/// `F` is: when every value sits on the same clamp bound the variance is a
+/// tiny difference of two large moments, which `f32` cannot resolve.
+fn verl_clamped_std<F: Real>(sum: f64, sum_sq: f64, n: usize) -> F {
+    let d = n as f64 + MEAN_EPS;
+    let mean = sum / d;
+    let var = sum_sq / d - mean * mean;
+    F::of(if var > 0.0 { sqrt_f64(var) } else { 0.0 })
+}
+
+fn sqrt_f64(x: f64) -> f64 {
+    Elem::sqrt(x)
+}
+
 /// Unbiased std (torch `.std()`) of the values yielded by `it`, given their mean; 0 for n < 2.
 fn unbiased_std<F: Real>(mean: F, n: usize, it: impl Iterator<Item = F>) -> F {
     if n < 2 {
@@ -971,7 +986,8 @@ pub fn rollout_correction_weights<F: Real>(
     // Token-level aggregates.
     let mut w_stats = Stats::new();
     let (mut hi, mut lo, mut oob) = (0usize, 0usize, 0usize);
-    let (mut c1, mut c2) = (F::zero(), F::zero());
+    let mut c1 = F::zero();
+    let (mut c1_64, mut c2_64) = (0.0f64, 0.0f64);
     for r in 0..dims.batch {
         let s = row_sum_of(r);
         for t in dims.row(r) {
@@ -988,7 +1004,8 @@ pub fn rollout_correction_weights<F: Real>(
             }
             let wc = w.clamp(0.0, th.upper);
             c1 += wc;
-            c2 += wc * wc;
+            c1_64 += wc.to_f64();
+            c2_64 += wc.to_f64() * wc.to_f64();
         }
     }
     m.mean = vmean(w_stats.sum, n_valid);
@@ -1016,9 +1033,7 @@ pub fn rollout_correction_weights<F: Real>(
         }
     }
     if n_valid > 1 {
-        let mean_c = vmean(c1, n_valid);
-        let var = vmean(c2, n_valid) - mean_c * mean_c;
-        m.std = var.max(F::zero()).sqrt();
+        m.std = verl_clamped_std(c1_64, c2_64, n_valid);
     }
     let mean_c = vmean(c1, n_valid);
     let denom = mean_c + F::of(MEAN_EPS);
@@ -1232,7 +1247,7 @@ pub fn rollout_rejection_mask<F: Real>(
         // Token pass.
         let mut st = Stats::new();
         let (mut hi, mut lo, mut rejected, mut rows_rejected) = (0usize, 0usize, 0usize, 0usize);
-        let (mut c1, mut c2) = (F::zero(), F::zero());
+        let (mut c1, mut c2) = (0.0f64, 0.0f64);
         for r in 0..dims.batch {
             let mut row_rej = false;
             for t in dims.row(r) {
@@ -1243,7 +1258,7 @@ pub fn rollout_rejection_mask<F: Real>(
                 st.push(s);
                 hi += (s > up_f) as usize;
                 lo += (k1 && s < lo_f) as usize;
-                let sc = s.clamp(clamp_min, up_b);
+                let sc = s.clamp(clamp_min, up_b).to_f64();
                 c1 += sc;
                 c2 += sc * sc;
                 if !crit.keeps(s) {
@@ -1256,8 +1271,7 @@ pub fn rollout_rejection_mask<F: Real>(
         }
         m.mean = vmean(st.sum, n_valid);
         if n_valid > 1 {
-            let mc = vmean(c1, n_valid);
-            m.std = (vmean(c2, n_valid) - mc * mc).max(F::zero()).sqrt();
+            m.std = verl_clamped_std(c1, c2, n_valid);
         }
         m.masked_fraction = vmean(F::of_usize(rejected), n_valid);
         m.seq_masked_fraction = frac(rows_rejected, valid_rows);
