@@ -2056,3 +2056,139 @@ pub fn vllm_importance_sampling_ratio<F: Real>(
     m.ratio_max = rs.max_or_zero();
     Ok(m)
 }
+
+// ---------------------------------------------------------------------------
+// Allocating conveniences
+// ---------------------------------------------------------------------------
+
+/// What the allocating wrappers return besides the metrics.
+#[cfg(feature = "alloc")]
+#[derive(Debug, Clone, PartialEq)]
+pub struct CorrectionVecs<F> {
+    /// IS weights (zeros when IS is off).
+    pub weights: alloc::vec::Vec<F>,
+    /// The rejection-adjusted mask.
+    pub keep: alloc::vec::Vec<bool>,
+}
+
+/// [`rollout_correction_and_rejection`] with freshly allocated buffers.
+///
+/// # Errors
+///
+/// As [`rollout_correction_and_rejection`].
+///
+/// # Example
+///
+/// ```
+/// use posttrain_core::policy::rollout::{rollout_correction_and_rejection_vec, IsConfig, RolloutCorrectionConfig, RsConfig};
+/// use posttrain_core::Dims;
+/// let cfg = RolloutCorrectionConfig {
+///     is: Some(IsConfig::new("token".parse()?, "2.0".parse()?, false)?),
+///     rs: Some(RsConfig::parse("token_k3", "0.01")?),
+/// };
+/// let (m, v) = rollout_correction_and_rejection_vec(&cfg, Dims::new(1, 2), &[-1.0f64, -1.5], &[-1.0, -1.0], &[true, true])?;
+/// assert_eq!(v.keep, [true, false]); // k3(−0.5) ≈ 0.107 > 0.01
+/// assert!(m.is.is_some() && m.rs.is_some());
+/// # Ok::<(), posttrain_core::Error>(())
+/// ```
+#[cfg(feature = "alloc")]
+pub fn rollout_correction_and_rejection_vec<F: Real>(
+    cfg: &RolloutCorrectionConfig,
+    dims: Dims,
+    log_prob: &[F],
+    rollout_log_prob: &[F],
+    mask: &[bool],
+) -> Result<(RolloutCorrectionMetrics<F>, CorrectionVecs<F>), Error> {
+    use alloc::vec;
+    let n = dims.len();
+    let mut weights = vec![F::zero(); n];
+    let mut keep = vec![false; n];
+    let mut log_ratio = vec![F::zero(); n];
+    let mut rows = vec![F::zero(); dims.batch];
+    let m = rollout_correction_and_rejection(
+        cfg,
+        dims,
+        log_prob,
+        rollout_log_prob,
+        mask,
+        CorrectionBuffers {
+            weights: &mut weights,
+            keep: &mut keep,
+            log_ratio: &mut log_ratio,
+            rows: &mut rows,
+        },
+    )?;
+    Ok((m, CorrectionVecs { weights, keep }))
+}
+
+/// The buffers [`bypass_policy_loss_vec`] returns.
+#[cfg(feature = "alloc")]
+#[derive(Debug, Clone, PartialEq)]
+pub struct BypassVecs<F> {
+    /// `∂L/∂ log π`.
+    pub grad: alloc::vec::Vec<F>,
+    /// The IS weights and the mask the loss used.
+    pub correction: CorrectionVecs<F>,
+}
+
+/// [`bypass_policy_loss`] with freshly allocated buffers: returns the loss
+/// and metrics, `∂L/∂ log π`, and the weights and mask it used.
+///
+/// # Errors
+///
+/// As [`bypass_policy_loss`].
+///
+/// # Example
+///
+/// ```
+/// use posttrain_core::aggregate::{AggMode, GlobalNorm};
+/// use posttrain_core::policy::rollout::{bypass_policy_loss_vec, BypassConfig, BypassLoss, RolloutCorrectionConfig};
+/// use posttrain_core::Dims;
+/// let cfg = BypassConfig::new(BypassLoss::Reinforce, RolloutCorrectionConfig::default(), AggMode::TokenMean, GlobalNorm::default())?;
+/// let lp = [-1.0f64, -2.0];
+/// let (out, v) = bypass_policy_loss_vec(&cfg, Dims::new(1, 2), &lp, &lp, &[1.0, 1.0], &[true, true])?;
+/// // L = mean(−A · log π) = 1.5 and ∂L/∂log π = −A / 2.
+/// assert!((out.loss - 1.5).abs() < 1e-12);
+/// assert!((v.grad[0] + 0.5).abs() < 1e-12);
+/// # Ok::<(), posttrain_core::Error>(())
+/// ```
+#[cfg(feature = "alloc")]
+pub fn bypass_policy_loss_vec<F: Real>(
+    cfg: &BypassConfig,
+    dims: Dims,
+    log_prob: &[F],
+    rollout_log_prob: &[F],
+    advantages: &[F],
+    mask: &[bool],
+) -> Result<(BypassOutput<F>, BypassVecs<F>), Error> {
+    use alloc::vec;
+    let n = dims.len();
+    let mut grad = vec![F::zero(); n];
+    let mut weights = vec![F::zero(); n];
+    let mut keep = vec![false; n];
+    let (mut tokens, mut agg) = (vec![F::zero(); n], vec![F::zero(); n]);
+    let mut rows = vec![F::zero(); dims.batch];
+    let out = bypass_policy_loss(
+        cfg,
+        dims,
+        log_prob,
+        rollout_log_prob,
+        advantages,
+        mask,
+        Some(&mut grad),
+        BypassBuffers {
+            is_weights: &mut weights,
+            keep: &mut keep,
+            tokens: &mut tokens,
+            agg_weights: &mut agg,
+            rows: &mut rows,
+        },
+    )?;
+    Ok((
+        out,
+        BypassVecs {
+            grad,
+            correction: CorrectionVecs { weights, keep },
+        },
+    ))
+}
