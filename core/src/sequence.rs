@@ -443,6 +443,15 @@ impl PfPpoReweight {
     }
 }
 
+impl core::str::FromStr for PfPpoReweight {
+    type Err = Error;
+    /// Parses `pow` (with verl's default `weight_pow = 2`), `max_min`,
+    /// `max_random`; use [`PfPpoReweight::parse`] for another power.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        PfPpoReweight::parse(s, 2.0)
+    }
+}
+
 /// PF-PPO's resampling weights: one per sequence from its score (the sum of
 /// the row's token-level scores, every position included), floored at `1e-8`.
 ///

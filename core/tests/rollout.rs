@@ -331,3 +331,41 @@ fn shape_mismatch_is_an_error() {
     );
     assert!(matches!(r, Err(Error::ShapeMismatch { .. })));
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn hostile_log_ratios_give_finite_metrics(
+        (dims, lr, mask) in batch(1.0),
+        seq in any::<bool>(),
+        band in any::<bool>(),
+    ) {
+        // Log-ratios of ±1000: every weight, metric and the loss stay finite.
+        let rollout: Vec<f64> = lr.iter().map(|x| x - 1.0).collect();
+        let lp: Vec<f64> = rollout
+            .iter()
+            .enumerate()
+            .map(|(i, x)| x + if i % 2 == 0 { 1000.0 } else { -1000.0 })
+            .collect();
+        let level = if seq { IsLevel::Sequence } else { IsLevel::Token };
+        let corr = RolloutCorrectionConfig {
+            is: Some(is_cfg(level, if band { "0.5_2.0" } else { "2.0" }, true)),
+            rs: Some(RsConfig::parse("token_k1,seq_sum_k3,seq_max_k2", "0.5_2.0,0.3,0.2").unwrap()),
+        };
+        let cfg = BypassConfig::new(BypassLoss::Reinforce, corr, AggMode::TokenMean, GlobalNorm::default()).unwrap();
+        let n = dims.len();
+        let (mut w, mut tok, mut aw) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        let mut keep = vec![false; n];
+        let mut rows = vec![0.0; dims.batch];
+        let mut g = vec![0.0; n];
+        let adv = vec![1.0; n];
+        let out = bypass_policy_loss(
+            &cfg, dims, &lp, &rollout, &adv, &mask, Some(&mut g),
+            BypassBuffers { is_weights: &mut w, keep: &mut keep, tokens: &mut tok, agg_weights: &mut aw, rows: &mut rows },
+        ).unwrap();
+        prop_assert!(out.loss.is_finite() && g.iter().all(|x| x.is_finite()));
+        prop_assert!(w.iter().all(|x| x.is_finite()));
+        let text = format!("{:?}", out.correction);
+        prop_assert!(!text.contains("inf") && !text.contains("NaN"), "{}", text);
+    }
+}

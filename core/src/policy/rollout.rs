@@ -634,12 +634,13 @@ pub struct IsMetrics<F> {
     /// Token level: largest valid weight. Sequence level:
     /// `exp(min(max_rows Σℓ, 20))` over every row.
     pub max: F,
-    /// Token level: smallest valid weight. Sequence level: `exp(min_rows Σℓ)`.
+    /// Token level: smallest valid weight. Sequence level:
+    /// `exp(min(min_rows Σℓ, 20))` (verl does not clamp this one).
     pub min: F,
     /// Masked std (population) of the weights clamped to `[0, upper]`; 0 for `n ≤ 1`.
     pub std: F,
     /// Effective sample size `1 / mean((w / (mean w + 1e-8))²)` of the
-    /// weights clamped to `[0, upper]`.
+    /// weights clamped to `[0, upper]`; 0 when every weight is 0 (verl: inf).
     pub eff_sample_size: F,
     /// Mean over every row of the row's mean weight.
     pub seq_mean: F,
@@ -725,7 +726,8 @@ impl<F> RejectionMetrics<F> {
 /// masked row mean `Σ / (nᵢ + 1e-8)`; "mean over rows" includes every row.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct OffPolicyMetrics<F> {
-    /// Mean over rows of `exp(−row mean log π)`.
+    /// Mean over rows of `exp(clamp(−row mean log π, ±20))` (verl does not
+    /// clamp; this only matters for a mean log-prob below −20).
     pub training_ppl: F,
     /// Mean over rows of `−row mean log π`.
     pub training_log_ppl: F,
@@ -734,7 +736,7 @@ pub struct OffPolicyMetrics<F> {
     /// Masked mean of `e^ℓ − ℓ − 1`, `ℓ = log π − log μ` clamped to `±20`
     /// (verl does not clamp here; posttrain does, to stay finite).
     pub k3_kl: F,
-    /// Mean over rows of `exp(−row mean log μ)`.
+    /// Mean over rows of `exp(clamp(−row mean log μ, ±20))`.
     pub rollout_ppl: F,
     /// Mean over rows of `−row mean log μ`.
     pub rollout_log_ppl: F,
@@ -746,7 +748,7 @@ pub struct OffPolicyMetrics<F> {
     pub log_ppl_diff_max: F,
     /// Min of `dᵢ`.
     pub log_ppl_diff_min: F,
-    /// Mean of `exp(dᵢ)`.
+    /// Mean of `exp(clamp(dᵢ, ±20))`.
     pub ppl_ratio: F,
     /// Masked mean of `exp(2·clamp(ℓ, ±20))` minus 1.
     pub chi2_token: F,
@@ -828,6 +830,21 @@ impl<F: Real> Stats<F> {
             self.max
         }
     }
+}
+
+/// verl's masked std `sqrt(max(E[x²] − E[x]², 0))` with `E = Σ/(n + 1e-8)`,
+/// from the sums `Σx`, `Σx²`. The moments are accumulated in `f64` whatever
+/// `F` is: when every value sits on the same clamp bound the variance is a
+/// tiny difference of two large moments, which `f32` cannot resolve.
+fn verl_clamped_std<F: Real>(sum: f64, sum_sq: f64, n: usize) -> F {
+    let d = n as f64 + MEAN_EPS;
+    let mean = sum / d;
+    let var = sum_sq / d - mean * mean;
+    F::of(if var > 0.0 { sqrt_f64(var) } else { 0.0 })
+}
+
+fn sqrt_f64(x: f64) -> f64 {
+    Elem::sqrt(x)
 }
 
 /// Unbiased std (torch `.std()`) of the values yielded by `it`, given their mean; 0 for n < 2.
@@ -969,7 +986,8 @@ pub fn rollout_correction_weights<F: Real>(
     // Token-level aggregates.
     let mut w_stats = Stats::new();
     let (mut hi, mut lo, mut oob) = (0usize, 0usize, 0usize);
-    let (mut c1, mut c2) = (F::zero(), F::zero());
+    let mut c1 = F::zero();
+    let (mut c1_64, mut c2_64) = (0.0f64, 0.0f64);
     for r in 0..dims.batch {
         let s = row_sum_of(r);
         for t in dims.row(r) {
@@ -986,7 +1004,8 @@ pub fn rollout_correction_weights<F: Real>(
             }
             let wc = w.clamp(0.0, th.upper);
             c1 += wc;
-            c2 += wc * wc;
+            c1_64 += wc.to_f64();
+            c2_64 += wc.to_f64() * wc.to_f64();
         }
     }
     m.mean = vmean(w_stats.sum, n_valid);
@@ -1008,15 +1027,13 @@ pub fn rollout_correction_weights<F: Real>(
                 l += (s < log_lo) as usize;
             }
             m.max = sums.max.min(F::of(SAFETY_BOUND)).exp();
-            m.min = sums.min.exp();
+            m.min = sums.min.min(F::of(SAFETY_BOUND)).exp();
             m.ratio_fraction_high = frac(h, dims.batch);
             m.ratio_fraction_low = frac(l, dims.batch);
         }
     }
     if n_valid > 1 {
-        let mean_c = vmean(c1, n_valid);
-        let var = vmean(c2, n_valid) - mean_c * mean_c;
-        m.std = var.max(F::zero()).sqrt();
+        m.std = verl_clamped_std(c1_64, c2_64, n_valid);
     }
     let mean_c = vmean(c1, n_valid);
     let denom = mean_c + F::of(MEAN_EPS);
@@ -1025,7 +1042,13 @@ pub fn rollout_correction_weights<F: Real>(
         let x = w.clamp(0.0, th.upper) / denom;
         norm2 += x * x;
     }
-    m.eff_sample_size = F::one() / vmean(norm2, n_valid);
+    // All weights zero (e.g. IcePop rejected everything): no effective
+    // sample (verl divides by zero here).
+    m.eff_sample_size = if norm2 > F::zero() {
+        F::one() / vmean(norm2, n_valid)
+    } else {
+        F::zero()
+    };
 
     // Row means of the weights and of the raw weights, over every row.
     let row_mean = |r: usize| -> F {
@@ -1224,7 +1247,7 @@ pub fn rollout_rejection_mask<F: Real>(
         // Token pass.
         let mut st = Stats::new();
         let (mut hi, mut lo, mut rejected, mut rows_rejected) = (0usize, 0usize, 0usize, 0usize);
-        let (mut c1, mut c2) = (F::zero(), F::zero());
+        let (mut c1, mut c2) = (0.0f64, 0.0f64);
         for r in 0..dims.batch {
             let mut row_rej = false;
             for t in dims.row(r) {
@@ -1235,7 +1258,7 @@ pub fn rollout_rejection_mask<F: Real>(
                 st.push(s);
                 hi += (s > up_f) as usize;
                 lo += (k1 && s < lo_f) as usize;
-                let sc = s.clamp(clamp_min, up_b);
+                let sc = s.clamp(clamp_min, up_b).to_f64();
                 c1 += sc;
                 c2 += sc * sc;
                 if !crit.keeps(s) {
@@ -1248,8 +1271,7 @@ pub fn rollout_rejection_mask<F: Real>(
         }
         m.mean = vmean(st.sum, n_valid);
         if n_valid > 1 {
-            let mc = vmean(c1, n_valid);
-            m.std = (vmean(c2, n_valid) - mc * mc).max(F::zero()).sqrt();
+            m.std = verl_clamped_std(c1, c2, n_valid);
         }
         m.masked_fraction = vmean(F::of_usize(rejected), n_valid);
         m.seq_masked_fraction = frac(rows_rejected, valid_rows);
@@ -1333,8 +1355,11 @@ pub fn rollout_rejection_mask<F: Real>(
 ///
 /// # Peers
 ///
-/// verl `compute_offpolicy_metrics`, except that `k3_kl` clamps `ℓ` to
-/// `±20` (verl overflows to inf for `|ℓ| ≳ 709`). All-masked: zeros.
+/// verl `compute_offpolicy_metrics`, except that every exponent is clamped
+/// to `±20` (verl's `SAFETY_BOUND`, which verl itself applies to the χ²
+/// terms only), so that the metrics stay finite for hostile log-probs: this
+/// changes nothing unless a log-ratio or a mean log-prob leaves `[−20, 20]`.
+/// All-masked: zeros.
 ///
 /// # Errors
 ///
@@ -1392,14 +1417,14 @@ pub fn off_policy_metrics<F: Real>(
         let n = row_valid_count(mk);
         let mp = vmean(row_masked_sum(&log_prob[rr.clone()], mk), n);
         let mq = vmean(row_masked_sum(&rollout_log_prob[rr.clone()], mk), n);
-        tp += (-mp).exp();
+        tp += safe_importance_weight(-mp);
         tlp += -mp;
-        rp += (-mq).exp();
+        rp += safe_importance_weight(-mq);
         rlp += -mq;
         let d = mq - mp;
         diffs.push(d);
         absd += d.abs();
-        ratio += d.exp();
+        ratio += safe_importance_weight(d);
         let s = rr
             .filter(|&t| mask[t])
             .fold(F::zero(), |a, t| a + (log_prob[t] - rollout_log_prob[t]));
@@ -2030,4 +2055,140 @@ pub fn vllm_importance_sampling_ratio<F: Real>(
     m.ratio_mean = rs.mean();
     m.ratio_max = rs.max_or_zero();
     Ok(m)
+}
+
+// ---------------------------------------------------------------------------
+// Allocating conveniences
+// ---------------------------------------------------------------------------
+
+/// What the allocating wrappers return besides the metrics.
+#[cfg(feature = "alloc")]
+#[derive(Debug, Clone, PartialEq)]
+pub struct CorrectionVecs<F> {
+    /// IS weights (zeros when IS is off).
+    pub weights: alloc::vec::Vec<F>,
+    /// The rejection-adjusted mask.
+    pub keep: alloc::vec::Vec<bool>,
+}
+
+/// [`rollout_correction_and_rejection`] with freshly allocated buffers.
+///
+/// # Errors
+///
+/// As [`rollout_correction_and_rejection`].
+///
+/// # Example
+///
+/// ```
+/// use posttrain_core::policy::rollout::{rollout_correction_and_rejection_vec, IsConfig, RolloutCorrectionConfig, RsConfig};
+/// use posttrain_core::Dims;
+/// let cfg = RolloutCorrectionConfig {
+///     is: Some(IsConfig::new("token".parse()?, "2.0".parse()?, false)?),
+///     rs: Some(RsConfig::parse("token_k3", "0.01")?),
+/// };
+/// let (m, v) = rollout_correction_and_rejection_vec(&cfg, Dims::new(1, 2), &[-1.0f64, -1.5], &[-1.0, -1.0], &[true, true])?;
+/// assert_eq!(v.keep, [true, false]); // k3(−0.5) ≈ 0.107 > 0.01
+/// assert!(m.is.is_some() && m.rs.is_some());
+/// # Ok::<(), posttrain_core::Error>(())
+/// ```
+#[cfg(feature = "alloc")]
+pub fn rollout_correction_and_rejection_vec<F: Real>(
+    cfg: &RolloutCorrectionConfig,
+    dims: Dims,
+    log_prob: &[F],
+    rollout_log_prob: &[F],
+    mask: &[bool],
+) -> Result<(RolloutCorrectionMetrics<F>, CorrectionVecs<F>), Error> {
+    use alloc::vec;
+    let n = dims.len();
+    let mut weights = vec![F::zero(); n];
+    let mut keep = vec![false; n];
+    let mut log_ratio = vec![F::zero(); n];
+    let mut rows = vec![F::zero(); dims.batch];
+    let m = rollout_correction_and_rejection(
+        cfg,
+        dims,
+        log_prob,
+        rollout_log_prob,
+        mask,
+        CorrectionBuffers {
+            weights: &mut weights,
+            keep: &mut keep,
+            log_ratio: &mut log_ratio,
+            rows: &mut rows,
+        },
+    )?;
+    Ok((m, CorrectionVecs { weights, keep }))
+}
+
+/// The buffers [`bypass_policy_loss_vec`] returns.
+#[cfg(feature = "alloc")]
+#[derive(Debug, Clone, PartialEq)]
+pub struct BypassVecs<F> {
+    /// `∂L/∂ log π`.
+    pub grad: alloc::vec::Vec<F>,
+    /// The IS weights and the mask the loss used.
+    pub correction: CorrectionVecs<F>,
+}
+
+/// [`bypass_policy_loss`] with freshly allocated buffers: returns the loss
+/// and metrics, `∂L/∂ log π`, and the weights and mask it used.
+///
+/// # Errors
+///
+/// As [`bypass_policy_loss`].
+///
+/// # Example
+///
+/// ```
+/// use posttrain_core::aggregate::{AggMode, GlobalNorm};
+/// use posttrain_core::policy::rollout::{bypass_policy_loss_vec, BypassConfig, BypassLoss, RolloutCorrectionConfig};
+/// use posttrain_core::Dims;
+/// let cfg = BypassConfig::new(BypassLoss::Reinforce, RolloutCorrectionConfig::default(), AggMode::TokenMean, GlobalNorm::default())?;
+/// let lp = [-1.0f64, -2.0];
+/// let (out, v) = bypass_policy_loss_vec(&cfg, Dims::new(1, 2), &lp, &lp, &[1.0, 1.0], &[true, true])?;
+/// // L = mean(−A · log π) = 1.5 and ∂L/∂log π = −A / 2.
+/// assert!((out.loss - 1.5).abs() < 1e-12);
+/// assert!((v.grad[0] + 0.5).abs() < 1e-12);
+/// # Ok::<(), posttrain_core::Error>(())
+/// ```
+#[cfg(feature = "alloc")]
+pub fn bypass_policy_loss_vec<F: Real>(
+    cfg: &BypassConfig,
+    dims: Dims,
+    log_prob: &[F],
+    rollout_log_prob: &[F],
+    advantages: &[F],
+    mask: &[bool],
+) -> Result<(BypassOutput<F>, BypassVecs<F>), Error> {
+    use alloc::vec;
+    let n = dims.len();
+    let mut grad = vec![F::zero(); n];
+    let mut weights = vec![F::zero(); n];
+    let mut keep = vec![false; n];
+    let (mut tokens, mut agg) = (vec![F::zero(); n], vec![F::zero(); n]);
+    let mut rows = vec![F::zero(); dims.batch];
+    let out = bypass_policy_loss(
+        cfg,
+        dims,
+        log_prob,
+        rollout_log_prob,
+        advantages,
+        mask,
+        Some(&mut grad),
+        BypassBuffers {
+            is_weights: &mut weights,
+            keep: &mut keep,
+            tokens: &mut tokens,
+            agg_weights: &mut agg,
+            rows: &mut rows,
+        },
+    )?;
+    Ok((
+        out,
+        BypassVecs {
+            grad,
+            correction: CorrectionVecs { weights, keep },
+        },
+    ))
 }
