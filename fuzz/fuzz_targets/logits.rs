@@ -1,0 +1,5 @@
+#![no_main]
+//! The `logits` family under hostile input: see `posttrain_conformance::hostile`.
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| posttrain_conformance::hostile::logits::run(data));
