@@ -103,7 +103,7 @@ pub fn dims(u: &mut Unstructured) -> ArbResult<Dims> {
 pub fn maybe_wrong_len(u: &mut Unstructured, n: usize) -> ArbResult<(usize, bool)> {
     let tag: u8 = u.arbitrary()?;
     Ok(if tag < 8 {
-        let len = if tag % 2 == 0 {
+        let len = if tag.is_multiple_of(2) {
             n + 1
         } else {
             n.saturating_sub(1)
