@@ -201,9 +201,12 @@ pub fn decode<T>(data: &[u8], f: impl FnOnce(&mut Unstructured) -> ArbResult<T>)
     f(&mut u).ok()
 }
 
-/// The fuzz targets, one per op family; each entry is `(name, run)` with the
-/// same name as its file in `fuzz/fuzz_targets/`.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+/// A fuzz target (one per op family; the name is its file in
+/// `fuzz/fuzz_targets/`): its name and its entry point.
+pub type Target = (&'static str, fn(&[u8]));
+
+/// The fuzz targets, in the order of their names.
+pub const TARGETS: &[Target] = &[
     ("advantage", advantage::run),
     ("aggregate", aggregate::run),
     ("controllers", controllers::run),
