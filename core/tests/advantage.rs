@@ -54,6 +54,19 @@ fn token_case() -> impl Strategy<Value = (Dims, Vec<f64>, Vec<f64>, Vec<bool>)> 
     })
 }
 
+/// The mean of verl's `masked_whiten(x)` over the valid values `x`: not
+/// exactly 0, because verl's masked mean divides by `n + 1e-8`, so the
+/// centre is `Σx/(n + 1e-8)` rather than the true mean. Oracle: verl
+/// `masked_whiten` = `(x − μ_ε)·rsqrt(var + 1e-8)`, `μ_ε = Σx/(n+1e-8)`,
+/// `var` = Bessel-corrected `Σ(x − μ_ε)²/(n + 1e-8)`.
+fn verl_whitened_mean(x: &[f64]) -> f64 {
+    let n = x.len() as f64;
+    let mu = x.iter().sum::<f64>() / (n + 1e-8);
+    let var = x.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / (n + 1e-8) * n / (n - 1.0);
+    let true_mean = x.iter().sum::<f64>() / n;
+    (true_mean - mu) / (var + 1e-8).sqrt()
+}
+
 proptest! {
     #[test]
     fn group_advantages_have_zero_mean_per_group((scores, index) in grouped()) {
@@ -127,9 +140,12 @@ proptest! {
                 prop_assert_eq!(r1[i], r2[i]);
             }
         }
-        // Whitened over valid tokens: zero mean there.
+        // Whitened over valid tokens: zero mean there, up to verl's `+1e-8`
+        // in the mean's denominator (returns = raw advantages + values).
         let valid: Vec<f64> = a1.iter().zip(&mask).filter(|(_, &m)| m).map(|(a, _)| *a).collect();
-        prop_assert!((valid.iter().sum::<f64>() / valid.len() as f64).abs() < 1e-6);
+        let raw: Vec<f64> = (0..n).filter(|&i| mask[i]).map(|i| r1[i] - v[i]).collect();
+        let mean = valid.iter().sum::<f64>() / valid.len() as f64;
+        prop_assert!((mean - verl_whitened_mean(&raw)).abs() < 1e-6, "{mean} vs {}", verl_whitened_mean(&raw));
     }
 
     #[test]
@@ -140,7 +156,9 @@ proptest! {
         let (mut adv, mut ret) = (vec![0.0; n], vec![0.0; n]);
         reinforce_plus_plus_advantages(dims, &r, &mask, 0.9, &mut adv, &mut ret).unwrap();
         let valid: Vec<f64> = adv.iter().zip(&mask).filter(|(_, &m)| m).map(|(a, _)| *a).collect();
-        prop_assert!((valid.iter().sum::<f64>() / valid.len() as f64).abs() < 1e-6);
+        let raw: Vec<f64> = (0..n).filter(|&i| mask[i]).map(|i| ret[i]).collect();
+        let mean = valid.iter().sum::<f64>() / valid.len() as f64;
+        prop_assert!((mean - verl_whitened_mean(&raw)).abs() < 1e-6, "{mean} vs {}", verl_whitened_mean(&raw));
         for i in 0..n {
             if !mask[i] {
                 prop_assert_eq!(adv[i], 0.0);
