@@ -128,7 +128,13 @@ impl Default for GlobalNorm {
 }
 
 impl GlobalNorm {
-    fn validate(&self) -> Result<(), Error> {
+    /// Checks every normalizer: `dp_size` and each one given must be finite
+    /// and `> 0`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`] naming the first bad normalizer.
+    pub fn validate(&self) -> Result<(), Error> {
         check_param(
             self.dp_size.is_finite() && self.dp_size > 0.0,
             "dp_size",

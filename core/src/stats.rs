@@ -243,14 +243,15 @@ impl MomentConfig {
                 F::one() / d * (w / (w - F::one()))
             }
             Bessel::Smoothed => {
-                let we = w + F::of(self.count_eps);
-                if we == F::one() {
+                // The count is exact in f64; `1 + 1e-8` is not in f32.
+                let we = w.to_f64() + self.count_eps;
+                if we == 1.0 {
                     return Err(Error::Invalid {
                         input: "mask",
                         rule: "a smoothed-Bessel variance with count_eps = 0 needs a count other than 1",
                     });
                 }
-                F::one() / d * (we / (we - F::one()))
+                F::one() / d * F::of(we / (we - 1.0))
             }
         })
     }

@@ -1,7 +1,686 @@
-//! Hostile inputs for the `policy` family (fuzz target `fuzz/fuzz_targets/policy.rs`).
+//! Hostile inputs for the `policy` family (fuzz target `fuzz/fuzz_targets/policy.rs`):
+//! verl's token-level policy losses (every mode of the registry, with IS
+//! weights, every aggregation mode and global normalizer), OpenRLHF's clipped
+//! PPO/GSPO loss (dual clip, vLLM IS corrections) and TRL's GRPO family
+//! (every loss type and IS level, KL, entropy mask and bonus, vLLM IS ratio).
+//!
+//! Each op goes through [`contract`]: raw hostile values must not panic;
+//! finite values give finite outputs in `f64` and (with realistic magnitudes)
+//! in `f32`; masked positions holding NaN/±inf change nothing bit for bit;
+//! the closed-form gradient matches central finite differences.
+
+use super::aggregate::{cast, expect_err, finite_only, global_norm, tame, wide};
+use super::{assert_finite, assert_same_bits, check_gradient, decode, fill_masked};
+use super::{dims, float, floats, log_probs, mask, maybe_wrong_len};
+use arbitrary::{Result as ArbResult, Unstructured};
+use posttrain_core::aggregate::{AggMode, GlobalNorm};
+use posttrain_core::policy::grpo::{
+    grpo_loss, AdaptiveEntropy, EntropyBonus, GrpoConfig, GrpoInputs, GrpoLossType,
+    ImportanceSamplingLevel, TokenOrRow,
+};
+use posttrain_core::policy::ppo::{
+    clipped_policy_loss, ClippedPolicyLoss, RatioLevel, RolloutIsCorrection, RolloutIsKind,
+};
+use posttrain_core::policy::token::{
+    policy_loss, PolicyBatch, PolicyLoss, PolicyLossMode, VerlPolicyParams,
+};
+use posttrain_core::policy::ClipConfig;
+use posttrain_core::{Dims, Error, Real};
 
 /// Decodes `data` into calls of this family's ops and checks the contract
 /// of the [module docs](super).
 pub fn run(data: &[u8]) {
-    let _ = data;
+    let _ = decode(data, |u| match u.int_in_range(0..=2u8)? {
+        0 => verl_policy(u),
+        1 => openrlhf_policy(u),
+        _ => grpo(u),
+    });
+}
+
+// ---------------------------------------------------------------------------
+// The shared contract.
+// ---------------------------------------------------------------------------
+
+/// An op evaluated on `f64` inputs (in some precision), flat outputs.
+pub(crate) type OpFn<'a> = dyn Fn(&[Vec<f64>]) -> Result<Vec<f64>, Error> + 'a;
+
+/// One op under test: its inputs are `Vec<f64>`s (log-probs first), its
+/// outputs one flat `Vec<f64>` whose element 0 is the scalar loss.
+pub(crate) struct Op<'a> {
+    pub what: &'static str,
+    pub f64: &'a OpFn<'a>,
+    pub f32: &'a OpFn<'a>,
+    /// Per input: the mask whose `false` positions are poisoned (None: the
+    /// input is never padding).
+    pub masks: Vec<Option<&'a [bool]>>,
+    /// Per input: the `f32` magnitude bound (log-probs: 30, others: 10).
+    pub f32_lim: Vec<f64>,
+    /// Output indices that legitimately read padding (peer semantics).
+    pub read_padding: Vec<usize>,
+    /// `(input, offset)`: `∂out[0]/∂input[k] = out[offset + k]`.
+    pub grads: Vec<(usize, usize)>,
+    /// Whether the masked-invariance check applies at all.
+    pub masked_check: bool,
+}
+
+pub(crate) fn contract(op: &Op, raw: &[Vec<f64>]) {
+    let _ = (op.f64)(raw);
+    let _ = (op.f32)(raw);
+    let fin: Vec<Vec<f64>> = raw.iter().map(|x| finite_only(x)).collect();
+    let a = match (op.f64)(&fin) {
+        Ok(a) => a,
+        Err(e) => panic!("{}: finite input gave {e:?}", op.what),
+    };
+    assert_finite(op.what, &a);
+    let x32: Vec<Vec<f64>> = fin
+        .iter()
+        .zip(&op.f32_lim)
+        .map(|(x, &l)| tame(x, l))
+        .collect();
+    match (op.f32)(&x32) {
+        Ok(v) => assert_finite(&format!("{} f32", op.what), &v),
+        Err(e) => panic!("{} f32: finite input gave {e:?}", op.what),
+    }
+    if op.masked_check {
+        let fill = |p: bool| -> Vec<Vec<f64>> {
+            fin.iter()
+                .zip(&op.masks)
+                .map(|(x, m)| match m {
+                    Some(m) => fill_masked(x, m, p),
+                    None => x.clone(),
+                })
+                .collect()
+        };
+        let keep = |v: Vec<f64>| -> Vec<f64> {
+            v.into_iter()
+                .enumerate()
+                .filter(|(i, _)| !op.read_padding.contains(i))
+                .map(|(_, x)| x)
+                .collect()
+        };
+        let z = keep((op.f64)(&fill(false)).unwrap());
+        let p = keep((op.f64)(&fill(true)).unwrap());
+        assert_same_bits(&format!("{} masked", op.what), &z, &p);
+    }
+    let small: Vec<Vec<f64>> = fin.iter().map(|x| fd_point(x, 5.0)).collect();
+    let g = (op.f64)(&small).unwrap();
+    if g[0].is_nan() || g[0].abs() >= 1e8 {
+        return; // a huge loss swamps the finite differences
+    }
+    for &(k, off) in &op.grads {
+        let n = small[k].len();
+        let value = |y: &[f64]| {
+            let mut z = small.clone();
+            z[k] = y.to_vec();
+            (op.f64)(&z).ok().map(|o| o[0])
+        };
+        check_gradient(
+            &format!("{} ∂input{k}", op.what),
+            &value,
+            &small[k],
+            &g[off..off + n],
+            &[0, n / 3, n / 2, n.saturating_sub(1)],
+        );
+    }
+}
+
+fn is_out_of_range(e: &Error) -> bool {
+    matches!(e, Error::OutOfRange { .. })
+}
+
+fn is_shape(e: &Error) -> bool {
+    matches!(e, Error::ShapeMismatch { .. })
+}
+
+/// A clip epsilon: usually in [0, 1), sometimes hostile.
+fn eps(u: &mut Unstructured) -> ArbResult<f64> {
+    Ok(if u.int_in_range(0..=7u8)? == 0 {
+        float(u, 1.0, true)?
+    } else {
+        float(u, 1.0, false)?.abs().min(0.99)
+    })
+}
+
+// ---------------------------------------------------------------------------
+// verl token-level policy losses.
+// ---------------------------------------------------------------------------
+
+fn verl_params(u: &mut Unstructured) -> ArbResult<VerlPolicyParams> {
+    let mut p = VerlPolicyParams::default();
+    if u.arbitrary()? {
+        p.clip_ratio = eps(u)?;
+    }
+    if u.arbitrary()? {
+        p.clip_ratio_low = Some(eps(u)?);
+    }
+    if u.arbitrary()? {
+        p.clip_ratio_high = Some(eps(u)?);
+    }
+    if u.arbitrary()? {
+        p.clip_ratio_c = 1.0 + rare(u, 5.0)?;
+    }
+    if u.arbitrary()? {
+        p.tau_pos = float(u, 2.0, true)?;
+        p.tau_neg = float(u, 2.0, true)?;
+    }
+    if u.arbitrary()? {
+        p.clip_cov_ratio = float(u, 0.5, true)?;
+        p.clip_cov_lb = float(u, 5.0, true)?;
+        p.clip_cov_ub = float(u, 5.0, true)?;
+    }
+    if u.arbitrary()? {
+        p.kl_cov_ratio = float(u, 0.5, true)?;
+        p.ppo_kl_coef = float(u, 1.0, true)?;
+    }
+    if u.arbitrary()? {
+        p.dro_beta = Some(float(u, 2.0, true)?);
+    }
+    Ok(p)
+}
+
+fn policy_call<F: Real>(
+    loss: &PolicyLoss,
+    agg: AggMode,
+    norm: &GlobalNorm,
+    d: Dims,
+    m: &[bool],
+    with_is: bool,
+    x: &[Vec<f64>],
+) -> Result<Vec<f64>, Error> {
+    let (lp, old, adv, w) = (
+        cast::<F>(&x[0]),
+        cast::<F>(&x[1]),
+        cast::<F>(&x[2]),
+        cast::<F>(&x[3]),
+    );
+    let batch = PolicyBatch {
+        dims: d,
+        log_prob: &lp,
+        old_log_prob: &old,
+        advantages: &adv,
+        mask: m,
+        is_weights: with_is.then_some(&w[..]),
+    };
+    let mut scratch = vec![F::zero(); PolicyLoss::scratch_len(d)];
+    let mut g = vec![F::zero(); lp.len()];
+    let o = policy_loss(
+        loss,
+        agg,
+        norm,
+        &batch,
+        &mut scratch,
+        Some((F::one(), &mut g)),
+    )?;
+    let mut out = wide(&[o.loss, o.clipfrac, o.clipfrac_lower, o.approx_kl]);
+    out.extend(wide(&g));
+    Ok(out)
+}
+
+fn verl_policy(u: &mut Unstructured) -> ArbResult<()> {
+    let mode = *u.choose(&PolicyLossMode::ALL)?;
+    let name = *u.choose(&[mode.name(), "ppo", "grpo", "Vanilla"])?;
+    if let Err(e) = name.parse::<PolicyLossMode>() {
+        assert!(matches!(e, Error::UnknownOption { .. }), "{e:?}");
+    }
+    let p = verl_params(u)?;
+    let loss = if u.int_in_range(0..=5u8)? == 0 {
+        // A hand-built PPO config, possibly out of range.
+        let c = ClipConfig {
+            eps_low: eps(u)?,
+            eps_high: eps(u)?,
+            dual_clip: if u.arbitrary()? {
+                Some(float(u, 4.0, true)?)
+            } else {
+                None
+            },
+            log_ratio_clamp: if u.arbitrary()? {
+                Some(float(u, 30.0, true)?)
+            } else {
+                None
+            },
+        };
+        let ok = c.eps_low.is_finite()
+            && c.eps_low >= 0.0
+            && c.eps_high.is_finite()
+            && c.eps_high >= 0.0
+            && c.dual_clip.is_none_or(|c| c.is_finite() && c > 1.0)
+            && c.log_ratio_clamp.is_none_or(|k| k.is_finite() && k > 0.0);
+        let l = PolicyLoss::Ppo(c);
+        match l.validate() {
+            Ok(()) => assert!(ok, "invalid clip config accepted: {c:?}"),
+            Err(e) => {
+                assert!(!ok && is_out_of_range(&e), "{e:?}");
+            }
+        }
+        if !ok {
+            return Ok(());
+        }
+        l
+    } else {
+        match PolicyLoss::from_verl(mode, &p) {
+            Ok(l) => l,
+            Err(e) => {
+                assert!(
+                    is_out_of_range(&e) || matches!(e, Error::Invalid { .. }),
+                    "{e:?}"
+                );
+                return Ok(());
+            }
+        }
+    };
+    let agg = *u.choose(&AggMode::ALL)?;
+    let (norm, nok) = global_norm(u)?;
+    let d = dims(u)?;
+    let n = d.len();
+    let (na, bad) = maybe_wrong_len(u, n)?;
+    let with_is: bool = u.arbitrary()?;
+    let raw = vec![
+        floats(u, n, 30.0, false)?,
+        floats(u, n, 30.0, false)?,
+        floats(u, na, 5.0, false)?,
+        floats(u, n, 2.0, false)?.iter().map(|v| v.abs()).collect(),
+    ];
+    let m = mask(u, n)?;
+    let f64c = |x: &[Vec<f64>]| policy_call::<f64>(&loss, agg, &norm, d, &m, with_is, x);
+    let f32c = |x: &[Vec<f64>]| policy_call::<f32>(&loss, agg, &norm, d, &m, with_is, x);
+    if bad || !nok {
+        expect_err("policy_loss malformed", f64c(&raw), |e| {
+            bad && is_shape(e) || !nok && is_out_of_range(e)
+        });
+        return Ok(());
+    }
+    let mut fin_lp = raw.clone();
+    fin_lp[0] = finite_only(&raw[0]).iter().map(|v| -v.abs()).collect();
+    fin_lp[1] = log_probs(u, n)?;
+    let op = Op {
+        what: "verl policy_loss",
+        f64: &f64c,
+        f32: &f32c,
+        masks: vec![Some(&m); 4],
+        f32_lim: vec![30.0, 30.0, 10.0, 10.0],
+        read_padding: vec![],
+        // Modes whose value holds detached factors (straight-through GSPO,
+        // clip-cov/DPPO's detached tokens and ratios, CISPO's detached
+        // weight, KL-cov's selection) have a gradient that is by design not
+        // the derivative of the value: no finite-difference check there.
+        grads: if matches!(
+            loss,
+            PolicyLoss::Ppo(_)
+                | PolicyLoss::LogProb
+                | PolicyLoss::SoftGate { .. }
+                | PolicyLoss::QuadraticPenalty { .. }
+                | PolicyLoss::GeometricMean { .. }
+        ) {
+            vec![(0, 4)]
+        } else {
+            vec![]
+        },
+        masked_check: true,
+    };
+    let _ = f64c(&raw);
+    contract(&op, &fin_lp);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// OpenRLHF clipped PPO / GSPO.
+// ---------------------------------------------------------------------------
+
+#[allow(clippy::too_many_arguments)]
+fn openrlhf_call<F: Real>(
+    cfg: &ClippedPolicyLoss,
+    norm: &GlobalNorm,
+    d: Dims,
+    m: &[bool],
+    with_rollout: bool,
+    x: &[Vec<f64>],
+) -> Result<Vec<f64>, Error> {
+    let (lp, old, adv, r) = (
+        cast::<F>(&x[0]),
+        cast::<F>(&x[1]),
+        cast::<F>(&x[2]),
+        cast::<F>(&x[3]),
+    );
+    let batch = PolicyBatch {
+        dims: d,
+        log_prob: &lp,
+        old_log_prob: &old,
+        advantages: &adv,
+        mask: m,
+        is_weights: None,
+    };
+    let mut scratch = vec![F::zero(); ClippedPolicyLoss::scratch_len(d)];
+    let mut g = vec![F::zero(); lp.len()];
+    let o = clipped_policy_loss(
+        cfg,
+        norm,
+        &batch,
+        with_rollout.then_some(&r[..]),
+        &mut scratch,
+        Some((F::one(), &mut g)),
+    )?;
+    let mut out = wide(&[
+        o.loss,
+        o.clip_ratio,
+        o.approx_kl,
+        o.rollout_kl.unwrap_or(F::zero()),
+    ]);
+    out.extend(wide(&g));
+    Ok(out)
+}
+
+fn openrlhf_policy(u: &mut Unstructured) -> ArbResult<()> {
+    let (lo, hi) = (eps(u)?, eps(u)?);
+    let dual = if u.arbitrary()? {
+        Some(1.0 + rare(u, 4.0)?)
+    } else {
+        None
+    };
+    let ratio = *u.choose(&[RatioLevel::Token, RatioLevel::Sequence])?;
+    let token_level: bool = u.arbitrary()?;
+    let correction = if u.arbitrary()? {
+        let kind = *u.choose(&[
+            RolloutIsKind::Truncate,
+            RolloutIsKind::TokenMask,
+            RolloutIsKind::SequenceMask,
+        ])?;
+        let name = *u.choose(&["tis", "icepop", "seq-mask-tis", "is"])?;
+        if let Err(e) = name.parse::<RolloutIsKind>() {
+            assert!(matches!(e, Error::UnknownOption { .. }));
+        }
+        let low = rare(u, 1.0)?.abs();
+        let high = low + rare(u, 5.0)?;
+        Some(RolloutIsCorrection { kind, low, high })
+    } else {
+        None
+    };
+    let cfg = ClippedPolicyLoss::openrlhf(lo, hi, dual, ratio, token_level, correction);
+    let cfg = match cfg {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(is_out_of_range(&e), "{e:?}");
+            return Ok(());
+        }
+    };
+    let (norm, nok) = global_norm(u)?;
+    let d = dims(u)?;
+    let n = d.len();
+    let (na, bad) = maybe_wrong_len(u, n)?;
+    let with_rollout: bool = u.arbitrary()?;
+    let m = mask(u, n)?;
+    let raw = vec![
+        floats(u, n, 30.0, false)?,
+        floats(u, n, 30.0, false)?,
+        floats(u, na, 5.0, false)?,
+        floats(u, n, 30.0, false)?,
+    ];
+    let f64c = |x: &[Vec<f64>]| openrlhf_call::<f64>(&cfg, &norm, d, &m, with_rollout, x);
+    let f32c = |x: &[Vec<f64>]| openrlhf_call::<f32>(&cfg, &norm, d, &m, with_rollout, x);
+    let missing = correction.is_some() && !with_rollout;
+    if bad || !nok || missing {
+        expect_err("clipped_policy_loss malformed", f64c(&raw), |e| {
+            bad && is_shape(e)
+                || !nok && is_out_of_range(e)
+                || missing && matches!(e, Error::Invalid { .. })
+        });
+        return Ok(());
+    }
+    let _ = f64c(&raw);
+    let mut x = raw.clone();
+    x[0] = finite_only(&raw[0]).iter().map(|v| -v.abs()).collect();
+    x[1] = log_probs(u, n)?;
+    x[3] = log_probs(u, n)?;
+    let op = Op {
+        what: "openrlhf clipped_policy_loss",
+        f64: &f64c,
+        f32: &f32c,
+        masks: vec![Some(&m); 4],
+        f32_lim: vec![30.0, 30.0, 10.0, 30.0],
+        read_padding: vec![],
+        grads: vec![(0, 4)],
+        masked_check: true,
+    };
+    contract(&op, &x);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// TRL GRPO family.
+// ---------------------------------------------------------------------------
+
+struct GrpoCase {
+    cfg: GrpoConfig,
+    d: Dims,
+    m: Vec<bool>,
+    with_old: bool,
+    with_ref: bool,
+    with_sampling: bool,
+    is_ratio: Option<bool>, // Some(per_token)
+}
+
+fn grpo_call<F: Real>(c: &GrpoCase, x: &[Vec<f64>]) -> Result<Vec<f64>, Error> {
+    let v: Vec<Vec<F>> = x.iter().map(|x| cast::<F>(x)).collect();
+    let mut inp = GrpoInputs::new(c.d, &v[0], &v[1], &c.m, &v[2]);
+    if c.with_old {
+        inp = inp.old_log_probs(&v[3]);
+    }
+    if c.with_ref {
+        inp = inp.ref_log_probs(&v[4]);
+    }
+    if c.with_sampling {
+        inp = inp.sampling_log_probs(&v[5]);
+    }
+    match c.is_ratio {
+        Some(true) => inp = inp.importance_sampling_ratio(TokenOrRow::Token(&v[6])),
+        Some(false) => inp = inp.importance_sampling_ratio(TokenOrRow::Row(&v[7])),
+        None => {}
+    }
+    let n = c.d.len();
+    let mut gl = vec![F::zero(); n];
+    let mut ge = vec![F::zero(); n];
+    let mut scratch = vec![F::zero(); n];
+    let o = grpo_loss(&c.cfg, &inp, Some(&mut gl), Some(&mut ge), &mut scratch)?;
+    let mut out = wide(&[
+        o.loss,
+        o.policy_loss,
+        o.entropy,
+        o.kl,
+        o.clip.low_mean,
+        o.clip.high_mean,
+        o.clip.region_mean,
+        o.clip.low_min,
+        o.clip.high_max,
+        o.cispo_clip_ratio,
+        o.vespo_phi_seq_mean,
+        o.entropy_coef,
+        o.world_entropy,
+    ]);
+    out.extend(wide(&gl));
+    out.extend(wide(&ge));
+    Ok(out)
+}
+
+fn grpo(u: &mut Unstructured) -> ArbResult<()> {
+    let lt = *u.choose(&GrpoLossType::ALL)?;
+    let name = *u.choose(&[lt.name(), "gspo", "drgrpo"])?;
+    if let Err(e) = name.parse::<GrpoLossType>() {
+        assert!(matches!(e, Error::UnknownOption { .. }));
+    }
+    let mut cfg = GrpoConfig::trl(lt);
+    cfg.level = *u.choose(&[
+        ImportanceSamplingLevel::Token,
+        ImportanceSamplingLevel::Sequence,
+        ImportanceSamplingLevel::SequenceToken,
+    ])?;
+    cfg.eps_low = eps(u)?;
+    cfg.eps_high = eps(u)?;
+    if u.arbitrary()? {
+        cfg.delta = Some(1.0 + rare(u, 3.0)?);
+    }
+    if u.arbitrary()? {
+        cfg.beta = rare(u, 0.5)?.abs();
+        cfg.bias_correction_kl = u.arbitrary()?;
+    }
+    if u.arbitrary()? {
+        cfg.top_entropy_quantile = rare(u, 1.0)?.abs();
+    }
+    cfg.vllm_is_correction = u.arbitrary()?;
+    if u.arbitrary()? {
+        cfg.off_policy_mask_threshold = Some(rare(u, 2.0)?);
+    }
+    if u.arbitrary()? {
+        cfg.sapo_temperature_pos = float(u, 2.0, true)?.abs();
+        cfg.sapo_temperature_neg = float(u, 2.0, true)?.abs();
+    }
+    if u.arbitrary()? {
+        cfg.vespo.k_pos = float(u, 4.0, true)?;
+        cfg.vespo.lambda_neg = float(u, 4.0, true)?;
+    }
+    if u.arbitrary()? {
+        cfg.norm.max_completion_length = *u.choose(&[1.0, 4.0, 256.0, 0.0, f64::NAN])?;
+        cfg.norm.num_items_in_batch = *u.choose(&[0.0, 1.0, 7.0, 100.0, -1.0, f64::INFINITY])?;
+        cfg.norm.num_processes = *u.choose(&[1.0, 2.0, 8.0, 0.5])?;
+        cfg.norm.gradient_accumulation_steps = *u.choose(&[1.0, 4.0, 0.0])?;
+        cfg.norm.train = u.arbitrary()?;
+    }
+    if u.arbitrary()? {
+        let adaptive = if u.arbitrary()? {
+            Some(AdaptiveEntropy {
+                target: float(u, 2.0, false)?,
+                coef_min: 0.0,
+                coef_max: float(u, 1.0, false)?.abs(),
+                coef_delta: float(u, 0.1, false)?.abs(),
+                last_world_entropy: float(u, 3.0, true)?,
+            })
+        } else {
+            None
+        };
+        cfg.entropy_bonus = Some(EntropyBonus {
+            coef: rare(u, 0.1)?,
+            adaptive,
+        });
+    }
+    cfg.log_ratio_clamp = match u.int_in_range(0..=7u8)? {
+        0 => None,
+        1 => Some(float(u, 30.0, true)?),
+        _ => Some(20.0),
+    };
+    let valid = cfg.validate();
+    let d = dims(u)?;
+    let n = d.len();
+    let (na, bad) = maybe_wrong_len(u, d.batch)?;
+    let case = GrpoCase {
+        cfg,
+        d,
+        m: mask(u, n)?,
+        with_old: u.arbitrary()?,
+        with_ref: u.arbitrary()?,
+        with_sampling: u.arbitrary()?,
+        is_ratio: if u.arbitrary()? {
+            Some(u.arbitrary()?)
+        } else {
+            None
+        },
+    };
+    let raw = vec![
+        floats(u, n, 30.0, false)?,                                  // 0 log-probs
+        floats(u, n, 3.0, false)?,                                   // 1 entropies
+        floats(u, na, 3.0, false)?,                                  // 2 advantages (per row)
+        floats(u, n, 30.0, false)?,                                  // 3 old
+        floats(u, n, 30.0, false)?,                                  // 4 ref
+        floats(u, n, 30.0, false)?,                                  // 5 sampling
+        floats(u, n, 2.0, false)?.iter().map(|v| v.abs()).collect(), // 6 IS ratio per token
+        floats(u, d.batch, 2.0, false)?
+            .iter()
+            .map(|v| v.abs())
+            .collect(), // 7 per row
+    ];
+    let f64c = |x: &[Vec<f64>]| grpo_call::<f64>(&case, x);
+    let f32c = |x: &[Vec<f64>]| grpo_call::<f32>(&case, x);
+    if let Err(e) = valid {
+        assert!(is_out_of_range(&e), "{e:?}");
+        expect_err("grpo config", f64c(&raw), is_out_of_range);
+        return Ok(());
+    }
+    if bad {
+        expect_err("grpo length", f64c(&raw), is_shape);
+        return Ok(());
+    }
+    let needs_ref = case.cfg.beta != 0.0 && !case.with_ref;
+    let needs_is =
+        case.cfg.vllm_is_correction && lt != GrpoLossType::Vespo && case.is_ratio.is_none();
+    if needs_ref || needs_is {
+        expect_err("grpo missing input", f64c(&raw), |e| {
+            matches!(e, Error::Invalid { .. })
+        });
+        return Ok(());
+    }
+    let _ = f64c(&raw);
+    let mut x = raw.clone();
+    x[0] = finite_only(&raw[0]).iter().map(|v| -v.abs()).collect();
+    x[3] = log_probs(u, n)?;
+    x[4] = log_probs(u, n)?;
+    x[5] = log_probs(u, n)?;
+    let m = &case.m[..];
+    // TRL's luspo weighs every (B, T) entry, padding included (documented in
+    // `policy::grpo`): no masked-invariance check for it.
+    let luspo_token = lt == GrpoLossType::Luspo;
+    let unclamped = case.cfg.log_ratio_clamp.is_none();
+    let op = Op {
+        what: "trl grpo_loss",
+        f64: &f64c,
+        f32: &f32c,
+        masks: vec![
+            Some(m),
+            Some(m),
+            None,
+            Some(m),
+            Some(m),
+            Some(m),
+            Some(m),
+            None,
+        ],
+        f32_lim: vec![30.0, 10.0, 10.0, 30.0, 30.0, 30.0, 10.0, 10.0],
+        read_padding: vec![],
+        // CISPO's weight and VESPO's φ are detached, and `sequence_token`
+        // is straight-through: their value is not the gradient's primitive.
+        // Without old log-probs TRL's ratio is `exp(logp − sg(logp))`: value
+        // 1, gradient 1.
+        grads: if lt == GrpoLossType::Cispo
+            || lt == GrpoLossType::Vespo
+            || case.cfg.level == ImportanceSamplingLevel::SequenceToken
+            || !case.with_old
+        {
+            vec![(1, 13 + n)]
+        } else {
+            vec![(0, 13), (1, 13 + n)]
+        },
+        masked_check: !luspo_token,
+    };
+    if unclamped {
+        // No log-ratio clamp (TRL's own numbers): finite only while the
+        // ratios are representable.
+        let x: Vec<Vec<f64>> = x.iter().map(|v| tame(v, 30.0)).collect();
+        contract(&op, &x);
+    } else {
+        contract(&op, &x);
+    }
+    Ok(())
+}
+
+/// A float in `[-scale, scale]`, one time in eight a hostile one.
+fn rare(u: &mut Unstructured, scale: f64) -> ArbResult<f64> {
+    let hostile = u.int_in_range(0..=7u8)? == 0;
+    float(u, scale, hostile)
+}
+
+/// A smooth, tie-free copy of `x` within about `±lim` for finite-difference
+/// probes: `lim·tanh(x/lim)` plus a small per-index offset (ties would put
+/// selections — quantiles, maxima — exactly on a kink).
+pub(crate) fn fd_point(x: &[f64], lim: f64) -> Vec<f64> {
+    finite_only(x)
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| lim * (v / lim).tanh() + 1e-3 * ((i * 7919) % 101) as f64 / 101.0)
+        .collect()
 }

@@ -279,6 +279,7 @@ pub fn clipped_policy_loss<F: Real>(
     scratch: &mut [F],
     vjp: Option<(F, &mut [F])>,
 ) -> Result<ClippedPolicyLossOutput<F>, Error> {
+    norm.validate()?;
     batch.check()?;
     let dims = batch.dims;
     let n = dims.len();
