@@ -21,19 +21,29 @@ use posttrain_core::policy::grpo::{
 use posttrain_core::policy::ppo::{
     clipped_policy_loss, ClippedPolicyLoss, RatioLevel, RolloutIsCorrection, RolloutIsKind,
 };
+use posttrain_core::policy::sequence_mean::{
+    completion_clipped_loss, on_policy_loss, token_clipped_loss, SequenceMeanConfig,
+    TokenCountGuard,
+};
 use posttrain_core::policy::token::{
     policy_loss, PolicyBatch, PolicyLoss, PolicyLossMode, VerlPolicyParams,
 };
 use posttrain_core::policy::ClipConfig;
+use posttrain_core::sequence::{
+    high_entropy_mask, off_policy_sequence_mask, pf_ppo_sampling_weights, quantile,
+    response_mask_from_eos, PfPpoReweight,
+};
 use posttrain_core::{Dims, Error, Real};
 
 /// Decodes `data` into calls of this family's ops and checks the contract
 /// of the [module docs](super).
 pub fn run(data: &[u8]) {
-    let _ = decode(data, |u| match u.int_in_range(0..=2u8)? {
+    let _ = decode(data, |u| match u.int_in_range(0..=4u8)? {
         0 => verl_policy(u),
         1 => openrlhf_policy(u),
-        _ => grpo(u),
+        2 => grpo(u),
+        3 => sequence_mean(u),
+        _ => sequence_helpers(u),
     });
 }
 
@@ -683,4 +693,237 @@ pub(crate) fn fd_point(x: &[f64], lim: f64) -> Vec<f64> {
         .enumerate()
         .map(|(i, &v)| lim * (v / lim).tanh() + 1e-3 * ((i * 7919) % 101) as f64 / 101.0)
         .collect()
+}
+
+// ---------------------------------------------------------------------------
+// torchtune per-sequence-mean losses.
+// ---------------------------------------------------------------------------
+
+#[allow(clippy::too_many_arguments)]
+fn seq_mean_call<F: Real>(
+    which: u8,
+    cfg: &SequenceMeanConfig,
+    guard: TokenCountGuard,
+    d: Dims,
+    m: Option<&[bool]>,
+    x: &[Vec<f64>],
+) -> Result<Vec<f64>, Error> {
+    let (lp, old, rf, adv) = (
+        cast::<F>(&x[0]),
+        cast::<F>(&x[1]),
+        cast::<F>(&x[2]),
+        cast::<F>(&x[3]),
+    );
+    let mut g = vec![F::zero(); lp.len()];
+    let o = match which {
+        0 => token_clipped_loss(cfg, d, &old, &lp, &rf, &adv, m, Some(&mut g))?,
+        1 => completion_clipped_loss(cfg, d, &old, &lp, &rf, &adv, m, Some(&mut g))?,
+        _ => on_policy_loss(cfg, guard, d, &lp, &rf, &adv, m, Some(&mut g))?,
+    };
+    let mut out = wide(&[o.loss, o.policy_loss, o.kl_loss, o.ratio_mean, o.clipfrac]);
+    out.extend(wide(&g));
+    Ok(out)
+}
+
+fn sequence_mean(u: &mut Unstructured) -> ArbResult<()> {
+    let which = u.int_in_range(0..=2u8)?;
+    let cfg = if u.arbitrary()? {
+        Ok(SequenceMeanConfig::preset(
+            posttrain_core::Preset::Torchtune,
+        ))
+    } else {
+        // Finite KL coefficients within ±1e3 (so that f32 stays finite),
+        // non-finite ones as they come (they must be rejected).
+        let k = rare(u, 1.0)?;
+        SequenceMeanConfig::new(eps(u)?, if k.is_finite() { k.clamp(-1e3, 1e3) } else { k })
+    };
+    let guard = match u.int_in_range(0..=3u8)? {
+        0 => TokenCountGuard::TORCHTUNE_SIMPLE,
+        1 => TokenCountGuard::TORCHTUNE_CHUNKED,
+        2 => TokenCountGuard::Add(rare(u, 1.0)?),
+        _ => TokenCountGuard::AtLeast(rare(u, 1.0)?),
+    };
+    let d = dims(u)?;
+    let n = d.len();
+    let (na, bad) = maybe_wrong_len(u, d.batch)?;
+    let m = mask(u, n)?;
+    let m = u.arbitrary::<bool>()?.then_some(&m[..]);
+    let raw = vec![
+        floats(u, n, 30.0, false)?,
+        floats(u, n, 30.0, false)?,
+        floats(u, n, 30.0, false)?,
+        floats(u, na, 5.0, false)?,
+    ];
+    let cfg = match cfg {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(is_out_of_range(&e), "{e:?}");
+            return Ok(());
+        }
+    };
+    let (TokenCountGuard::Add(ge) | TokenCountGuard::AtLeast(ge)) = guard;
+    let guard_ok = which != 2 || ge.is_finite() && ge > 0.0;
+    let f64c = |x: &[Vec<f64>]| seq_mean_call::<f64>(which, &cfg, guard, d, m, x);
+    let f32c = |x: &[Vec<f64>]| seq_mean_call::<f32>(which, &cfg, guard, d, m, x);
+    if bad || !guard_ok {
+        expect_err("sequence-mean malformed", f64c(&raw), |e| {
+            bad && is_shape(e)
+                || !guard_ok && is_out_of_range(e)
+                || d.batch == 0 && matches!(e, Error::Empty { .. })
+        });
+        return Ok(());
+    }
+    let _ = f64c(&raw);
+    let r = f64c(&raw.iter().map(|x| finite_only(x)).collect::<Vec<_>>());
+    if n == 0 {
+        // Whole-batch means of nothing: a typed error or finite numbers.
+        if let Ok(v) = r {
+            assert_finite("sequence-mean empty", &v);
+        }
+        return Ok(());
+    }
+    let mut x = raw.clone();
+    x[0] = finite_only(&raw[0]).iter().map(|v| -v.abs()).collect();
+    x[1] = log_probs(u, n)?;
+    x[2] = log_probs(u, n)?;
+    let mm = m.unwrap_or(&[]);
+    let masks = match m {
+        Some(_) => vec![Some(mm), Some(mm), Some(mm), None],
+        None => vec![None; 4],
+    };
+    let op = Op {
+        what: "torchtune sequence-mean loss",
+        f64: &f64c,
+        f32: &f32c,
+        masks,
+        f32_lim: vec![30.0, 30.0, 30.0, 10.0],
+        // ratio_mean averages every position (torchtune `ratios.mean()`).
+        read_padding: vec![3],
+        // The on-policy form's ratio is `exp(logp − sg(logp))` (value 1).
+        grads: if which == 2 { vec![] } else { vec![(0, 5)] },
+        masked_check: true,
+    };
+    contract(&op, &x);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Sequence helpers: EOS masks, quantiles, entropy / off-policy masks, PF-PPO.
+// ---------------------------------------------------------------------------
+
+fn sequence_helpers(u: &mut Unstructured) -> ArbResult<()> {
+    let d = dims(u)?;
+    let n = d.len();
+    match u.int_in_range(0..=4u8)? {
+        0 => {
+            let (ni, bad) = maybe_wrong_len(u, n)?;
+            let ids: Vec<i64> = (0..ni)
+                .map(|_| u.int_in_range(-2..=5))
+                .collect::<ArbResult<_>>()?;
+            let eos: Vec<i64> = (0..u.int_in_range(0..=3usize)?)
+                .map(|_| u.int_in_range(-2..=5))
+                .collect::<ArbResult<_>>()?;
+            let mut m = vec![false; n];
+            let r = response_mask_from_eos(d, &ids, &eos, &mut m);
+            if bad {
+                expect_err("eos mask length", r, is_shape);
+            }
+        }
+        1 => {
+            let q = rare(u, 1.0)?.abs();
+            let len = u.int_in_range(0..=20usize)?;
+            let mut v = floats(u, len, 10.0, false)?;
+            let r = quantile(&mut v, q);
+            if (0.0..=1.0).contains(&q) {
+                let r = r.expect("valid quantile");
+                let fin = finite_only(&v);
+                let mut fin2 = fin.clone();
+                if let Some(x) = quantile(&mut fin2, q).unwrap() {
+                    assert!(x.is_finite(), "quantile of finite values {x:e}");
+                    let (lo, hi) = fin
+                        .iter()
+                        .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                    assert!(
+                        lo <= x && x <= hi,
+                        "quantile {x:e} outside [{lo:e}, {hi:e}]"
+                    );
+                }
+                let _ = r;
+            } else {
+                expect_err("quantile q", r, is_out_of_range);
+            }
+        }
+        2 => {
+            let q = rare(u, 1.0)?.abs();
+            let (ne, bad) = maybe_wrong_len(u, n)?;
+            let e = floats(u, ne, 3.0, false)?;
+            let m = mask(u, n)?;
+            let mut out = vec![false; n];
+            let mut scratch = vec![0.0; n];
+            let r = high_entropy_mask(d, &e, &m, q, &mut out, &mut scratch);
+            if bad || !(0.0..=1.0).contains(&q) {
+                expect_err("high_entropy_mask", r, |e| {
+                    is_shape(e) || is_out_of_range(e)
+                });
+            } else {
+                let _ = r.unwrap();
+                assert!(
+                    out.iter().zip(&m).all(|(&o, &m)| m || !o),
+                    "masked token kept"
+                );
+            }
+        }
+        3 => {
+            let th = rare(u, 2.0)?;
+            let (na, bad) = maybe_wrong_len(u, d.batch)?;
+            let adv = floats(u, na, 3.0, false)?;
+            let lp = floats(u, n, 30.0, false)?;
+            let sp = floats(u, n, 30.0, false)?;
+            let m = mask(u, n)?;
+            let mut keep = vec![false; n];
+            let r = off_policy_sequence_mask(d, &adv, &lp, &sp, &m, th, &mut keep);
+            if bad {
+                expect_err("off_policy_sequence_mask", r, |e| {
+                    is_shape(e) || is_out_of_range(e)
+                });
+            } else if r.is_ok() {
+                // Masked padding changes nothing.
+                let mut k2 = vec![false; n];
+                let p = |x: &[f64]| fill_masked(&finite_only(x), &m, true);
+                let z = |x: &[f64]| fill_masked(&finite_only(x), &m, false);
+                off_policy_sequence_mask(d, &adv, &z(&lp), &z(&sp), &m, th, &mut keep).unwrap();
+                off_policy_sequence_mask(d, &adv, &p(&lp), &p(&sp), &m, th, &mut k2).unwrap();
+                assert_eq!(keep, k2, "off-policy mask read padding");
+            }
+        }
+        _ => {
+            let method = match u.int_in_range(0..=3u8)? {
+                0 => PfPpoReweight::parse("pow", rare(u, 4.0)?),
+                1 => PfPpoReweight::parse("max_min", 0.0),
+                2 => PfPpoReweight::parse("max_random", 0.0),
+                _ => PfPpoReweight::parse("min_max", 0.0),
+            };
+            let (ns, bad) = maybe_wrong_len(u, n)?;
+            let sc = floats(u, ns, 3.0, false)?;
+            let Ok(method) = method else {
+                return Ok(());
+            };
+            let mut w = vec![0.0; d.batch];
+            let r = pf_ppo_sampling_weights(method, d, &sc, &mut w);
+            if bad {
+                expect_err("pf_ppo length", r, is_shape);
+                return Ok(());
+            }
+            let bounded = match method {
+                PfPpoReweight::Pow(p) => (0.0..=4.0).contains(&p),
+                _ => true,
+            };
+            if bounded {
+                pf_ppo_sampling_weights(method, d, &tame(&sc, 1e3), &mut w).unwrap();
+                assert_finite("pf_ppo weights", &w);
+                assert!(w.iter().all(|&v| v > 0.0), "pf_ppo weight ≤ 0: {w:?}");
+            }
+        }
+    }
+    Ok(())
 }
