@@ -21,6 +21,11 @@ use posttrain_core::policy::grpo::{
 use posttrain_core::policy::ppo::{
     clipped_policy_loss, ClippedPolicyLoss, RatioLevel, RolloutIsCorrection, RolloutIsKind,
 };
+use posttrain_core::policy::rollout::{
+    bypass_policy_loss_vec, rollout_correction_and_rejection_vec, vllm_importance_sampling_ratio,
+    BypassConfig, BypassLoss, IsConfig, IsLevel, IsThreshold, RolloutCorrectionConfig, RsConfig,
+    VllmIsConfig, VllmIsMode,
+};
 use posttrain_core::policy::sequence_mean::{
     completion_clipped_loss, on_policy_loss, token_clipped_loss, SequenceMeanConfig,
     TokenCountGuard,
@@ -38,11 +43,12 @@ use posttrain_core::{Dims, Error, Real};
 /// Decodes `data` into calls of this family's ops and checks the contract
 /// of the [module docs](super).
 pub fn run(data: &[u8]) {
-    let _ = decode(data, |u| match u.int_in_range(0..=4u8)? {
+    let _ = decode(data, |u| match u.int_in_range(0..=5u8)? {
         0 => verl_policy(u),
         1 => openrlhf_policy(u),
         2 => grpo(u),
         3 => sequence_mean(u),
+        4 => rollout(u),
         _ => sequence_helpers(u),
     });
 }
@@ -180,7 +186,7 @@ fn verl_params(u: &mut Unstructured) -> ArbResult<VerlPolicyParams> {
     }
     if u.arbitrary()? {
         p.kl_cov_ratio = float(u, 0.5, true)?;
-        p.ppo_kl_coef = float(u, 1.0, true)?;
+        p.ppo_kl_coef = coefficient(float(u, 1.0, true)?);
     }
     if u.arbitrary()? {
         p.dro_beta = Some(float(u, 2.0, true)?);
@@ -528,7 +534,7 @@ fn grpo(u: &mut Unstructured) -> ArbResult<()> {
         cfg.delta = Some(1.0 + rare(u, 3.0)?);
     }
     if u.arbitrary()? {
-        cfg.beta = rare(u, 0.5)?.abs();
+        cfg.beta = coefficient(rare(u, 0.5)?.abs());
         cfg.bias_correction_kl = u.arbitrary()?;
     }
     if u.arbitrary()? {
@@ -566,7 +572,7 @@ fn grpo(u: &mut Unstructured) -> ArbResult<()> {
             None
         };
         cfg.entropy_bonus = Some(EntropyBonus {
-            coef: rare(u, 0.1)?,
+            coef: coefficient(rare(u, 0.1)?),
             adaptive,
         });
     }
@@ -926,4 +932,225 @@ fn sequence_helpers(u: &mut Unstructured) -> ArbResult<()> {
         }
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Rollout correction: IS weights, rejection, bypass loss, vLLM IS ratio.
+// ---------------------------------------------------------------------------
+
+const RS_NAMES: [&str; 6] = [
+    "token_k1",
+    "seq_sum_k2",
+    "seq_mean_k3",
+    "seq_max_k3",
+    "token_k3",
+    "seq_max_k1",
+];
+
+fn correction_config(u: &mut Unstructured) -> ArbResult<Result<RolloutCorrectionConfig, Error>> {
+    let is = if u.arbitrary()? {
+        let level = *u.choose(&[IsLevel::Token, IsLevel::Sequence])?;
+        let th = if u.arbitrary()? {
+            IsThreshold::truncate(rare(u, 4.0)?.abs() + 0.5)
+        } else {
+            let lo = rare(u, 1.0)?.abs();
+            IsThreshold::band(lo, lo + rare(u, 4.0)?)
+        };
+        match th.and_then(|t| IsConfig::new(level, t, u.arbitrary().unwrap_or(false))) {
+            Ok(c) => Some(c),
+            Err(e) => return Ok(Err(e)),
+        }
+    } else {
+        None
+    };
+    let rs = if u.arbitrary()? {
+        match RsConfig::parse_uniform(u.choose(&RS_NAMES)?, rare(u, 4.0)?.abs() + 0.1) {
+            Ok(c) => Some(c),
+            Err(e) => return Ok(Err(e)),
+        }
+    } else {
+        None
+    };
+    Ok(Ok(RolloutCorrectionConfig { is, rs }))
+}
+
+fn rollout(u: &mut Unstructured) -> ArbResult<()> {
+    let which = u.int_in_range(0..=2u8)?;
+    let d = dims(u)?;
+    let n = d.len();
+    let (nr, bad) = maybe_wrong_len(u, n)?;
+    let m = mask(u, n)?;
+    let raw = vec![
+        floats(u, n, 30.0, false)?,
+        floats(u, nr, 30.0, false)?,
+        floats(u, n, 5.0, false)?,
+    ];
+    let some_error = |e: &Error| {
+        matches!(
+            e,
+            Error::OutOfRange { .. } | Error::UnknownOption { .. } | Error::Invalid { .. }
+        )
+    };
+    match which {
+        0 => {
+            let mode = *u.choose(&[
+                VllmIsMode::TokenTruncate,
+                VllmIsMode::TokenMask,
+                VllmIsMode::SequenceTruncate,
+                VllmIsMode::SequenceMask,
+            ])?;
+            let lo = if u.arbitrary()? {
+                Some(rare(u, 1.0)?.abs())
+            } else {
+                None
+            };
+            let hi = if u.arbitrary()? {
+                Some(rare(u, 4.0)?)
+            } else {
+                None
+            };
+            let cfg = match VllmIsConfig::new(mode, lo, hi) {
+                Ok(c) => c,
+                Err(e) => {
+                    assert!(is_out_of_range(&e), "{e:?}");
+                    return Ok(());
+                }
+            };
+            let call = |x: &[Vec<f64>]| -> Result<Vec<f64>, Error> {
+                let seq = mode.is_sequence();
+                let mut r = vec![0.0; if seq { d.batch } else { n }];
+                let mt = vllm_importance_sampling_ratio(&cfg, d, &x[0], &x[1], &m, &mut r)?;
+                let mut out = vec![mt.ratio_mean, mt.ratio_min, mt.ratio_max];
+                if seq {
+                    out.extend(&r);
+                } else {
+                    out.extend((0..n).filter(|&i| m[i]).map(|i| r[i]));
+                }
+                Ok(out)
+            };
+            if bad {
+                expect_err("vllm IS length", call(&raw), is_shape);
+                return Ok(());
+            }
+            let _ = call(&raw);
+            let x: Vec<Vec<f64>> = vec![
+                finite_only(&raw[0]).iter().map(|v| -v.abs()).collect(),
+                log_probs(u, n)?,
+            ];
+            let a = call(&x).unwrap();
+            assert_finite("vllm IS ratio", &a);
+            let z = call(&[fill_masked(&x[0], &m, false), fill_masked(&x[1], &m, false)]).unwrap();
+            let p = call(&[fill_masked(&x[0], &m, true), fill_masked(&x[1], &m, true)]).unwrap();
+            assert_same_bits("vllm IS masked", &z, &p);
+        }
+        1 => {
+            let cfg = match correction_config(u)? {
+                Ok(c) => c,
+                Err(e) => {
+                    assert!(some_error(&e), "{e:?}");
+                    return Ok(());
+                }
+            };
+            let call = |x: &[Vec<f64>]| -> Result<Vec<f64>, Error> {
+                let (_, v) = rollout_correction_and_rejection_vec(&cfg, d, &x[0], &x[1], &m)?;
+                let mut out: Vec<f64> = (0..n).filter(|&i| m[i]).map(|i| v.weights[i]).collect();
+                out.extend(v.keep.iter().map(|&k| k as u8 as f64));
+                Ok(out)
+            };
+            if bad {
+                expect_err("rollout correction length", call(&raw), is_shape);
+                return Ok(());
+            }
+            let _ = call(&raw);
+            let x: Vec<Vec<f64>> = vec![
+                finite_only(&raw[0]).iter().map(|v| -v.abs()).collect(),
+                log_probs(u, n)?,
+            ];
+            let a = call(&x).unwrap();
+            assert_finite("rollout correction", &a);
+            let z = call(&[fill_masked(&x[0], &m, false), fill_masked(&x[1], &m, false)]).unwrap();
+            let p = call(&[fill_masked(&x[0], &m, true), fill_masked(&x[1], &m, true)]).unwrap();
+            assert_same_bits("rollout correction masked", &z, &p);
+        }
+        _ => {
+            let corr = match correction_config(u)? {
+                Ok(c) => c,
+                Err(e) => {
+                    assert!(some_error(&e), "{e:?}");
+                    return Ok(());
+                }
+            };
+            let agg = *u.choose(&AggMode::ALL)?;
+            let (norm, nok) = global_norm(u)?;
+            let cfg = if u.arbitrary()? {
+                BypassConfig::new(BypassLoss::Reinforce, corr, agg, norm)
+            } else {
+                BypassConfig::verl_ppo_clip(eps(u)?, eps(u)?, 1.0 + rare(u, 4.0)?, corr, agg, norm)
+            };
+            let cfg = match cfg {
+                Ok(c) => c,
+                Err(e) => {
+                    assert!(is_out_of_range(&e), "{e:?}");
+                    return Ok(());
+                }
+            };
+            let f = |x: &[Vec<f64>]| -> Result<Vec<f64>, Error> {
+                let (o, v) = bypass_policy_loss_vec(&cfg, d, &x[0], &x[1], &x[2], &m)?;
+                let mut out = vec![o.loss, o.ppo_kl];
+                out.extend(v.grad);
+                Ok(out)
+            };
+            let f32f = |x: &[Vec<f64>]| -> Result<Vec<f64>, Error> {
+                let (o, v) = bypass_policy_loss_vec(
+                    &cfg,
+                    d,
+                    &cast::<f32>(&x[0]),
+                    &cast::<f32>(&x[1]),
+                    &cast::<f32>(&x[2]),
+                    &m,
+                )?;
+                let mut out = wide(&[o.loss, o.ppo_kl]);
+                out.extend(wide(&v.grad));
+                Ok(out)
+            };
+            if bad || !nok {
+                expect_err("bypass malformed", f(&raw), |e| {
+                    bad && is_shape(e) || !nok && is_out_of_range(e)
+                });
+                return Ok(());
+            }
+            let _ = f(&raw);
+            let mut x = raw.clone();
+            x[0] = finite_only(&raw[0]).iter().map(|v| -v.abs()).collect();
+            x[1] = log_probs(u, n)?;
+            let op = Op {
+                what: "verl bypass_policy_loss",
+                f64: &f,
+                f32: &f32f,
+                masks: vec![Some(&m); 3],
+                f32_lim: vec![30.0, 30.0, 10.0],
+                read_padding: vec![],
+                // The IS weights and rejection are detached selections of the
+                // log-probs: the value is not the gradient's primitive there.
+                grads: if corr.is.is_none() && corr.rs.is_none() {
+                    vec![(0, 2)]
+                } else {
+                    vec![]
+                },
+                masked_check: true,
+            };
+            contract(&op, &x);
+        }
+    }
+    Ok(())
+}
+
+/// A loss coefficient as drawn, but with finite ones kept within ±1e3 (so
+/// that `f32` stays finite; non-finite ones must be rejected).
+fn coefficient(v: f64) -> f64 {
+    if v.is_finite() {
+        v.clamp(-1e3, 1e3)
+    } else {
+        v
+    }
 }
