@@ -15,8 +15,8 @@ use super::{dims, float, floats, log_probs, mask, maybe_wrong_len};
 use arbitrary::{Result as ArbResult, Unstructured};
 use posttrain_core::aggregate::{AggMode, GlobalNorm};
 use posttrain_core::policy::grpo::{
-    grpo_loss, AdaptiveEntropy, EntropyBonus, GrpoConfig, GrpoInputs, GrpoLossType,
-    ImportanceSamplingLevel, TokenOrRow,
+    gmpo_loss, grpo_loss, rloo_loss, AdaptiveEntropy, EntropyBonus, GmpoConfig, GrpoConfig,
+    GrpoInputs, GrpoLossType, ImportanceSamplingLevel, RlooConfig, TokenOrRow,
 };
 use posttrain_core::policy::ppo::{
     clipped_policy_loss, ClippedPolicyLoss, RatioLevel, RolloutIsCorrection, RolloutIsKind,
@@ -43,12 +43,13 @@ use posttrain_core::{Dims, Error, Real};
 /// Decodes `data` into calls of this family's ops and checks the contract
 /// of the [module docs](super).
 pub fn run(data: &[u8]) {
-    let _ = decode(data, |u| match u.int_in_range(0..=5u8)? {
+    let _ = decode(data, |u| match u.int_in_range(0..=6u8)? {
         0 => verl_policy(u),
         1 => openrlhf_policy(u),
         2 => grpo(u),
         3 => sequence_mean(u),
         4 => rollout(u),
+        5 => gmpo_rloo(u),
         _ => sequence_helpers(u),
     });
 }
@@ -120,7 +121,7 @@ pub(crate) fn contract(op: &Op, raw: &[Vec<f64>]) {
     }
     let small: Vec<Vec<f64>> = fin.iter().map(|x| fd_point(x, 5.0)).collect();
     let g = (op.f64)(&small).unwrap();
-    if g[0].is_nan() || g[0].abs() >= 1e8 {
+    if g[0].is_nan() || g[0].abs() >= 1e4 {
         return; // a huge loss swamps the finite differences
     }
     for &(k, off) in &op.grads {
@@ -1153,4 +1154,130 @@ fn coefficient(v: f64) -> f64 {
     } else {
         v
     }
+}
+
+// ---------------------------------------------------------------------------
+// TRL GMPO and RLOO (sequence-level ratios).
+// ---------------------------------------------------------------------------
+
+fn clamp_choice(u: &mut Unstructured) -> ArbResult<Option<f64>> {
+    Ok(match u.int_in_range(0..=7u8)? {
+        0 => None,
+        1 => Some(float(u, 30.0, true)?),
+        _ => Some(20.0),
+    })
+}
+
+fn gmpo_rloo(u: &mut Unstructured) -> ArbResult<()> {
+    let is_gmpo: bool = u.arbitrary()?;
+    let mut g = GmpoConfig::trl();
+    g.eps_low = eps(u)?;
+    g.eps_high = eps(u)?;
+    if u.arbitrary()? {
+        g.beta = coefficient(rare(u, 0.5)?.abs());
+    }
+    if u.arbitrary()? {
+        g.top_entropy_quantile = rare(u, 1.0)?.abs();
+    }
+    g.train = u.arbitrary()?;
+    g.log_ratio_clamp = clamp_choice(u)?;
+    let mut r = RlooConfig::trl();
+    r.eps_low = eps(u)?;
+    r.eps_high = eps(u)?;
+    r.log_ratio_clamp = clamp_choice(u)?;
+    let valid = if is_gmpo { g.validate() } else { r.validate() };
+    let d = dims(u)?;
+    let n = d.len();
+    let (na, bad) = maybe_wrong_len(u, d.batch)?;
+    let m = mask(u, n)?;
+    let with_ref: bool = u.arbitrary()?;
+    let raw = vec![
+        floats(u, n, 30.0, false)?,       // 0 log-probs
+        floats(u, n, 3.0, false)?,        // 1 entropies
+        floats(u, na, 3.0, false)?,       // 2 advantages
+        floats(u, n, 30.0, false)?,       // 3 old (GMPO)
+        floats(u, n, 30.0, false)?,       // 4 ref
+        floats(u, d.batch, 30.0, false)?, // 5 per-row old log-prob sums (RLOO)
+    ];
+    let call = |x: &[Vec<f64>], f32p: bool| -> Result<Vec<f64>, Error> {
+        fn go<F: Real>(
+            is_gmpo: bool,
+            g: &GmpoConfig,
+            r: &RlooConfig,
+            d: Dims,
+            m: &[bool],
+            with_ref: bool,
+            x: &[Vec<f64>],
+        ) -> Result<Vec<f64>, Error> {
+            let v: Vec<Vec<F>> = x.iter().map(|x| cast::<F>(x)).collect();
+            let mut inp = GrpoInputs::new(d, &v[0], &v[1], m, &v[2]).old_log_probs(&v[3]);
+            if with_ref {
+                inp = inp.ref_log_probs(&v[4]);
+            }
+            let mut gl = vec![F::zero(); d.len()];
+            let o = if is_gmpo {
+                let mut scratch = vec![F::zero(); d.len()];
+                gmpo_loss(g, &inp, Some(&mut gl), &mut scratch)?
+            } else {
+                rloo_loss(r, &inp, &v[5], Some(&mut gl))?
+            };
+            let mut out = wide(&[o.loss, o.entropy, o.kl]);
+            out.extend(wide(&gl));
+            Ok(out)
+        }
+        if f32p {
+            go::<f32>(is_gmpo, &g, &r, d, &m, with_ref, x)
+        } else {
+            go::<f64>(is_gmpo, &g, &r, d, &m, with_ref, x)
+        }
+    };
+    let f64c = |x: &[Vec<f64>]| call(x, false);
+    let f32c = |x: &[Vec<f64>]| call(x, true);
+    if let Err(e) = valid {
+        assert!(is_out_of_range(&e), "{e:?}");
+        expect_err("gmpo/rloo config", f64c(&raw), is_out_of_range);
+        return Ok(());
+    }
+    if bad {
+        expect_err("gmpo/rloo length", f64c(&raw), is_shape);
+        return Ok(());
+    }
+    let r0 = f64c(&raw);
+    if is_gmpo && g.beta != 0.0 && !with_ref {
+        expect_err("gmpo missing ref", r0, |e| {
+            matches!(e, Error::Invalid { .. })
+        });
+        return Ok(());
+    }
+    let mut x = raw.clone();
+    x[0] = finite_only(&raw[0]).iter().map(|v| -v.abs()).collect();
+    x[3] = log_probs(u, n)?;
+    x[4] = log_probs(u, n)?;
+    x[5] = finite_only(&raw[5]).iter().map(|v| -v.abs()).collect();
+    let unclamped = if is_gmpo {
+        g.log_ratio_clamp
+    } else {
+        r.log_ratio_clamp
+    }
+    .is_none();
+    if unclamped {
+        // TRL's own unclamped numbers: finite only while representable.
+        x = x.iter().map(|v| tame(v, 30.0)).collect();
+    }
+    let op = Op {
+        what: if is_gmpo {
+            "trl gmpo_loss"
+        } else {
+            "trl rloo_loss"
+        },
+        f64: &f64c,
+        f32: &f32c,
+        masks: vec![Some(&m), Some(&m), None, Some(&m), Some(&m), None],
+        f32_lim: vec![30.0, 10.0, 10.0, 30.0, 30.0, 30.0],
+        read_padding: vec![],
+        grads: vec![(0, 3)],
+        masked_check: true,
+    };
+    contract(&op, &x);
+    Ok(())
 }

@@ -642,7 +642,12 @@ impl GrpoConfig {
             b.validate()?;
         }
         if let Some(c) = self.log_ratio_clamp {
-            check_param(c > 0.0, "log_ratio_clamp", c, "must be > 0")?;
+            check_param(
+                c.is_finite() && c > 0.0,
+                "log_ratio_clamp",
+                c,
+                "must be finite and > 0",
+            )?;
         }
         Ok(())
     }
@@ -1586,7 +1591,12 @@ impl GmpoConfig {
             "must be finite and ≥ 1",
         )?;
         if let Some(c) = self.log_ratio_clamp {
-            check_param(c > 0.0, "log_ratio_clamp", c, "must be > 0")?;
+            check_param(
+                c.is_finite() && c > 0.0,
+                "log_ratio_clamp",
+                c,
+                "must be finite and > 0",
+            )?;
         }
         Ok(())
     }
@@ -1867,7 +1877,12 @@ impl RlooConfig {
             "must be finite and ≥ 0",
         )?;
         if let Some(c) = self.log_ratio_clamp {
-            check_param(c > 0.0, "log_ratio_clamp", c, "must be > 0")?;
+            check_param(
+                c.is_finite() && c > 0.0,
+                "log_ratio_clamp",
+                c,
+                "must be finite and > 0",
+            )?;
         }
         Ok(())
     }

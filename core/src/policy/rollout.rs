@@ -1882,6 +1882,15 @@ impl VllmIsConfig {
                 check_param(v >= 0.0, name, v, "must be >= 0 (and not NaN)")?;
             }
         }
+        if let Some(lo) = clip_min {
+            // A floor of +inf would turn every ratio into inf.
+            check_param(
+                lo.is_finite(),
+                "vllm_importance_sampling_clip_min",
+                lo,
+                "must be finite",
+            )?;
+        }
         if let (Some(lo), Some(hi)) = (clip_min, clip_max) {
             check_param(
                 lo <= hi,
