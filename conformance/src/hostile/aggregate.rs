@@ -521,7 +521,9 @@ fn whiten(u: &mut Unstructured) -> ArbResult<()> {
     // Near-constant groups (variance ≈ var_eps) are too curved for the probe.
     let (lo, hi) = (0..n)
         .filter(|&i| m[i])
-        .fold((f64::MAX, f64::MIN), |(a, b), i| (a.min(small[i]), b.max(small[i])));
+        .fold((f64::MAX, f64::MIN), |(a, b), i| {
+            (a.min(small[i]), b.max(small[i]))
+        });
     if hi - lo < 0.5 {
         return Ok(());
     }
