@@ -128,7 +128,13 @@ impl Default for GlobalNorm {
 }
 
 impl GlobalNorm {
-    fn validate(&self) -> Result<(), Error> {
+    /// Checks every normalizer: `dp_size` and each one given must be finite
+    /// and `> 0`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`] naming the first bad normalizer.
+    pub fn validate(&self) -> Result<(), Error> {
         check_param(
             self.dp_size.is_finite() && self.dp_size > 0.0,
             "dp_size",
@@ -253,7 +259,13 @@ pub fn aggregate<F: Real>(
             for (l_row, m_row) in loss.chunks(dims.seq).zip(mask.chunks(dims.seq)) {
                 let n = m_row.iter().filter(|&&m| m).count();
                 let w = F::of(totals.row_weight(mode, norm, dims.seq, n));
-                acc += w * masked_sum(l_row, m_row);
+                // Token by token, exactly as with the buffer (a row sum
+                // before the weight can overflow in f32 where w·ℓ does not).
+                for (&l, &m) in l_row.iter().zip(m_row) {
+                    if m {
+                        acc += w * l;
+                    }
+                }
             }
             Ok(acc)
         }

@@ -26,6 +26,8 @@
 //!
 //! A clamp that is active zeroes the gradient at that position (as
 //! `torch.clamp`'s backward does; a value exactly on the bound keeps it).
+//! Every preset also caps the k3 exponent `−x` at [`K3_EXP_SAFETY`] (80), so
+//! that finite log-probs never give an infinite value or gradient.
 //!
 //! # Example
 //!
@@ -72,7 +74,36 @@ pub struct KlConfig {
     pub value_clamp: Option<f64>,
 }
 
+/// Safety bound on the k3 exponent: `−x = log π_ref − log π` is capped at 80
+/// before `exp` (e⁸⁰ ≈ 5.5·10³⁴, finite in `f32`), with gradient 0 where the
+/// cap is active. No peer reaches it with realistic log-probs (verl clamps at
+/// 20 already); without it, `−x > 88` (f32) or `> 709` (f64) turns the value
+/// and gradient into `inf`.
+pub const K3_EXP_SAFETY: f64 = 80.0;
+
 impl KlConfig {
+    /// Checks the clamps: each, when set, must be finite and `> 0`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`] naming the clamp.
+    pub fn validate(&self) -> Result<(), Error> {
+        for (name, c) in [
+            ("log_ratio_clamp", self.log_ratio_clamp),
+            ("value_clamp", self.value_clamp),
+        ] {
+            if let Some(c) = c {
+                crate::error::check_param(
+                    c.is_finite() && c > 0.0,
+                    name,
+                    c,
+                    "must be finite and > 0",
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     /// An estimator with no clamps and its own gradient.
     pub const fn new(estimator: KlEstimator) -> Self {
         KlConfig {
@@ -157,10 +188,15 @@ impl KlConfig {
                     Some(c) => kl.clone().clamp(-c, c),
                     None => kl.clone(),
                 };
+                // Safety: e^{kl} overflows (f32 past 88, f64 past 709); keep
+                // it finite with `kl ≤ K3_EXP_SAFETY` (gradient 0 beyond).
+                let capped = kl_c.gt_scalar(K3_EXP_SAFETY);
+                let kl_c = kl_c.clone().min(kl_c.full_like(K3_EXP_SAFETY));
                 let r = kl_c.clone().exp();
                 let v = r.clone().sub(kl_c).add_scalar(-1.0);
                 // d/dlogp (e^{−x} + x − 1) = 1 − e^{−x}
                 let g = r.neg().add_scalar(1.0);
+                let g = E::select(&capped, g.full_like(0.0), g);
                 match self.log_ratio_clamp {
                     Some(c) => {
                         let live = kl.ge_scalar(-c).and(kl.le_scalar(c));
@@ -192,7 +228,8 @@ impl KlConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::ShapeMismatch`] if any slice's length differs from `log_prob`'s.
+    /// [`Error::ShapeMismatch`] if any slice's length differs from `log_prob`'s;
+    /// [`Error::OutOfRange`] for an invalid clamp ([`validate`](Self::validate)).
     pub fn estimate_slices<F: Real>(
         &self,
         log_prob: &[F],
@@ -200,6 +237,7 @@ impl KlConfig {
         out: &mut [F],
         vjp: Option<(&[F], &mut [F])>,
     ) -> Result<(), Error> {
+        self.validate()?;
         let n = log_prob.len();
         check_len("ref_log_prob", ref_log_prob.len(), n)?;
         check_len("out", out.len(), n)?;
@@ -257,7 +295,8 @@ pub struct KlRewardStats<F> {
 ///
 /// # Errors
 ///
-/// [`Error::ShapeMismatch`] if a slice is not `dims.len()` long.
+/// [`Error::ShapeMismatch`] if a slice is not `dims.len()` long;
+/// [`Error::OutOfRange`] for a non-finite `beta` or an invalid clamp.
 ///
 /// # Example
 ///
@@ -282,6 +321,8 @@ pub fn kl_penalized_rewards<F: Real>(
     mask: Option<&[bool]>,
     out: &mut [F],
 ) -> Result<KlRewardStats<F>, Error> {
+    cfg.validate()?;
+    crate::error::check_param(beta.is_finite(), "kl_coef", beta, "must be finite")?;
     let n = dims.len();
     check_len("token_level_scores", scores.len(), n)?;
     check_len("old_log_prob", old_log_prob.len(), n)?;
@@ -355,7 +396,8 @@ pub enum ScorePosition<'a> {
 ///
 /// # Errors
 ///
-/// [`Error::ShapeMismatch`] for lengths; [`Error::Invalid`] for an explicit
+/// [`Error::ShapeMismatch`] for lengths; [`Error::OutOfRange`] for a
+/// non-finite `beta`; [`Error::Invalid`] for an explicit
 /// position outside `[0, seq)`; [`Error::Empty`] for a zero-length row when a
 /// score must be placed.
 pub fn rewards_with_score_at_eos<F: Real>(
@@ -366,6 +408,7 @@ pub fn rewards_with_score_at_eos<F: Real>(
     beta: f64,
     out: &mut [F],
 ) -> Result<(), Error> {
+    crate::error::check_param(beta.is_finite(), "kl_coef", beta, "must be finite")?;
     let n = dims.len();
     check_len("scores", scores.len(), dims.batch)?;
     check_len("kl", kl.len(), n)?;
@@ -428,7 +471,7 @@ pub fn rewards_with_score_at_eos<F: Real>(
 /// ```
 /// use posttrain_core::kl::KlController;
 /// let mut c = KlController::adaptive(0.05, 0.1, 10_000.0)?;
-/// c.update(0.2, 256); // KL above target: β grows by 0.2·256/10000
+/// c.update(0.2, 256)?; // KL above target: β grows by 0.2·256/10000
 /// assert!((c.value() - 0.05 * (1.0 + 0.2 * 256.0 / 10_000.0)).abs() < 1e-15);
 /// # Ok::<(), posttrain_core::Error>(())
 /// ```
@@ -497,15 +540,38 @@ impl KlController {
     }
 
     /// Updates β after a batch of `n_steps` samples whose mean KL was `current_kl`.
-    pub fn update(&mut self, current_kl: f64, n_steps: u64) {
+    ///
+    /// `current_kl = ±inf` saturates the error at `±0.2` (as in the peers).
+    ///
+    /// # Errors
+    ///
+    /// Adaptive only (a fixed β ignores its inputs): [`Error::NonFinite`] for
+    /// a NaN `current_kl` (the peers would turn β into NaN for good), and
+    /// [`Error::OutOfRange`] (`n_steps`) when the update would overflow β to
+    /// ±inf. β is left unchanged on error.
+    pub fn update(&mut self, current_kl: f64, n_steps: u64) -> Result<(), Error> {
         if let KlController::Adaptive {
             coef,
             target,
             horizon,
         } = self
         {
+            if current_kl.is_nan() {
+                return Err(Error::NonFinite {
+                    input: "current_kl",
+                    index: 0,
+                });
+            }
             let e = (current_kl / *target - 1.0).clamp(-0.2, 0.2);
-            *coef *= 1.0 + e * n_steps as f64 / *horizon;
+            let next = *coef * (1.0 + e * n_steps as f64 / *horizon);
+            crate::error::check_param(
+                next.is_finite(),
+                "n_steps",
+                n_steps as f64,
+                "must not overflow the coefficient (β · (1 + e · n_steps / horizon) is not finite)",
+            )?;
+            *coef = next;
         }
+        Ok(())
     }
 }

@@ -226,6 +226,11 @@ impl MomentConfig {
     /// `variance = Σ(x − m)² · scale`.
     fn var_scale<F: Real>(&self, w: F) -> Result<F, Error> {
         let d = self.denom(w);
+        if d == F::zero() && self.bessel != Bessel::Exact {
+            // Nothing valid and no count epsilon: the sum of squares is 0,
+            // and so is the variance (rather than 0 · ∞ = NaN).
+            return Ok(F::zero());
+        }
         Ok(match self.bessel {
             Bessel::None => F::one() / d,
             Bessel::Exact => {
@@ -238,8 +243,15 @@ impl MomentConfig {
                 F::one() / d * (w / (w - F::one()))
             }
             Bessel::Smoothed => {
-                let we = w + F::of(self.count_eps);
-                F::one() / d * (we / (we - F::one()))
+                // The count is exact in f64; `1 + 1e-8` is not in f32.
+                let we = w.to_f64() + self.count_eps;
+                if we == 1.0 {
+                    return Err(Error::Invalid {
+                        input: "mask",
+                        rule: "a smoothed-Bessel variance with count_eps = 0 needs a count other than 1",
+                    });
+                }
+                F::one() / d * F::of(we / (we - 1.0))
             }
         })
     }
@@ -564,10 +576,10 @@ impl WhitenConfig {
             VarEps::Add(e) | VarEps::Floor(e) => e,
         };
         check_param(
-            e >= 0.0 && e.is_finite(),
+            e > 0.0 && e.is_finite(),
             "var_eps",
             e,
-            "must be finite and ≥ 0",
+            "must be finite and > 0 (1/√0 would be inf)",
         )?;
         MomentConfig::new(
             self.moments.count_eps,
@@ -616,7 +628,8 @@ impl WhitenConfig {
 /// # Errors
 /// [`Error::ShapeMismatch`] on inconsistent lengths; [`Error::Invalid`] for
 /// an unbiased variance ([`Bessel::Exact`]) with fewer than two valid entries
-/// in a group.
+/// in a group; [`Error::OutOfRange`] for an invalid config
+/// ([`WhitenConfig::validate`]).
 pub fn masked_whiten<F: Real>(
     cfg: &WhitenConfig,
     dims: Dims,
@@ -626,6 +639,7 @@ pub fn masked_whiten<F: Real>(
     out: &mut [F],
     mut grad: Option<(&[F], &mut [F])>,
 ) -> Result<(), Error> {
+    cfg.validate()?;
     check_mask::<F>(dims, values.len(), mask, None)?;
     check_len("out", out.len(), dims.len())?;
     if let Some((g, dx)) = grad.as_ref() {
@@ -849,6 +863,7 @@ pub fn masked_whiten_in_place<F: Real>(
     values: &mut [F],
     mask: &[bool],
 ) -> Result<(), Error> {
+    cfg.validate()?;
     check_mask::<F>(dims, values.len(), mask, None)?;
     for s in 0..reduce.out_len(dims) {
         let it = reduce.members(dims, s);

@@ -249,7 +249,7 @@ impl ValueLossConfig {
                 "must be finite and ≥ 0",
             )?;
         }
-        Ok(())
+        self.norm.validate()
     }
 }
 

@@ -71,7 +71,7 @@ proptest! {
     #[test]
     fn adaptive_controller_moves_towards_target(kl in 0.0f64..1.0, n in 1u64..512) {
         let mut c = KlController::adaptive(0.05, 0.1, 10_000.0).unwrap();
-        c.update(kl, n);
+        c.update(kl, n).unwrap();
         let rel = c.value() / 0.05 - 1.0;
         prop_assert!(rel.abs() <= 0.2 * n as f64 / 10_000.0 + 1e-15);
         if kl > 0.1 { prop_assert!(rel >= 0.0) } else { prop_assert!(rel <= 0.0) }

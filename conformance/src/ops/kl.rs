@@ -87,7 +87,7 @@ fn verl_apply_kl_penalty<F: Real>(ctx: &Ctx) -> OpResult {
     let beta = ctl.value();
     let mut out = vec![F::zero(); scores.len()];
     let stats = kl_penalized_rewards(&cfg, beta, dims, &scores, &old, &rf, Some(&mask), &mut out)?;
-    ctl.update(stats.mean_kl.to_f64(), dims.batch as u64);
+    ctl.update(stats.mean_kl.to_f64(), dims.batch as u64)?;
     let mut o = Outputs::new();
     o.put("token_level_rewards", &out)
         .scalar("reward_kl_penalty", stats.mean_kl)
@@ -133,7 +133,7 @@ fn verl_kl_controller(ctx: &Ctx) -> OpResult {
             }
             .into());
         }
-        ctl.update(kl, n as u64);
+        ctl.update(kl, n as u64)?;
         coefs.push(ctl.value());
     }
     let mut o = Outputs::new();

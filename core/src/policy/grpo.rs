@@ -43,8 +43,8 @@
 //!
 //! The loss mask is the completion mask combined with the tool mask; masked
 //! positions are selected away and never read, with one exception that TRL
-//! forces: `luspo` at token level weighs every `(B, T)` entry, padding
-//! included (so its padding must hold finite values). Log importance
+//! forces: `luspo` weighs every `(B, T)` entry, padding included, at every
+//! IS level (so its padding must hold finite values). Log importance
 //! weights (and the KL's `ref − logp`) are clamped to
 //! `±`[`GrpoConfig::log_ratio_clamp`] before `exp` (TRL has no clamp; the
 //! [`GrpoConfig::trl`] preset sets 20 as a safety net: it acts only on
@@ -78,6 +78,11 @@ use crate::error::{check_len, check_param, Error};
 use crate::kl::{KlConfig, KlEstimator};
 use crate::policy::{ppo_clipped_surrogate, ClipConfig};
 use crate::shape::Dims;
+
+/// Smallest SAPO temperature accepted: the soft gate's loss is
+/// `−A·σ(τ(r−1))·4/τ`, which tends to `−2A/τ` as `τ → 0` (and `4/τ`
+/// overflows, or is a division by zero in `f32`, for subnormal `τ`).
+pub const SAPO_MIN_TEMPERATURE: f64 = 1e-6;
 
 /// `log(1e-8)`: VESPO's lower clamp of log-weights.
 const VESPO_LOG_FLOOR: f64 = -18.420680743952367;
@@ -401,7 +406,14 @@ pub struct EntropyBonus {
 }
 
 impl EntropyBonus {
-    fn validate(&self) -> Result<(), Error> {
+    /// Checks the coefficient and the adaptive controller's parameters.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`]: a non-finite coefficient, target, floor or
+    /// ceiling, a ceiling below the floor, a negative or non-finite step, or
+    /// a NaN last world entropy.
+    pub fn validate(&self) -> Result<(), Error> {
         check_param(
             self.coef.is_finite(),
             "entropy_coef",
@@ -617,7 +629,12 @@ impl GrpoConfig {
             ("sapo_temperature_pos", self.sapo_temperature_pos),
             ("sapo_temperature_neg", self.sapo_temperature_neg),
         ] {
-            check_param(v.is_finite() && v > 0.0, name, v, "must be finite and > 0")?;
+            check_param(
+                v.is_finite() && v >= SAPO_MIN_TEMPERATURE,
+                name,
+                v,
+                "must be finite and ≥ 1e-6 (the loss scales as 2/τ)",
+            )?;
         }
         self.vespo.validate()?;
         self.norm.validate()?;
@@ -625,7 +642,12 @@ impl GrpoConfig {
             b.validate()?;
         }
         if let Some(c) = self.log_ratio_clamp {
-            check_param(c > 0.0, "log_ratio_clamp", c, "must be > 0")?;
+            check_param(
+                c.is_finite() && c > 0.0,
+                "log_ratio_clamp",
+                c,
+                "must be finite and > 0",
+            )?;
         }
         Ok(())
     }
@@ -962,6 +984,11 @@ fn valid_quantile<F: Real>(values: &[F], mask: &[bool], q: f64, scratch: &mut [F
         return None;
     }
     let s = &mut scratch[..n];
+    if s.iter().any(|v| v.is_nan()) {
+        // torch.quantile: NaN (and sorting NaN with a partial order can
+        // panic in the standard library's sort).
+        return Some(F::nan());
+    }
     s.sort_unstable_by(|a, b| a.partial_cmp(b).unwrap_or(core::cmp::Ordering::Equal));
     let rank = F::of(q) * F::of_usize(n - 1);
     // rank ≥ 0, so truncation is the floor.
@@ -1564,7 +1591,12 @@ impl GmpoConfig {
             "must be finite and ≥ 1",
         )?;
         if let Some(c) = self.log_ratio_clamp {
-            check_param(c > 0.0, "log_ratio_clamp", c, "must be > 0")?;
+            check_param(
+                c.is_finite() && c > 0.0,
+                "log_ratio_clamp",
+                c,
+                "must be finite and > 0",
+            )?;
         }
         Ok(())
     }
@@ -1845,7 +1877,12 @@ impl RlooConfig {
             "must be finite and ≥ 0",
         )?;
         if let Some(c) = self.log_ratio_clamp {
-            check_param(c > 0.0, "log_ratio_clamp", c, "must be > 0")?;
+            check_param(
+                c.is_finite() && c > 0.0,
+                "log_ratio_clamp",
+                c,
+                "must be finite and > 0",
+            )?;
         }
         Ok(())
     }

@@ -111,6 +111,14 @@ impl ClipConfig {
     }
 }
 
+/// Safety cap on every log-ratio before `exp` in the policy losses: `x ≤ 80`
+/// (`e⁸⁰ ≈ 5.5·10³⁴`, finite in `f32`), gradient 0 where the cap is active.
+/// It applies even with no configured clamp (TRL, torchtune), where a finite
+/// but huge log-ratio would otherwise give an infinite loss and gradient;
+/// peers' numbers differ only past `x = 80`, where theirs are inf or NaN in
+/// `f32` and astronomically large in `f64`.
+pub const LOG_RATIO_SAFETY: f64 = 80.0;
+
 /// One token's clipped surrogate, its gradient and its clip indicators.
 #[derive(Debug, Clone)]
 pub struct SurrogateToken<E: Elem> {
@@ -136,6 +144,7 @@ pub struct SurrogateToken<E: Elem> {
 ///
 /// ```text
 /// x  = clamp(log π − log π_old, −k, k)        (if log_ratio_clamp = k)
+/// x  = min(x, 80)                              (LOG_RATIO_SAFETY, always)
 /// r  = eˣ
 /// ℓ₁ = −A·r,  ℓ₂ = −A·clip(r, 1−ε_low, 1+ε_high),  ℓ_clip = max(ℓ₁, ℓ₂)
 /// ℓ  = min(ℓ_clip, −A·c) if A < 0 and dual clip c is set, else ℓ_clip
@@ -144,8 +153,8 @@ pub struct SurrogateToken<E: Elem> {
 /// # Gradient
 ///
 /// `∂ℓ/∂ log π = −A·r` on the branch that is active and unclipped, 0 where the
-/// ratio is clipped, the dual clip is active, or the log-ratio clamp is
-/// active. At a tie `ℓ₁ = ℓ₂` (ratio inside the range) both branches have the
+/// ratio is clipped, the dual clip is active, or the log-ratio clamp or the
+/// safety cap is active. At a tie `ℓ₁ = ℓ₂` (ratio inside the range) both branches have the
 /// same derivative, so the choice does not matter.
 ///
 /// # Peers
@@ -180,6 +189,9 @@ pub fn ppo_clipped_surrogate<E: Elem>(
         }
         None => (raw, None),
     };
+    // Safety cap (whatever the clamp): e^x overflows past 88 (f32) / 709 (f64).
+    let capped = log_ratio.gt_scalar(LOG_RATIO_SAFETY);
+    let log_ratio = log_ratio.clone().min(log_ratio.full_like(LOG_RATIO_SAFETY));
     let ratio = log_ratio.clone().exp();
     let neg_a = advantage.clone().neg();
     let l1 = neg_a.clone().mul(ratio.clone());
@@ -207,9 +219,10 @@ pub fn ppo_clipped_surrogate<E: Elem>(
         }
     };
     let grad = match live {
-        Some(live) => E::select(&live, grad, zero),
+        Some(live) => E::select(&live, grad, zero.clone()),
         None => grad,
     };
+    let grad = E::select(&capped, zero, grad);
     SurrogateToken {
         loss,
         grad,

@@ -206,7 +206,8 @@ impl ClippedPolicyLoss {
 ///
 /// # Formula
 ///
-/// `ρ = exp(log π_old − log π_rollout)`; [`Truncate`](RolloutIsKind::Truncate):
+/// `ρ = exp(min(log π_old − log π_rollout, 80))` (80: the safety cap
+/// [`LOG_RATIO_SAFETY`](crate::policy::LOG_RATIO_SAFETY)); [`Truncate`](RolloutIsKind::Truncate):
 /// `clamp(ρ, low, high)`; [`TokenMask`](RolloutIsKind::TokenMask): `ρ` if
 /// `low ≤ ρ ≤ high` else 0; [`SequenceMask`](RolloutIsKind::SequenceMask):
 /// `ρ` if `keep_sequence` else 0.
@@ -220,7 +221,9 @@ pub fn rollout_is_weight<E: Elem>(
     rollout_log_prob: E,
     keep_sequence: &E::Mask,
 ) -> E {
-    let rho = old_log_prob.sub(rollout_log_prob).exp();
+    // Safety cap (OpenRLHF has none): e^x overflows past 88 (f32) / 709 (f64).
+    let d = old_log_prob.sub(rollout_log_prob);
+    let rho = d.clone().min(d.full_like(super::LOG_RATIO_SAFETY)).exp();
     let zero = rho.full_like(0.0);
     match c.kind {
         RolloutIsKind::Truncate => rho.clamp(c.low, c.high),
@@ -279,6 +282,7 @@ pub fn clipped_policy_loss<F: Real>(
     scratch: &mut [F],
     vjp: Option<(F, &mut [F])>,
 ) -> Result<ClippedPolicyLossOutput<F>, Error> {
+    norm.validate()?;
     batch.check()?;
     let dims = batch.dims;
     let n = dims.len();

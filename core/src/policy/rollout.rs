@@ -1882,6 +1882,15 @@ impl VllmIsConfig {
                 check_param(v >= 0.0, name, v, "must be >= 0 (and not NaN)")?;
             }
         }
+        if let Some(lo) = clip_min {
+            // A floor of +inf would turn every ratio into inf.
+            check_param(
+                lo.is_finite(),
+                "vllm_importance_sampling_clip_min",
+                lo,
+                "must be finite",
+            )?;
+        }
         if let (Some(lo), Some(hi)) = (clip_min, clip_max) {
             check_param(
                 lo <= hi,
@@ -1902,7 +1911,8 @@ impl VllmIsConfig {
     /// # Formula
     ///
     /// ```text
-    /// r = exp(d);  truncate: clamp(r, min, max);  mask: r if min ≤ r ≤ max else 0
+    /// r = exp(min(d, 80));  truncate: clamp(r, min, max);  mask: r if min ≤ r ≤ max else 0
+    /// (80: the safety cap [`LOG_RATIO_SAFETY`](crate::policy::LOG_RATIO_SAFETY), TRL has none)
     /// ```
     ///
     /// # Gradient
@@ -1913,7 +1923,9 @@ impl VllmIsConfig {
     ///
     /// TRL `vllm_importance_sampling_mode` / `_clip_min` / `_clip_max`.
     pub fn ratio<E: Elem>(&self, log_diff: E) -> E {
-        let r = log_diff.exp();
+        // Safety cap (TRL has none): e^x overflows past 88 (f32) / 709 (f64).
+        let cap = crate::policy::LOG_RATIO_SAFETY;
+        let r = log_diff.clone().min(log_diff.full_like(cap)).exp();
         if self.mode.truncates() {
             let r = match self.clip_min {
                 Some(lo) => r.clone().max(r.full_like(lo)),

@@ -508,6 +508,10 @@ fn on_policy_core<F: Real>(
     for (row, &a) in advantages.iter().enumerate() {
         let range = dims.row(row);
         let count = range.clone().filter(|&i| is_valid(mask, i)).count();
+        if count == 0 {
+            // Contributes exactly 0 (a tiny guard can round to 0 in f32: 0/0).
+            continue;
+        }
         let den = F::of(guard.denominator(count));
         let (mut l_row, mut p_row, mut k_row) = (F::zero(), F::zero(), F::zero());
         for i in range.filter(|&i| is_valid(mask, i)) {

@@ -472,8 +472,15 @@ impl PolicyLoss {
                 )
             }
             PolicyLoss::SoftGate { tau_pos, tau_neg } => {
-                check_pos("tau_pos", tau_pos)?;
-                check_pos("tau_neg", tau_neg)
+                for (name, tau) in [("tau_pos", tau_pos), ("tau_neg", tau_neg)] {
+                    check_param(
+                        tau.is_finite() && tau >= super::grpo::SAPO_MIN_TEMPERATURE,
+                        name,
+                        tau,
+                        "must be finite and ≥ 1e-6 (the loss scales as 2/τ)",
+                    )?;
+                }
+                Ok(())
             }
             PolicyLoss::LogProb => Ok(()),
             PolicyLoss::ClipCov {
@@ -1105,6 +1112,7 @@ pub fn policy_loss<F: Real>(
     vjp: Option<(F, &mut [F])>,
 ) -> Result<PolicyLossOutput<F>, Error> {
     loss.validate()?;
+    norm.validate()?;
     batch.check()?;
     let dims = batch.dims;
     let n = dims.len();
