@@ -503,6 +503,9 @@ pub fn leave_one_out_advantages<F: Real>(
 /// ```text
 /// b_g = Σ_g len_j s_j / Σ_g len_j,   A_i = s_i − b_g
 /// ```
+/// The weights are divided by the group's largest `|len|` first (the same
+/// ratio), so `len · s` cannot overflow when the baseline itself is
+/// representable (e.g. `len = 1e11`, `s = −1e30` in `f32`).
 /// # Gradient
 /// None.
 /// # Peers
@@ -523,8 +526,22 @@ pub fn length_weighted_baseline_advantages<F: Real>(
         let baseline = if members.len() == 1 {
             F::zero()
         } else {
-            let num: F = members.iter().map(|&i| lengths[i] * scores[i]).sum();
-            let den: F = members.iter().map(|&i| lengths[i]).sum();
+            // Scale-free weights len / max|len| (a group of zero lengths
+            // keeps scale 1 and baseline 0).
+            let lmax = members
+                .iter()
+                .map(|&i| lengths[i].abs())
+                .fold(F::zero(), |a, l| if l > a { l } else { a });
+            let scale = if lmax > F::zero() && lmax.is_finite() {
+                lmax
+            } else {
+                F::one()
+            };
+            let num: F = members
+                .iter()
+                .map(|&i| lengths[i] / scale * scores[i])
+                .sum();
+            let den: F = members.iter().map(|&i| lengths[i] / scale).sum();
             if den == F::zero() {
                 F::zero()
             } else {
@@ -954,6 +971,10 @@ pub struct OtbConfig {
 /// b_k = Σ_{group} G·W / (Σ_{group} W + ε)    over the members' valid step k
 /// A_t = (G_t − b_k) at valid t, 0 elsewhere; singleton groups: b = 0
 /// ```
+/// The weights must be representable: `w_t` overflows to ±inf (and the
+/// baseline to NaN) once `ρ_t²` exceeds the float range (`ρ > ≈1.8e19` in
+/// `f32`, `≈1.3e154` in `f64`), as in the peer; `ε` is absolute, so the
+/// weights are not rescaled.
 /// # Gradient
 /// None.
 /// # Peers
