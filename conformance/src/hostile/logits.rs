@@ -302,14 +302,14 @@ fn rows_vocab(u: &mut Unstructured) -> ArbResult<(usize, usize)> {
     Ok((u.int_in_range(0..=6)?, u.int_in_range(0..=7)?))
 }
 
-/// Whether the scaled logits `z / T` stay inside the f64 / f32 range
-/// (beyond it the peers' `logits / temperature` overflows too; documented on
-/// `Temperature`).
+/// Whether the scaled logits `z / T` and the gradient factor `1/T` stay
+/// inside the f64 / f32 range (beyond it the peers' `logits / temperature`
+/// overflows too; documented on `Temperature`).
 fn scaled_in_range(z: &[f64], t: f64) -> (bool, bool) {
     let m = z
         .iter()
         .filter(|v| v.is_finite())
-        .fold(0.0f64, |a, v| a.max(v.abs()))
+        .fold(1.0f64, |a, v| a.max(v.abs()))
         / t;
     (m < 1e300, m < 1e36)
 }
