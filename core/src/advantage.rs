@@ -973,8 +973,9 @@ pub struct OtbConfig {
 /// ```
 /// The weights must be representable: `w_t` overflows to ±inf (and the
 /// baseline to NaN) once `ρ_t²` exceeds the float range (`ρ > ≈1.8e19` in
-/// `f32`, `≈1.3e154` in `f64`), as in the peer; `ε` is absolute, so the
-/// weights are not rescaled.
+/// `f32`, `≈1.3e154` in `f64`), as in the peer, and likewise when a
+/// product `G_t·W_t` exceeds it (e.g. `G ~ 1e30`, `ρ ~ 1e10` in `f32`); `ε`
+/// is absolute, so the weights are not rescaled.
 /// # Gradient
 /// None.
 /// # Peers

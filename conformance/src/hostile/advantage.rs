@@ -435,9 +435,12 @@ fn otb(u: &mut Unstructured) -> ArbResult<()> {
     case.fd = false;
     // IS weights whose square exceeds the float range overflow `w` (a
     // documented limit of `optimal_token_baseline_advantages`).
-    if with_is {
-        let big = case.x[nr + 2 * n..].iter().any(|r| r.abs() > 1e15);
-        case.finite.1 = !big;
+    // The products `G·W` must be representable too (f32: rewards ~1e30
+    // times weights ~1e10 overflow, as in the peer).
+    let big_r = case.x[..nr].iter().any(|r| r.abs() > 1e15);
+    let big_w = with_is && case.x[nr + 2 * n..].iter().any(|r| r.abs() > 1e7);
+    if big_r || big_w {
+        case.finite.1 = false;
     }
     case.malformed = bad_r || bad_idx;
     if !bad_r {

@@ -190,6 +190,25 @@ fn paired(u: &mut Unstructured) -> ArbResult<()> {
     if !ordinary || disco_big {
         case.finite = (false, false);
     }
+    // The α-divergence score reaches e^80/|α − 1| (TRL's clamp), beyond the
+    // f32 range for |α − 1| < 1e-3 (documented on `FDivergence::Alpha`).
+    if let FDivergence::Alpha(a) = div {
+        if (a - 1.0).abs() < 1e-3 {
+            case.finite.1 = false;
+        }
+    }
+    // The sorted losses pair the i-th smallest chosen with the i-th
+    // smallest rejected value: near-ties swap within the probe step.
+    if kinds
+        .iter()
+        .any(|k| matches!(k, PairedLoss::Aot | PairedLoss::AotUnpaired))
+    {
+        let mut v: Vec<f64> = case.x[..2 * n.min(nr)].to_vec();
+        v.sort_by(f64::total_cmp);
+        if v.windows(2).any(|w| (w[1] - w[0]).abs() < 1e-3) {
+            case.fd = false;
+        }
+    }
     let flags = (with_ref, with_len, with_w, with_sft, per_pair);
     let offs = (off_ref, off_len, off_w, off_sft);
     #[allow(clippy::too_many_arguments)]

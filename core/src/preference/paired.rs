@@ -244,7 +244,10 @@ pub enum FDivergence {
     ForwardKl,
     /// Jensen–Shannon.
     JsDivergence,
-    /// α-divergence with coefficient α.
+    /// α-divergence with coefficient α. The score is at most
+    /// `e^80/|α − 1|` (TRL's clamp), which exceeds the `f32` range for
+    /// `|α − 1| < ≈1.6e-4` (and `|α − 1| ≥ 1e-6`, below which it is the
+    /// reverse KL): ±inf there, as in TRL.
     Alpha(f64),
 }
 
