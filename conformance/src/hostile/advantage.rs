@@ -115,11 +115,7 @@ fn grouped(u: &mut Unstructured) -> ArbResult<()> {
     let (nl, bad_len) = maybe_wrong_len(u, n)?;
     let lengths: Vec<f64> = floats(u, nl, 50.0, true)?.iter().map(|v| v.abs()).collect();
     match which {
-        0 => {
-            if !cfg_ok {
-                return Ok(());
-            }
-        }
+        0 if !cfg_ok => return Ok(()),
         2 => malformed |= !f_ok,
         4 => {
             malformed |= bad_len;

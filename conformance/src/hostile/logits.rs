@@ -129,14 +129,13 @@ fn all_finite(p: &Probe) -> bool {
     p.val.iter().chain(&p.grad).all(|v| v.is_finite())
 }
 
+/// One evaluation of an op on the inputs `x`.
+pub type Eval<'a> = &'a dyn Fn(&[f64]) -> Result<Probe, Error>;
+
 /// Applies the contract to `case`, evaluating with `f64` and `f32` (each
 /// closure maps `x` to the op's [`Probe`]).
 #[track_caller]
-pub fn check(
-    case: &Case,
-    f64_eval: &dyn Fn(&[f64]) -> Result<Probe, Error>,
-    f32_eval: Option<&dyn Fn(&[f64]) -> Result<Probe, Error>>,
-) {
+pub fn check(case: &Case, f64_eval: Eval, f32_eval: Option<Eval>) {
     let what = case.what;
     let keep: Vec<bool> = case.pad.iter().map(|&p| !p).collect();
     let zeros = fill_masked(&case.x, &keep, false);
@@ -336,6 +335,7 @@ fn gather(u: &mut Unstructured) -> ArbResult<()> {
     case.finite = scaled_in_range(&case.x, t);
     case.malformed = bad_len || bad_id || !t_ok || (k == 0 && rows > 0) || (vocab == 0 && rows > 0);
     case.ks = probe_coords(u, nl)?;
+    #[allow(clippy::too_many_arguments)]
     fn eval<F: Real>(
         x: &[f64],
         rows: usize,

@@ -531,7 +531,8 @@ fn cpo_orpo(u: &mut Unstructured) -> ArbResult<()> {
     x.extend(seq_logps(u, nr, finite)?);
     let cot = cotangents(u, n + 2)?;
     let mut case = Case::new(if orpo { "odds_ratio_loss" } else { "cpo_loss" }, x);
-    case.malformed = bad_r || !b_ok || (!orpo && !(ls_ok && g_ok && a_ok));
+    let cpo_params_ok = ls_ok && g_ok && a_ok;
+    case.malformed = bad_r || !b_ok || (!orpo && !cpo_params_ok);
     case.ks = probe_coords(u, 2 * n)?;
     // ORPO's log-odds `logp − log(1 − e^{logp})` is +inf at logp = 0 and
     // its derivative `1/(1 − e^{logp})` exceeds the float range for
@@ -546,7 +547,7 @@ fn cpo_orpo(u: &mut Unstructured) -> ArbResult<()> {
     if !orpo && alpha != 0.0 {
         // (halved: IPO squares the reward margin)
         let u = case.x.iter().fold(0.0f64, |a, v| a.max(-v * alpha));
-        case.finite = (!(u > 350.0), !(u > 40.0));
+        case.finite = (u <= 350.0, u <= 40.0); // `u` is never NaN (f64::max)
     }
     fn eval<F: Real>(
         x: &[f64],
