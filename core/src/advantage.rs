@@ -353,7 +353,8 @@ impl GroupNormConfig {
 /// ```text
 /// A_i = (s_i − mean_g) / (std_g + ε)      (or s_i − mean_g without scaling)
 /// ```
-/// Singleton groups follow [`SingletonGroup`].
+/// Singleton groups follow [`SingletonGroup`]. A member equal to its group
+/// mean gets 0 (so `ε = 0` with a constant group gives 0, not `0/0`).
 /// # Gradient
 /// None (advantages are constants).
 /// # Peers
@@ -384,7 +385,14 @@ pub fn group_zscore_advantages<F: Real>(
         let (mean, std) = group_mean_std(scores, members, cfg.bessel);
         for &i in members {
             out[i] = if cfg.scale_by_std {
-                (scores[i] - mean) / (std + eps)
+                let c = scores[i] - mean;
+                // ε = 0 and a constant group: every centered score is 0,
+                // so is the advantage (not 0/0).
+                if c == F::zero() {
+                    c
+                } else {
+                    c / (std + eps)
+                }
             } else {
                 scores[i] - mean
             };

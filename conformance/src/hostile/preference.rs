@@ -181,7 +181,7 @@ fn paired(u: &mut Unstructured) -> ArbResult<()> {
     let steep = !matches!(div, FDivergence::ReverseKl | FDivergence::JsDivergence);
     let disco_big = kinds.contains(&PairedLoss::Discopop)
         && tau > 1.0
-        && (steep || case.x.iter().any(|v| v.abs() > 50.0));
+        && (steep || case.x.iter().any(|v| (v * b).abs() > 50.0));
     // Exponential scores (forward KL, α-divergence) have curvature
     // ~e^{|x|}: central differences resolve them only for small log-ratios.
     if steep && case.x.iter().any(|v| v.abs() > 3.0) {
@@ -192,10 +192,17 @@ fn paired(u: &mut Unstructured) -> ArbResult<()> {
     }
     // The α-divergence score reaches e^80/|α − 1| (TRL's clamp), beyond the
     // f32 range for |α − 1| < 1e-3 (documented on `FDivergence::Alpha`).
+    // Squared losses (IPO, SPPO) square it: e^40 is the f32 limit there.
     if let FDivergence::Alpha(a) = div {
-        if (a - 1.0).abs() < 1e-3 {
+        let big = case.x.iter().any(|v| (2.0 * v * (a - 1.0)).abs() > 40.0);
+        if (a - 1.0).abs() < 1e-3 || big {
             case.finite.1 = false;
         }
+    }
+    // Large β steepens every loss: the probe step then crosses kinks and
+    // curvature it cannot resolve.
+    if b > 10.0 {
+        case.fd = false;
     }
     // The sorted losses pair the i-th smallest chosen with the i-th
     // smallest rejected value: near-ties swap within the probe step.
@@ -203,11 +210,9 @@ fn paired(u: &mut Unstructured) -> ArbResult<()> {
         .iter()
         .any(|k| matches!(k, PairedLoss::Aot | PairedLoss::AotUnpaired))
     {
-        let mut v: Vec<f64> = case.x[..2 * n.min(nr)].to_vec();
-        v.sort_by(f64::total_cmp);
-        if v.windows(2).any(|w| (w[1] - w[0]).abs() < 1e-3) {
-            case.fd = false;
-        }
+        // Their keys (margins, log-ratios against the references) tie
+        // often in fuzzed data: not probed (the pairwise terms they use are).
+        case.fd = false;
     }
     let flags = (with_ref, with_len, with_w, with_sft, per_pair);
     let offs = (off_ref, off_len, off_w, off_sft);
@@ -394,6 +399,9 @@ fn kto(u: &mut Unstructured) -> ArbResult<()> {
     case.diff = 0..n;
     case.malformed = !b_ok || (!vanilla && (bad_l || !wd_ok || !wu_ok));
     case.ks = probe_coords(u, n)?;
+    if b > 10.0 {
+        case.fd = false; // a steep sigmoid: the probe step cannot resolve it
+    }
     // Vanilla KTO clamps each side's mean log-ratio at 0: a kink whose
     // derivative jump can be too small for `check_gradient` to notice.
     if vanilla {
@@ -614,6 +622,9 @@ fn cpo_orpo(u: &mut Unstructured) -> ArbResult<()> {
         })
     }
     let p = (lt, b, ls, gamma, alpha);
+    if b > 10.0 {
+        case.fd = false; // the hinge kink lies within the probe step
+    }
     if !(1e-3..=1e3).contains(&b) {
         case.finite = (false, false); // IPO's 1/(2β) for extreme β
     }

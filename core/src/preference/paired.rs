@@ -1041,7 +1041,8 @@ fn argsort<F: Real>(idx: &mut [usize], key: impl Fn(usize) -> F) {
 /// `Aot` pairs the j-th smallest `cᵢ − rᵢ` with the j-th smallest
 /// `c₀ᵢ − r₀ᵢ`; `AotUnpaired` the j-th smallest `ℓc` with the j-th smallest
 /// `ℓr`; the j-th term is weighted by `ωⱼ`. `per_pair` (if given) receives
-/// `lossᵢ`.
+/// `lossᵢ`. A term of weight 0 is skipped: it contributes exactly 0 even
+/// where its loss would overflow (the peers multiply, giving NaN).
 ///
 /// # Gradient
 /// With `grads`, writes `∂/∂c` and `∂/∂r` of
@@ -1146,6 +1147,11 @@ pub fn paired_loss<F: Real>(
     let mut total = F::zero();
 
     for t in terms {
+        // A term of weight 0 contributes exactly 0 (not `0 · ∞` when its
+        // loss overflows, e.g. a squared IPO margin of 1e30 in f32).
+        if t.weight == 0.0 {
+            continue;
+        }
         let w = F::of(t.weight);
         match t.kind {
             PairedLoss::Sft => {
