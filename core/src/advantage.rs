@@ -353,7 +353,8 @@ impl GroupNormConfig {
 /// ```text
 /// A_i = (s_i − mean_g) / (std_g + ε)      (or s_i − mean_g without scaling)
 /// ```
-/// Singleton groups follow [`SingletonGroup`].
+/// Singleton groups follow [`SingletonGroup`]. A member equal to its group
+/// mean gets 0 (so `ε = 0` with a constant group gives 0, not `0/0`).
 /// # Gradient
 /// None (advantages are constants).
 /// # Peers
@@ -384,7 +385,14 @@ pub fn group_zscore_advantages<F: Real>(
         let (mean, std) = group_mean_std(scores, members, cfg.bessel);
         for &i in members {
             out[i] = if cfg.scale_by_std {
-                (scores[i] - mean) / (std + eps)
+                let c = scores[i] - mean;
+                // ε = 0 and a constant group: every centered score is 0,
+                // so is the advantage (not 0/0).
+                if c == F::zero() {
+                    c
+                } else {
+                    c / (std + eps)
+                }
             } else {
                 scores[i] - mean
             };
@@ -503,6 +511,9 @@ pub fn leave_one_out_advantages<F: Real>(
 /// ```text
 /// b_g = Σ_g len_j s_j / Σ_g len_j,   A_i = s_i − b_g
 /// ```
+/// The weights are divided by the group's largest `|len|` first (the same
+/// ratio), so `len · s` cannot overflow when the baseline itself is
+/// representable (e.g. `len = 1e11`, `s = −1e30` in `f32`).
 /// # Gradient
 /// None.
 /// # Peers
@@ -523,8 +534,22 @@ pub fn length_weighted_baseline_advantages<F: Real>(
         let baseline = if members.len() == 1 {
             F::zero()
         } else {
-            let num: F = members.iter().map(|&i| lengths[i] * scores[i]).sum();
-            let den: F = members.iter().map(|&i| lengths[i]).sum();
+            // Scale-free weights len / max|len| (a group of zero lengths
+            // keeps scale 1 and baseline 0).
+            let lmax = members
+                .iter()
+                .map(|&i| lengths[i].abs())
+                .fold(F::zero(), |a, l| if l > a { l } else { a });
+            let scale = if lmax > F::zero() && lmax.is_finite() {
+                lmax
+            } else {
+                F::one()
+            };
+            let num: F = members
+                .iter()
+                .map(|&i| lengths[i] / scale * scores[i])
+                .sum();
+            let den: F = members.iter().map(|&i| lengths[i] / scale).sum();
             if den == F::zero() {
                 F::zero()
             } else {
@@ -954,6 +979,11 @@ pub struct OtbConfig {
 /// b_k = Σ_{group} G·W / (Σ_{group} W + ε)    over the members' valid step k
 /// A_t = (G_t − b_k) at valid t, 0 elsewhere; singleton groups: b = 0
 /// ```
+/// The weights must be representable: `w_t` overflows to ±inf (and the
+/// baseline to NaN) once `ρ_t²` exceeds the float range (`ρ > ≈1.8e19` in
+/// `f32`, `≈1.3e154` in `f64`), as in the peer, and likewise when a
+/// product `G_t·W_t` exceeds it (e.g. `G ~ 1e30`, `ρ ~ 1e10` in `f32`); `ε`
+/// is absolute, so the weights are not rescaled.
 /// # Gradient
 /// None.
 /// # Peers

@@ -274,7 +274,7 @@ impl core::str::FromStr for Reduction {
 ///
 /// [`DistillConfig::new`]: [`Error::OutOfRange`] for β ∉ [0, 1], a
 /// temperature that is not finite and `> 0`, or a `num_items_in_batch` that
-/// is not finite and `> 0`.
+/// is not a finite count `≥ 1`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct DistillConfig {
@@ -298,11 +298,13 @@ impl DistillConfig {
         num_items_in_batch: Option<f64>,
     ) -> Result<Self, Error> {
         if let Some(n) = num_items_in_batch {
+            // A count of items: below 1 (e.g. a subnormal) `Σ / n` would
+            // overflow for ordinary divergences.
             check_param(
-                n.is_finite() && n > 0.0,
+                n.is_finite() && n >= 1.0,
                 "num_items_in_batch",
                 n,
-                "must be finite and > 0",
+                "must be a finite count ≥ 1",
             )?;
         }
         Ok(DistillConfig {

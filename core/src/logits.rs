@@ -54,6 +54,16 @@ use crate::shape::Dims;
 /// A softmax temperature `T > 0` (finite): logits are divided by `T` before
 /// the log-softmax.
 ///
+/// # Range
+///
+/// Every op divides the logits by `T` first, as the peers do. When a scaled
+/// logit `z / T` itself exceeds the float range (e.g. `z = 1e30` with
+/// `T = 1e-20` in `f32`), that intermediate is ±inf and the results are not
+/// finite, exactly as the peers' `logits / temperature`. Likewise every
+/// gradient carries the factor `1/T`, which exceeds the float range for a
+/// subnormal `T`. For `max(|z|, 1) / T` inside the range, finite logits give
+/// finite results and gradients.
+///
 /// # Errors
 ///
 /// [`Temperature::new`] returns [`Error::OutOfRange`] unless `T` is finite

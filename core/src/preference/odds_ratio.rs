@@ -197,6 +197,12 @@ pub struct MarginTerm<E> {
 ///
 /// `dr/dℓ = 1` (α = 0) or `e^{−α·ℓ}`. Returned as `(r, dr/dℓ)`.
 ///
+/// Evaluated as `−expm1(u)/α` with `u = −α·ℓ` for `|u| > 1/2`, and as
+/// `ℓ · expm1(u)/u` (→ `ℓ` as `u → 0`) closer to 0, so a tiny `α` keeps the
+/// reward `≈ ℓ` instead of cancelling to 0. For `u` beyond `ln(MAX)`
+/// (`α·(−ℓ) > ≈709` in `f64`, `≈88` in `f32`) the true reward and
+/// derivative exceed the float range: ∓inf.
+///
 /// # Peers
 ///
 /// TRL `CPOTrainer.cpo_loss` (`alpha`). TRL evaluates `exp(ℓ).pow(−α)`,
@@ -206,9 +212,16 @@ pub fn alphapo_reward<E: Elem>(logp: E, alpha: f64) -> (E, E) {
         let one = logp.full_like(1.0);
         (logp, one)
     } else {
-        let e = logp.mul_scalar(-alpha).exp();
-        let r = e.clone().neg().add_scalar(1.0).mul_scalar(1.0 / alpha);
-        (r, e)
+        let u = logp.clone().mul_scalar(-alpha);
+        let e = u.clone().exp();
+        let em1 = exp_m1(u.clone());
+        let far = u.clone().abs().gt_scalar(0.5);
+        let is_zero = u.ge_scalar(0.0).and(u.le_scalar(0.0));
+        let r_far = em1.clone().mul_scalar(-1.0 / alpha);
+        // expm1(u)/u, exactly 1 at u = 0.
+        let ratio = E::select(&is_zero, u.full_like(1.0), em1.div(u.clone()));
+        let r_near = logp.mul(ratio);
+        (E::select(&far, r_far, r_near), e)
     }
 }
 

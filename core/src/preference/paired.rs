@@ -115,6 +115,10 @@ pub enum PairedLoss {
     /// Anchored preference optimisation, "down" variant. TRL `apo_down`.
     ApoDown,
     /// DiscoPOP (log-ratio modulated logistic/exponential). TRL `discopop`.
+    /// Its exponential part `e^{−z}·σ(z/τ)` grows like `e^{−z(1 − 1/τ)}`
+    /// for `z → −∞` when `τ > 1`: beyond the float range it is +inf (the
+    /// true value); for `τ ≤ 1` it stays finite (evaluated as one
+    /// exponential of `−z + log σ(z/τ)`).
     Discopop,
     /// Logistic loss on length-normalised scores. TRL `sigmoid_norm`.
     SigmoidNorm,
@@ -231,11 +235,19 @@ impl LossTerm {
 pub enum FDivergence {
     /// Plain DPO: the score is the log-ratio.
     ReverseKl,
-    /// Forward KL.
+    /// Forward KL: the score `−e^{−x}` has no clamp (as in TRL), so it
+    /// exceeds the float range — and so do losses that use it linearly or
+    /// squared (IPO, hinge…) — once the log-ratio `x` is below
+    /// `−ln(MAX)` (≈ −709 in `f64`, ≈ −88 in `f32`). Where a loss saturates
+    /// instead (sigmoid-type losses) the result stays finite: a zero
+    /// `∂loss/∂score` times the overflowed `e^{−x}` counts as 0.
     ForwardKl,
     /// Jensen–Shannon.
     JsDivergence,
-    /// α-divergence with coefficient α.
+    /// α-divergence with coefficient α. The score is at most
+    /// `e^80/|α − 1|` (TRL's clamp), which exceeds the `f32` range for
+    /// `|α − 1| < ≈1.6e-4` (and `|α − 1| ≥ 1e-6`, below which it is the
+    /// reverse KL): ±inf there, as in TRL.
     Alpha(f64),
 }
 
@@ -681,27 +693,39 @@ impl PairedConfig {
             PairedLoss::Discopop => {
                 let tau = self.discopop_tau;
                 let z = delta().mul_scalar(b);
-                let m = z.clone().mul_scalar(1.0 / tau).sigmoid();
-                let dm = m
+                let zt = z.clone().mul_scalar(1.0 / tau);
+                // log m and log(1 − m), m = σ(z/τ), in the stable forms.
+                let log_m = zt.clone().log_sigmoid();
+                let log_1m = zt.neg().log_sigmoid();
+                let m = log_m.clone().exp();
+                let one_m = log_1m.clone().exp();
+                let dm = log_m
                     .clone()
-                    .mul(z.clone().mul_scalar(1.0 / tau).neg().sigmoid())
+                    .add(log_1m.clone())
+                    .exp()
                     .mul_scalar(1.0 / tau);
                 let logistic = z.clone().log_sigmoid().neg();
-                let expo = z.clone().neg().exp();
-                let one_m = m.clone().neg().add_scalar(1.0);
-                let l = logistic
+                // e^{−z}·m and e^{−z}·m' as one exponential each: no
+                // `∞ · 0` when e^{−z} overflows while m underflows.
+                let expo_m = z.clone().neg().add(log_m.clone()).exp();
+                let expo_dm = z
                     .clone()
-                    .mul(one_m.clone())
-                    .add(expo.clone().mul(m.clone()));
+                    .neg()
+                    .add(log_m)
+                    .add(log_1m)
+                    .exp()
+                    .mul_scalar(1.0 / tau);
+                let l = logistic.clone().mul(one_m.clone()).add(expo_m.clone());
                 let d = z
                     .neg()
                     .sigmoid()
                     .neg()
                     .mul(one_m)
-                    .sub(logistic.mul(dm.clone()))
-                    .sub(expo.clone().mul(m))
-                    .add(expo.mul(dm))
+                    .sub(logistic.mul(dm))
+                    .sub(expo_m)
+                    .add(expo_dm)
                     .mul_scalar(b);
+                let _ = m;
                 on_delta(l, d)
             }
             PairedLoss::Sft => PairTermValue {
@@ -1017,7 +1041,8 @@ fn argsort<F: Real>(idx: &mut [usize], key: impl Fn(usize) -> F) {
 /// `Aot` pairs the j-th smallest `cᵢ − rᵢ` with the j-th smallest
 /// `c₀ᵢ − r₀ᵢ`; `AotUnpaired` the j-th smallest `ℓc` with the j-th smallest
 /// `ℓr`; the j-th term is weighted by `ωⱼ`. `per_pair` (if given) receives
-/// `lossᵢ`.
+/// `lossᵢ`. A term of weight 0 is skipped: it contributes exactly 0 even
+/// where its loss would overflow (the peers multiply, giving NaN).
 ///
 /// # Gradient
 /// With `grads`, writes `∂/∂c` and `∂/∂r` of
@@ -1122,6 +1147,11 @@ pub fn paired_loss<F: Real>(
     let mut total = F::zero();
 
     for t in terms {
+        // A term of weight 0 contributes exactly 0 (not `0 · ∞` when its
+        // loss overflows, e.g. a squared IPO margin of 1e30 in f32).
+        if t.weight == 0.0 {
+            continue;
+        }
         let w = F::of(t.weight);
         match t.kind {
             PairedLoss::Sft => {
@@ -1210,8 +1240,12 @@ pub fn paired_loss<F: Real>(
                     }
                     if let Some(g) = grads.as_mut() {
                         let u = upstream(g, i) * w * omega(i);
-                        g.chosen[i] += u * (v.d_chosen_logratio + v.d_chosen_score * dsc);
-                        g.rejected[i] += u * (v.d_rejected_logratio + v.d_rejected_score * dsr);
+                        // A zero `∂/∂score` times an overflowed `∂score/∂x`
+                        // (forward KL `e^{−x}` beyond the float range) is 0.
+                        let chain = |d: F, ds: F| if d == F::zero() { d } else { d * ds };
+                        g.chosen[i] += u * (v.d_chosen_logratio + chain(v.d_chosen_score, dsc));
+                        g.rejected[i] +=
+                            u * (v.d_rejected_logratio + chain(v.d_rejected_score, dsr));
                     }
                 }
             }
@@ -1668,6 +1702,9 @@ pub struct RewardOutput<F> {
 /// loss = (1/B) Σᵢ −log σ(rcᵢ − rrᵢ − mᵢ) + κ · (1/B) Σᵢ (rcᵢ + rrᵢ)²
 /// ```
 /// (`mᵢ = 0` without margins, no centering term with `centering = None`).
+/// Known limit: the centering term squares the rewards, so with `κ ≠ 0` and
+/// `|rc + rr|` above `√MAX` (≈ 1.3e154 in `f64`, ≈ 1.8e19 in `f32`) the true
+/// value exceeds the float range and the loss is +inf (as in the peers).
 /// `−log σ(x) = softplus(−x) = log(1 + e^{−x})`, so OpenRLHF's `LogExpLoss`
 /// is this loss without margin.
 ///
