@@ -16,7 +16,9 @@
 //!
 //! A backend is a float type the core runs in: `core-f64` and `core-f32`
 //! (inputs rounded to f32 — exact, since every vector input is representable
-//! in f32 — computed in f32, compared at the `f32` tolerance).
+//! in f32 — computed in f32, compared at the `f32` tolerance). With the
+//! feature `burn`, `burn-ndarray` runs the ops posttrain-burn implements on
+//! burn's ndarray device (f32 tensors, `f32` tolerance) and skips the rest.
 
 pub mod case;
 pub mod hostile;
@@ -37,17 +39,27 @@ pub enum Backend {
     CoreF64,
     /// posttrain-core in `f32`.
     CoreF32,
+    /// posttrain-burn on burn's ndarray device (f32 tensors); ops it does not
+    /// implement are skipped. Feature `burn`.
+    #[cfg(feature = "burn")]
+    BurnNdarray,
 }
 
 impl Backend {
     /// Every backend compiled into this binary.
+    #[cfg(not(feature = "burn"))]
     pub const ALL: &'static [Backend] = &[Backend::CoreF64, Backend::CoreF32];
+    /// Every backend compiled into this binary.
+    #[cfg(feature = "burn")]
+    pub const ALL: &'static [Backend] = &[Backend::CoreF64, Backend::CoreF32, Backend::BurnNdarray];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
         match self {
             Backend::CoreF64 => "core-f64",
             Backend::CoreF32 => "core-f32",
+            #[cfg(feature = "burn")]
+            Backend::BurnNdarray => "burn-ndarray",
         }
     }
 
@@ -56,6 +68,8 @@ impl Backend {
         match self {
             Backend::CoreF64 => "f64",
             Backend::CoreF32 => "f32",
+            #[cfg(feature = "burn")]
+            Backend::BurnNdarray => "f32",
         }
     }
 
@@ -87,6 +101,8 @@ impl Backend {
         match self {
             Backend::CoreF64 => ops::dispatch::<f64>(op, ctx),
             Backend::CoreF32 => ops::dispatch::<f32>(op, ctx),
+            #[cfg(feature = "burn")]
+            Backend::BurnNdarray => ops::burn::run(op, ctx),
         }
     }
 }

@@ -7,6 +7,8 @@ use posttrain_core::Real;
 
 pub mod advantage;
 pub mod aggregate;
+#[cfg(feature = "burn")]
+pub mod burn;
 pub mod distill;
 pub mod grpo;
 pub mod kl;
