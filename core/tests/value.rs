@@ -41,7 +41,11 @@ fn near_kink(c: f64, v: f64, old: f64, ret: f64, d: f64) -> bool {
     let lo = old - c;
     let hi = old + c;
     let vc = v.clamp(lo, hi);
-    (v - lo).abs() < d || (v - hi).abs() < d || ((v - ret).abs() - (vc - ret).abs()).abs() < d
+    // The clip edges, and (only when the value is clipped) the switch between
+    // the clipped and unclipped squared errors.
+    (v - lo).abs() < d
+        || (v - hi).abs() < d
+        || (vc != v && ((v - ret).abs() - (vc - ret).abs()).abs() < d)
 }
 
 proptest! {
@@ -53,9 +57,6 @@ proptest! {
         m in mask_with_one_valid(), agg in mode(), c in 0.05f64..1.0,
     ) {
         let h = 1e-6;
-        for i in 0..N {
-            prop_assume!(!near_kink(c, v[i], old[i], ret[i], 1e-4));
-        }
         let cfg = ValueLossConfig::new(Some(c), agg)?.with_norm(GlobalNorm {
             dp_size: 2.0,
             ..GlobalNorm::default()
@@ -64,6 +65,11 @@ proptest! {
         let mut g = vec![0.0; N];
         value_loss(&cfg, Dims::new(B, T), &v, &old, &ret, &m, &mut per, Some(&mut g))?;
         for i in 0..N {
+            // Each token's loss depends on its own value only: skip the
+            // coordinates that sit within the probe of a kink.
+            if near_kink(c, v[i], old[i], ret[i], 1e-4) {
+                continue;
+            }
             let (mut vp, mut vm) = (v.clone(), v.clone());
             vp[i] += h;
             vm[i] -= h;
