@@ -186,3 +186,15 @@ pub fn check_param(
         Err(Error::OutOfRange { param, value, rule })
     }
 }
+
+/// `Err(OutOfRange)` unless `value` is finite and `≥ 0` (the most common
+/// range rule: ε, β, coefficients, weights).
+#[inline]
+pub fn check_finite_nonneg(param: &'static str, value: f64) -> Result<(), Error> {
+    check_param(
+        value.is_finite() && value >= 0.0,
+        param,
+        value,
+        "must be finite and ≥ 0",
+    )
+}

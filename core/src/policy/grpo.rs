@@ -74,7 +74,7 @@
 
 use crate::aggregate;
 use crate::elem::{Elem, ElemExt, MaskElem, Real};
-use crate::error::{check_len, check_param, Error};
+use crate::error::{check_finite_nonneg, check_len, check_param, Error};
 use crate::kl::{KlConfig, KlEstimator};
 use crate::policy::{ppo_clipped_surrogate, ClipConfig};
 use crate::shape::Dims;
@@ -299,12 +299,7 @@ impl TrlNormalizer {
             self.max_completion_length,
             "must be finite and > 0",
         )?;
-        check_param(
-            self.num_items_in_batch.is_finite() && self.num_items_in_batch >= 0.0,
-            "num_items_in_batch",
-            self.num_items_in_batch,
-            "must be finite and ≥ 0",
-        )?;
+        check_finite_nonneg("num_items_in_batch", self.num_items_in_batch)?;
         check_param(
             self.num_processes.is_finite() && self.num_processes >= 1.0,
             "num_processes",
@@ -585,18 +580,8 @@ impl GrpoConfig {
     /// `top_entropy_quantile ∉ [0, 1]`, a non-positive SAPO temperature, a
     /// non-positive clamp, or an invalid normalizer / entropy bonus.
     pub fn validate(&self) -> Result<(), Error> {
-        check_param(
-            self.eps_low.is_finite() && self.eps_low >= 0.0,
-            "epsilon",
-            self.eps_low,
-            "must be finite and ≥ 0",
-        )?;
-        check_param(
-            self.eps_high.is_finite() && self.eps_high >= 0.0,
-            "epsilon_high",
-            self.eps_high,
-            "must be finite and ≥ 0",
-        )?;
+        check_finite_nonneg("epsilon", self.eps_low)?;
+        check_finite_nonneg("epsilon_high", self.eps_high)?;
         if let Some(d) = self.delta {
             check_param(
                 d.is_finite() && d > 0.0,
@@ -605,12 +590,7 @@ impl GrpoConfig {
                 "must be finite and > 0",
             )?;
         }
-        check_param(
-            self.beta.is_finite() && self.beta >= 0.0,
-            "beta",
-            self.beta,
-            "must be finite and ≥ 0",
-        )?;
+        check_finite_nonneg("beta", self.beta)?;
         check_param(
             (0.0..=1.0).contains(&self.top_entropy_quantile),
             "top_entropy_quantile",
@@ -1560,24 +1540,9 @@ impl GmpoConfig {
     /// [`Error::OutOfRange`] for negative ε or β, a quantile outside `[0, 1]`,
     /// accumulation steps < 1, a non-positive clamp.
     pub fn validate(&self) -> Result<(), Error> {
-        check_param(
-            self.eps_low.is_finite() && self.eps_low >= 0.0,
-            "epsilon",
-            self.eps_low,
-            "must be finite and ≥ 0",
-        )?;
-        check_param(
-            self.eps_high.is_finite() && self.eps_high >= 0.0,
-            "epsilon_high",
-            self.eps_high,
-            "must be finite and ≥ 0",
-        )?;
-        check_param(
-            self.beta.is_finite() && self.beta >= 0.0,
-            "beta",
-            self.beta,
-            "must be finite and ≥ 0",
-        )?;
+        check_finite_nonneg("epsilon", self.eps_low)?;
+        check_finite_nonneg("epsilon_high", self.eps_high)?;
+        check_finite_nonneg("beta", self.beta)?;
         check_param(
             (0.0..=1.0).contains(&self.top_entropy_quantile),
             "top_entropy_quantile",
@@ -1864,18 +1829,8 @@ impl RlooConfig {
     ///
     /// [`Error::OutOfRange`] for a negative or non-finite ε or a non-positive clamp.
     pub fn validate(&self) -> Result<(), Error> {
-        check_param(
-            self.eps_low.is_finite() && self.eps_low >= 0.0,
-            "epsilon",
-            self.eps_low,
-            "must be finite and ≥ 0",
-        )?;
-        check_param(
-            self.eps_high.is_finite() && self.eps_high >= 0.0,
-            "epsilon_high",
-            self.eps_high,
-            "must be finite and ≥ 0",
-        )?;
+        check_finite_nonneg("epsilon", self.eps_low)?;
+        check_finite_nonneg("epsilon_high", self.eps_high)?;
         if let Some(c) = self.log_ratio_clamp {
             check_param(
                 c.is_finite() && c > 0.0,
