@@ -88,14 +88,23 @@ pub use burn;
 pub use burn::tensor::{Bool, Device, Int, Tensor};
 pub use posttrain_core;
 
+pub mod advantage;
 pub mod aggregate;
 mod device;
+pub mod distill;
 pub mod elem;
+pub mod fused;
+pub mod grpo;
 pub mod kl;
 pub mod logits;
 pub mod policy;
+pub mod precision;
 pub mod preference;
+pub mod rollout;
+pub mod sequence;
+pub mod stats;
 mod util;
+pub mod value;
 
 pub use device::{compiled_backends, device, device_for, BackendKind, DeviceError};
 pub use elem::{ElemMask, ElemTensor};

@@ -17,12 +17,14 @@
 //! A backend is a float type the core runs in: `core-f64` and `core-f32`
 //! (inputs rounded to f32 — exact, since every vector input is representable
 //! in f32 — computed in f32, compared at the `f32` tolerance). With the
-//! feature `burn`, `burn-ndarray` runs the ops posttrain-burn implements on
-//! burn's ndarray device (f32 tensors, `f32` tolerance) and skips the rest.
+//! features `burn`, `wgpu` and `tch`, the backends `burn-ndarray`,
+//! `burn-wgpu` and `burn-tch` run every op through posttrain-burn on that
+//! burn device (f32 tensors, `f32` tolerance).
 
 pub mod case;
 pub mod hostile;
 pub mod ops;
+pub mod report;
 pub mod vector;
 
 use case::{Ctx, Fail, OpResult, Outputs};
@@ -39,19 +41,31 @@ pub enum Backend {
     CoreF64,
     /// posttrain-core in `f32`.
     CoreF32,
-    /// posttrain-burn on burn's ndarray device (f32 tensors); ops it does not
-    /// implement are skipped. Feature `burn`.
+    /// posttrain-burn on burn's ndarray device (f32 tensors). Feature `burn`.
     #[cfg(feature = "burn")]
     BurnNdarray,
+    /// posttrain-burn on burn's wgpu device (f32 tensors; lavapipe on a
+    /// machine without a GPU). Feature `wgpu`.
+    #[cfg(feature = "wgpu")]
+    BurnWgpu,
+    /// posttrain-burn on libtorch (f32 tensors; the device
+    /// `posttrain_burn::device_for(BackendKind::Tch)` picks). Feature `tch`.
+    #[cfg(feature = "tch")]
+    BurnTch,
 }
 
 impl Backend {
     /// Every backend compiled into this binary.
-    #[cfg(not(feature = "burn"))]
-    pub const ALL: &'static [Backend] = &[Backend::CoreF64, Backend::CoreF32];
-    /// Every backend compiled into this binary.
-    #[cfg(feature = "burn")]
-    pub const ALL: &'static [Backend] = &[Backend::CoreF64, Backend::CoreF32, Backend::BurnNdarray];
+    pub const ALL: &'static [Backend] = &[
+        Backend::CoreF64,
+        Backend::CoreF32,
+        #[cfg(feature = "burn")]
+        Backend::BurnNdarray,
+        #[cfg(feature = "wgpu")]
+        Backend::BurnWgpu,
+        #[cfg(feature = "tch")]
+        Backend::BurnTch,
+    ];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
@@ -60,6 +74,24 @@ impl Backend {
             Backend::CoreF32 => "core-f32",
             #[cfg(feature = "burn")]
             Backend::BurnNdarray => "burn-ndarray",
+            #[cfg(feature = "wgpu")]
+            Backend::BurnWgpu => "burn-wgpu",
+            #[cfg(feature = "tch")]
+            Backend::BurnTch => "burn-tch",
+        }
+    }
+
+    /// The burn backend this runner backend drives, if it is a burn one.
+    #[cfg(feature = "burn")]
+    pub fn burn_kind(self) -> Option<posttrain_burn::BackendKind> {
+        use posttrain_burn::BackendKind;
+        match self {
+            Backend::CoreF64 | Backend::CoreF32 => None,
+            Backend::BurnNdarray => Some(BackendKind::NdArray),
+            #[cfg(feature = "wgpu")]
+            Backend::BurnWgpu => Some(BackendKind::Wgpu),
+            #[cfg(feature = "tch")]
+            Backend::BurnTch => Some(BackendKind::Tch),
         }
     }
 
@@ -67,9 +99,7 @@ impl Backend {
     pub fn precision(self) -> &'static str {
         match self {
             Backend::CoreF64 => "f64",
-            Backend::CoreF32 => "f32",
-            #[cfg(feature = "burn")]
-            Backend::BurnNdarray => "f32",
+            _ => "f32",
         }
     }
 
@@ -86,7 +116,8 @@ impl Backend {
                 None => {
                     let known: Vec<_> = Self::ALL.iter().map(|b| b.name()).collect();
                     return Err(format!(
-                        "unknown backend {part:?}; compiled backends: {}",
+                        "unknown backend {part:?}; compiled backends: {} \
+                         (burn-ndarray needs the feature `burn`, burn-wgpu `wgpu`, burn-tch `tch`)",
                         known.join(", ")
                     ));
                 }
@@ -102,7 +133,7 @@ impl Backend {
             Backend::CoreF64 => ops::dispatch::<f64>(op, ctx),
             Backend::CoreF32 => ops::dispatch::<f32>(op, ctx),
             #[cfg(feature = "burn")]
-            Backend::BurnNdarray => ops::burn::run(op, ctx),
+            _ => ops::burn::run(self.burn_kind()?, op, ctx),
         }
     }
 }

@@ -1,0 +1,1 @@
+//! Advantage estimators (GRPO, RLOO, REINFORCE++, GAE, …), reward shaping and controllers on tensors.

@@ -1,0 +1,1 @@
+//! Distillation losses (forward/reverse KL, generalized JSD) on tensors.

@@ -1,0 +1,1 @@
+//! Fused ops: the core's closed-form backward registered as burn custom backward ops.

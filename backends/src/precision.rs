@@ -1,0 +1,1 @@
+//! Reduced-precision (f16/bf16) evaluation and its documented tolerances.

@@ -1,0 +1,1 @@
+//! Rollout importance-sampling weights and rejection masks on tensors.

@@ -1,0 +1,1 @@
+//! Sequence utilities (response masks, stop-token truncation, sequence log-probs) on tensors.

@@ -1,0 +1,1 @@
+//! Masked statistics (sum, mean, variance, whitening, nan-reductions) on tensors.

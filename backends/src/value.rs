@@ -1,0 +1,1 @@
+//! Value (critic) losses on tensors.

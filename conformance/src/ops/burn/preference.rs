@@ -1,0 +1,11 @@
+//! Preference losses (paired, unpaired, odds ratio, reward models) on burn tensors: handlers for the `burn-*` backends.
+//! (Filled in by the preference work; ops not matched here fall through.)
+
+use crate::case::{Ctx, OpResult};
+use posttrain_burn::Device;
+
+/// Runs `op` if this family owns it.
+pub fn run(op: &str, ctx: &Ctx, d: &Device) -> Option<OpResult> {
+    let _ = (op, ctx, d);
+    None
+}

@@ -1,0 +1,1 @@
+//! The cross-hardware report: every op on seeded random inputs of realistic shapes on every backend.
