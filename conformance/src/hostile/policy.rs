@@ -324,14 +324,16 @@ fn verl_policy(u: &mut Unstructured) -> ArbResult<()> {
         // clip-cov/DPPO's detached tokens and ratios, CISPO's detached
         // weight, KL-cov's selection) have a gradient that is by design not
         // the derivative of the value: no finite-difference check there.
-        grads: if matches!(
-            loss,
-            PolicyLoss::Ppo(_)
-                | PolicyLoss::LogProb
-                | PolicyLoss::SoftGate { .. }
-                | PolicyLoss::QuadraticPenalty { .. }
-                | PolicyLoss::GeometricMean { .. }
-        ) {
+        // (A log-ratio clamp narrower than the probe's step: see `grpo`.)
+        grads: if !matches!(loss, PolicyLoss::Ppo(c) if c.log_ratio_clamp.is_some_and(|k| k < 1e-3))
+            && matches!(
+                loss,
+                PolicyLoss::Ppo(_)
+                    | PolicyLoss::LogProb
+                    | PolicyLoss::SoftGate { .. }
+                    | PolicyLoss::QuadraticPenalty { .. }
+                    | PolicyLoss::GeometricMean { .. }
+            ) {
             vec![(0, 4)]
         } else {
             vec![]
@@ -646,7 +648,9 @@ fn grpo(u: &mut Unstructured) -> ArbResult<()> {
     // TRL's luspo weighs every (B, T) entry, padding included (documented in
     // `policy::grpo`): no masked-invariance check for it.
     let luspo_token = lt == GrpoLossType::Luspo;
-    let unclamped = case.cfg.log_ratio_clamp.is_none();
+    // A clamp beyond e^30 does not keep the ratios representable: treat
+    // it as TRL's unclamped loss (finite only for representable ratios).
+    let unclamped = case.cfg.log_ratio_clamp.is_none_or(|c| c > 30.0);
     let op = Op {
         what: "trl grpo_loss",
         f64: &f64c,
@@ -666,11 +670,14 @@ fn grpo(u: &mut Unstructured) -> ArbResult<()> {
         // CISPO's weight and VESPO's φ are detached, and `sequence_token`
         // is straight-through: their value is not the gradient's primitive.
         // Without old log-probs TRL's ratio is `exp(logp − sg(logp))`: value
-        // 1, gradient 1.
+        // 1, gradient 1. A log-ratio clamp narrower than the probe's step
+        // (1e-6) puts clamp edges on both sides of the point, where the
+        // finite difference sees the flat clamped value and not the slope.
         grads: if lt == GrpoLossType::Cispo
             || lt == GrpoLossType::Vespo
             || case.cfg.level == ImportanceSamplingLevel::SequenceToken
             || !case.with_old
+            || case.cfg.log_ratio_clamp.is_some_and(|c| c < 1e-3)
         {
             vec![(1, 13 + n)]
         } else {
@@ -1258,12 +1265,14 @@ fn gmpo_rloo(u: &mut Unstructured) -> ArbResult<()> {
     x[3] = log_probs(u, n)?;
     x[4] = log_probs(u, n)?;
     x[5] = finite_only(&raw[5]).iter().map(|v| -v.abs()).collect();
-    let unclamped = if is_gmpo {
+    let clamp = if is_gmpo {
         g.log_ratio_clamp
     } else {
         r.log_ratio_clamp
-    }
-    .is_none();
+    };
+    let unclamped = clamp.is_none_or(|c| c > 30.0); // as in `grpo`
+                                                    // A clamp narrower than the probe's step: see `grpo`.
+    let narrow_clamp = clamp.is_some_and(|c| c < 1e-3);
     if unclamped {
         // TRL's own unclamped numbers: finite only while representable.
         x = x.iter().map(|v| tame(v, 30.0)).collect();
@@ -1279,7 +1288,7 @@ fn gmpo_rloo(u: &mut Unstructured) -> ArbResult<()> {
         masks: vec![Some(&m), Some(&m), None, Some(&m), Some(&m), None],
         f32_lim: vec![30.0, 10.0, 10.0, 30.0, 30.0, 30.0],
         read_padding: vec![],
-        grads: vec![(0, 3)],
+        grads: if narrow_clamp { vec![] } else { vec![(0, 3)] },
         masked_check: true,
     };
     contract(&op, &x);
