@@ -17,7 +17,11 @@
 //! Time: the median wall time of `N` steps (after one warm-up step).
 //! Memory: a counting global allocator in this binary; "peak" is the maximum
 //! number of heap bytes live at any moment during a step minus those live
-//! when it started (i.e. the step's own peak heap footprint, all threads).
+//! when it started (i.e. the step's own peak heap footprint, all threads);
+//! "held" is the heap bytes live after the forward, before `backward()`,
+//! above the start — the output plus what the autodiff graph keeps for the
+//! backward, i.e. what a real model would carry through the rest of its
+//! forward pass. The two paths alternate step by step.
 //! The backend is whatever `posttrain_burn::device()` picks (ndarray on CPU in
 //! the default build; `POSTTRAIN_BACKEND` overrides it). The last line of the
 //! output is JSON with every number and the graph/fused ratios.
@@ -92,29 +96,72 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
-/// Runs `step` once; returns (seconds, peak heap bytes above the start).
-fn measure(step: &mut dyn FnMut()) -> (f64, usize) {
-    let base = LIVE.load(Ordering::SeqCst);
-    PEAK.store(base, Ordering::SeqCst);
-    let t = Instant::now();
-    step();
-    let dt = t.elapsed().as_secs_f64();
-    (dt, PEAK.load(Ordering::SeqCst).saturating_sub(base))
+static MID: AtomicUsize = AtomicUsize::new(0);
+
+/// Called by a step between its forward and its backward: records the heap
+/// bytes live at that point (the forward's output plus whatever the autodiff
+/// graph keeps for the backward).
+fn mark_forward_done() {
+    MID.store(LIVE.load(Ordering::SeqCst), Ordering::SeqCst);
 }
 
-/// Median time and median peak of `n` steps after one warm-up.
-fn bench(n: usize, step: &mut dyn FnMut()) -> (f64, usize) {
+/// One step's measurements.
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    /// Wall time, seconds.
+    secs: f64,
+    /// Peak heap bytes live during the step, above the start.
+    peak: usize,
+    /// Heap bytes live after the forward (before `backward()`), above the start.
+    held: usize,
+}
+
+/// Runs `step` once.
+fn measure(step: &mut dyn FnMut()) -> Sample {
+    let base = LIVE.load(Ordering::SeqCst);
+    PEAK.store(base, Ordering::SeqCst);
+    MID.store(base, Ordering::SeqCst);
+    let t = Instant::now();
     step();
-    let mut ts = Vec::with_capacity(n);
-    let mut ms = Vec::with_capacity(n);
-    for _ in 0..n {
-        let (t, m) = measure(step);
-        ts.push(t);
-        ms.push(m);
+    let secs = t.elapsed().as_secs_f64();
+    Sample {
+        secs,
+        peak: PEAK.load(Ordering::SeqCst).saturating_sub(base),
+        held: MID.load(Ordering::SeqCst).saturating_sub(base),
     }
-    ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    ms.sort_unstable();
-    (ts[n / 2], ms[n / 2])
+}
+
+fn median(mut xs: Vec<Sample>) -> Sample {
+    let n = xs.len();
+    xs.sort_by(|a, b| a.secs.partial_cmp(&b.secs).unwrap());
+    let secs = xs[n / 2].secs;
+    xs.sort_by_key(|s| s.peak);
+    let peak = xs[n / 2].peak;
+    xs.sort_by_key(|s| s.held);
+    Sample {
+        secs,
+        peak,
+        held: xs[n / 2].held,
+    }
+}
+
+/// Medians of `n` steps of each path after one warm-up of each; the two
+/// paths alternate step by step so that load from other processes hits both
+/// alike.
+fn bench(n: usize, fused: &mut dyn FnMut(), graph: &mut dyn FnMut()) -> (Sample, Sample) {
+    fused();
+    graph();
+    let (mut f, mut g) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        if i % 2 == 0 {
+            f.push(measure(fused));
+            g.push(measure(graph));
+        } else {
+            g.push(measure(graph));
+            f.push(measure(fused));
+        }
+    }
+    (median(f), median(g))
 }
 
 // ---------------------------------------------------------------------------
@@ -155,8 +202,8 @@ struct Row {
     op: &'static str,
     shape: String,
     n: usize,
-    fused: (f64, usize),
-    graph: (f64, usize),
+    fused: Sample,
+    graph: Sample,
     max_grad_diff: f64,
 }
 
@@ -199,6 +246,7 @@ fn policy_row(dev: &Device, b: usize, s: usize, n: usize) -> Row {
             Some(pen),
         )
         .expect("fused policy loss");
+        mark_forward_done();
         let g = out.loss.backward();
         x.grad(&g).expect("grad")
     };
@@ -208,18 +256,22 @@ fn policy_row(dev: &Device, b: usize, s: usize, n: usize) -> Row {
             .expect("policy loss");
         let k = kl_loss(&kl, agg, &norm, x.clone(), rf.clone(), &mask).expect("kl loss");
         let total = pg.loss + k.value.mul_scalar(coef);
+        mark_forward_done();
         let g = total.backward();
         x.grad(&g).expect("grad")
     };
     let diff = max_diff(fused_grad(&lp), graph_grad(&lp));
-    let f = bench(n, &mut || {
-        let _ = fused_grad(&lp);
-        dev.sync().expect("sync");
-    });
-    let g = bench(n, &mut || {
-        let _ = graph_grad(&lp);
-        dev.sync().expect("sync");
-    });
+    let (f, g) = bench(
+        n,
+        &mut || {
+            let _ = fused_grad(&lp);
+            dev.sync().expect("sync");
+        },
+        &mut || {
+            let _ = graph_grad(&lp);
+            dev.sync().expect("sync");
+        },
+    );
     Row {
         op: "policy_loss+kl (ppo, token-mean, low_var_kl)",
         shape: format!("[{b}, {s}]"),
@@ -249,7 +301,9 @@ fn logits_rows(dev: &Device, b: usize, s: usize, v: usize, n: usize) -> Vec<Row>
                 .expect("lsm")
                 .0
         };
-        let g = (out * cot.clone()).sum().backward();
+        let l = (out * cot.clone()).sum();
+        mark_forward_done();
+        let g = l.backward();
         x.grad(&g).expect("grad")
     };
     let ent = |fused_path: bool| {
@@ -259,7 +313,9 @@ fn logits_rows(dev: &Device, b: usize, s: usize, v: usize, n: usize) -> Vec<Row>
         } else {
             entropy_from_logits(x.clone(), None).expect("entropy").0
         };
-        let g = (out * cot.clone()).sum().backward();
+        let l = (out * cot.clone()).sum();
+        mark_forward_done();
+        let g = l.backward();
         x.grad(&g).expect("grad")
     };
     let mut rows = Vec::new();
@@ -268,14 +324,17 @@ fn logits_rows(dev: &Device, b: usize, s: usize, v: usize, n: usize) -> Vec<Row>
         ("entropy_from_logits", &ent),
     ] {
         let diff = max_diff(f(true), f(false));
-        let fr = bench(n, &mut || {
-            let _ = f(true);
-            dev.sync().expect("sync");
-        });
-        let gr = bench(n, &mut || {
-            let _ = f(false);
-            dev.sync().expect("sync");
-        });
+        let (fr, gr) = bench(
+            n,
+            &mut || {
+                let _ = f(true);
+                dev.sync().expect("sync");
+            },
+            &mut || {
+                let _ = f(false);
+                dev.sync().expect("sync");
+            },
+        );
         rows.push(Row {
             op,
             shape: shape.clone(),
@@ -304,19 +363,23 @@ fn dpo_row(dev: &Device, pairs: usize, n: usize) -> Row {
         } else {
             paired_loss(&cfg, &terms, batch).expect("dpo").loss
         };
+        mark_forward_done();
         let g = loss.backward();
         let (gx, gy) = (x.grad(&g).expect("grad"), y.grad(&g).expect("grad"));
         Tensor::cat(vec![gx, gy], 0)
     };
     let diff = max_diff(run(true), run(false));
-    let f = bench(n, &mut || {
-        let _ = run(true);
-        dev.sync().expect("sync");
-    });
-    let g = bench(n, &mut || {
-        let _ = run(false);
-        dev.sync().expect("sync");
-    });
+    let (f, g) = bench(
+        n,
+        &mut || {
+            let _ = run(true);
+            dev.sync().expect("sync");
+        },
+        &mut || {
+            let _ = run(false);
+            dev.sync().expect("sync");
+        },
+    );
     Row {
         op: "paired_loss (DPO sigmoid, beta=0.1)",
         shape: format!("[{pairs}] pairs"),
@@ -342,7 +405,8 @@ fn main() {
         "step = fresh leaf + forward + backward + read grad; time = median of {n} steps (logits ops: {}) after 1 warm-up;",
         n.min(5)
     );
-    println!("peak = max heap bytes live during the step minus those live at its start (counting global allocator, all threads)");
+    println!("peak = max heap bytes live during the step minus those live at its start; held = heap bytes live after the forward, before backward(), minus those at the start (counting global allocator, all threads)");
+    println!("paths alternate step by step; max abs Δgrad = largest |fused − graph| gradient difference");
     println!();
 
     let mut rows = Vec::new();
@@ -354,26 +418,30 @@ fn main() {
     for &[b, s] in policy_shapes {
         rows.push(policy_row(&dev, b, s, n));
     }
-    let (lb, ls, lv) = if small { (2, 16, 1000) } else { (2, 512, 32000) };
+    let (lb, ls, lv) = if small { (2, 16, 1000) } else { (8, 512, 32000) };
     rows.extend(logits_rows(&dev, lb, ls, lv, n.min(5)));
     rows.push(dpo_row(&dev, if small { 256 } else { 4096 }, n));
 
     let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+    let ratio = |g: usize, f: usize| g as f64 / f.max(1) as f64;
     println!(
-        "| op | shape | fused ms | graph ms | time graph/fused | fused peak MiB | graph peak MiB | mem graph/fused | max |Δgrad| |"
+        "| op | shape | fused ms | graph ms | time graph/fused | fused peak MiB | graph peak MiB | peak graph/fused | fused held MiB | graph held MiB | held graph/fused | max abs Δgrad |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.3} | {:.3} | {:.2}x | {:.2} | {:.2} | {:.2}x | {:.1e} |",
+            "| {} | {} | {:.3} | {:.3} | {:.2}x | {:.2} | {:.2} | {:.2}x | {:.2} | {:.2} | {:.2}x | {:.1e} |",
             r.op,
             r.shape,
-            r.fused.0 * 1e3,
-            r.graph.0 * 1e3,
-            r.graph.0 / r.fused.0,
-            mib(r.fused.1),
-            mib(r.graph.1),
-            r.graph.1 as f64 / r.fused.1.max(1) as f64,
+            r.fused.secs * 1e3,
+            r.graph.secs * 1e3,
+            r.graph.secs / r.fused.secs,
+            mib(r.fused.peak),
+            mib(r.graph.peak),
+            ratio(r.graph.peak, r.fused.peak),
+            mib(r.fused.held),
+            mib(r.graph.held),
+            ratio(r.graph.held, r.fused.held),
             r.max_grad_diff
         );
     }
@@ -382,22 +450,25 @@ fn main() {
         .iter()
         .map(|r| {
             format!(
-                "{{\"op\":\"{}\",\"shape\":\"{}\",\"n\":{},\"fused_ms\":{:.4},\"graph_ms\":{:.4},\"time_ratio_graph_over_fused\":{:.4},\"fused_peak_bytes\":{},\"graph_peak_bytes\":{},\"mem_ratio_graph_over_fused\":{:.4},\"max_abs_grad_diff\":{:e}}}",
+                "{{\"op\":\"{}\",\"shape\":\"{}\",\"n\":{},\"fused_ms\":{:.4},\"graph_ms\":{:.4},\"time_ratio_graph_over_fused\":{:.4},\"fused_peak_bytes\":{},\"graph_peak_bytes\":{},\"peak_ratio_graph_over_fused\":{:.4},\"fused_held_bytes\":{},\"graph_held_bytes\":{},\"held_ratio_graph_over_fused\":{:.4},\"max_abs_grad_diff\":{:e}}}",
                 r.op,
                 r.shape,
                 r.n,
-                r.fused.0 * 1e3,
-                r.graph.0 * 1e3,
-                r.graph.0 / r.fused.0,
-                r.fused.1,
-                r.graph.1,
-                r.graph.1 as f64 / r.fused.1.max(1) as f64,
+                r.fused.secs * 1e3,
+                r.graph.secs * 1e3,
+                r.graph.secs / r.fused.secs,
+                r.fused.peak,
+                r.graph.peak,
+                ratio(r.graph.peak, r.fused.peak),
+                r.fused.held,
+                r.graph.held,
+                ratio(r.graph.held, r.fused.held),
                 r.max_grad_diff
             )
         })
         .collect();
     println!(
-        "{{\"bench\":\"fused\",\"device\":\"{:?}\",\"peak\":\"counting global allocator, heap bytes above step start\",\"rows\":[{}]}}",
+        "{{\"bench\":\"fused\",\"device\":\"{}\",\"memory\":\"counting global allocator; peak = max heap bytes live during the step above its start, held = heap bytes live after the forward (before backward) above the start\",\"rows\":[{}]}}",
         dev_name,
         items.join(",")
     );
