@@ -222,8 +222,8 @@ fn policy_row(dev: &Device, b: usize, s: usize, n: usize) -> Row {
     let mask: Tensor<2, Bool> = Tensor::from_data(TensorData::new(keep, [b, s]), &inner);
     let (lp, old, adv, rf) = (lp.autodiff(), old.autodiff(), adv.autodiff(), rf.autodiff());
     let mask = mask.autodiff();
-    let loss = PolicyLoss::from_verl(PolicyLossMode::Vanilla, &VerlPolicyParams::default())
-        .expect("ppo");
+    let loss =
+        PolicyLoss::from_verl(PolicyLossMode::Vanilla, &VerlPolicyParams::default()).expect("ppo");
     let kl = KlConfig::parse_verl("low_var_kl").expect("kl");
     let (agg, norm, coef) = (AggMode::TokenMean, GlobalNorm::default(), 0.001);
 
@@ -252,8 +252,17 @@ fn policy_row(dev: &Device, b: usize, s: usize, n: usize) -> Row {
     };
     let graph_grad = |lp: &Tensor<2>| {
         let x = lp.clone().require_grad();
-        let pg = policy_loss(&loss, agg, &norm, x.clone(), old.clone(), adv.clone(), &mask, None)
-            .expect("policy loss");
+        let pg = policy_loss(
+            &loss,
+            agg,
+            &norm,
+            x.clone(),
+            old.clone(),
+            adv.clone(),
+            &mask,
+            None,
+        )
+        .expect("policy loss");
         let k = kl_loss(&kl, agg, &norm, x.clone(), rf.clone(), &mask).expect("kl loss");
         let total = pg.loss + k.value.mul_scalar(coef);
         mark_forward_done();
@@ -320,7 +329,10 @@ fn logits_rows(dev: &Device, b: usize, s: usize, v: usize, n: usize) -> Vec<Row>
     };
     let mut rows = Vec::new();
     for (op, f) in [
-        ("selective_log_softmax (T=0.9)", &lsm as &dyn Fn(bool) -> Tensor<3>),
+        (
+            "selective_log_softmax (T=0.9)",
+            &lsm as &dyn Fn(bool) -> Tensor<3>,
+        ),
         ("entropy_from_logits", &ent),
     ] {
         let diff = max_diff(f(true), f(false));
@@ -359,7 +371,9 @@ fn dpo_row(dev: &Device, pairs: usize, n: usize) -> Row {
         let (x, y) = (c.clone().require_grad(), r.clone().require_grad());
         let batch = PairTensors::new(x.clone(), y.clone()).with_reference(c0.clone(), r0.clone());
         let loss = if fused_path {
-            fused::paired_loss(&cfg, &terms, batch).expect("fused dpo").loss
+            fused::paired_loss(&cfg, &terms, batch)
+                .expect("fused dpo")
+                .loss
         } else {
             paired_loss(&cfg, &terms, batch).expect("dpo").loss
         };
@@ -406,7 +420,9 @@ fn main() {
         n.min(5)
     );
     println!("peak = max heap bytes live during the step minus those live at its start; held = heap bytes live after the forward, before backward(), minus those at the start (counting global allocator, all threads)");
-    println!("paths alternate step by step; max abs Δgrad = largest |fused − graph| gradient difference");
+    println!(
+        "paths alternate step by step; max abs Δgrad = largest |fused − graph| gradient difference"
+    );
     println!();
 
     let mut rows = Vec::new();
@@ -418,7 +434,11 @@ fn main() {
     for &[b, s] in policy_shapes {
         rows.push(policy_row(&dev, b, s, n));
     }
-    let (lb, ls, lv) = if small { (2, 16, 1000) } else { (8, 512, 32000) };
+    let (lb, ls, lv) = if small {
+        (2, 16, 1000)
+    } else {
+        (8, 512, 32000)
+    };
     rows.extend(logits_rows(&dev, lb, ls, lv, n.min(5)));
     rows.push(dpo_row(&dev, if small { 256 } else { 4096 }, n));
 

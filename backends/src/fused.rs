@@ -41,6 +41,32 @@
 //! into plain `Tensor`s with `Tensor::from_primitive::<B>` so the VJP is
 //! computed by this crate's (= the core's) closed-form code, not a second copy.
 //!
+//! Where this is in burn 0.22.1's sources:
+//!
+//! - burn-tensor `src/tensor/api/extension.rs`: `Tensor::try_into_primitive`
+//!   ("for an autodiff tensor, we can get the wrapped … primitive on the
+//!   `Autodiff<Wgpu>` backend") and `Tensor::from_primitive`, bounded by
+//!   `DispatchTensor: DispatchKindConversion<B>`;
+//! - burn-dispatch `src/tensor.rs`: `DispatchTensorKind::Autodiff(Box<…>)`
+//!   and `impl_dispatch_conversion!`, which implements
+//!   `DispatchKindConversion<Autodiff<B, C>>` for every compiled backend and
+//!   both checkpointing strategies;
+//! - burn-autodiff `src/ops/backward.rs` (`Backward`, `prepare`),
+//!   `src/ops/base.rs` (`OpsPrep::compute_bound`, `stateful`, `OpsKind`,
+//!   `finish`, `NodeGuard`), `src/tensor.rs` (`AutodiffTensor::node`),
+//!   `src/grads.rs` (`Gradients::consume`, `register`); burn-autodiff's own
+//!   `float_sum` (`src/ops/tensor.rs`) is the model for the scalar ops'
+//!   backward (a one-element gradient broadcast against the saved VJP);
+//! - burn-backend-extension `src/lib.rs` (`#[backend_extension]` docs):
+//!   "Autodiff support for custom operations requires a handwritten
+//!   implementation … for `Autodiff<B, C>`; this macro does not generate
+//!   backward passes" — i.e. the hand-written `Backward` above is the
+//!   intended mechanism; the macro only generates routing, which
+//!   this module does by hand for the three backends (no extra cargo
+//!   feature needed);
+//! - burn-core `src/backend.rs` re-exports all of it as `burn::backend::…`
+//!   (`burn::backend::autodiff` is the burn-autodiff crate).
+//!
 //! # Which inputs are differentiated
 //!
 //! Only the policy's log-probabilities (`log_prob`; `chosen`/`rejected` for
@@ -289,10 +315,7 @@ mod imp {
             .expect("inputs validated by the forward")
             .1
             .expect("a cotangent was given");
-            grads.register::<B>(
-                node.id,
-                g.try_into_primitive::<B>().expect("inner backend"),
-            );
+            grads.register::<B>(node.id, g.try_into_primitive::<B>().expect("inner backend"));
         }
     }
 
@@ -451,14 +474,7 @@ mod imp {
         )?;
         let (value, grad, kl) = match kl {
             Some(k) => {
-                let kl = kl_loss(
-                    &k.config,
-                    agg,
-                    norm,
-                    lp,
-                    k.ref_log_prob.inner(),
-                    &mask_in,
-                )?;
+                let kl = kl_loss(&k.config, agg, norm, lp, k.ref_log_prob.inner(), &mask_in)?;
                 (
                     policy.loss.clone() + kl.value.clone().mul_scalar(k.coef),
                     policy.grad.clone() + kl.grad.clone().mul_scalar(k.coef),
@@ -512,12 +528,8 @@ mod imp {
         temperature: Temperature,
     ) -> Result<Tensor<2>, Error> {
         let targets = targets.inner();
-        let (value, _) = plain_log_softmax(
-            logits.clone().inner(),
-            targets.clone(),
-            temperature,
-            None,
-        )?;
+        let (value, _) =
+            plain_log_softmax(logits.clone().inner(), targets.clone(), temperature, None)?;
         if !logits.is_autodiff() {
             return Ok(value);
         }

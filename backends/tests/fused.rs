@@ -211,7 +211,8 @@ fn fused_policy_chains_through_upstream_ops_and_scales() {
     // backward must multiply by the incoming gradient and feed its parent.
     let dev = ad();
     let xs = policy_inputs(31);
-    let loss = PolicyLoss::from_verl(PolicyLossMode::Vanilla, &VerlPolicyParams::default()).unwrap();
+    let loss =
+        PolicyLoss::from_verl(PolicyLossMode::Vanilla, &VerlPolicyParams::default()).unwrap();
     let kl = KlConfig::parse_verl("low_var_kl").unwrap();
     let run = |fused_path: bool| {
         let half: Vec<f64> = xs.lp.iter().map(|v| (v + 1.0) / 2.0).collect();
@@ -228,11 +229,31 @@ fn fused_policy_chains_through_upstream_ops_and_scales() {
                 coef: 0.2,
                 ref_log_prob: rf,
             };
-            fused::policy_loss_with_kl(&loss, AggMode::TokenMean, &norm, lp, old, adv, &m, None, Some(pen))
-                .unwrap()
-                .loss
+            fused::policy_loss_with_kl(
+                &loss,
+                AggMode::TokenMean,
+                &norm,
+                lp,
+                old,
+                adv,
+                &m,
+                None,
+                Some(pen),
+            )
+            .unwrap()
+            .loss
         } else {
-            let pg = policy_loss(&loss, AggMode::TokenMean, &norm, lp.clone(), old, adv, &m, None).unwrap();
+            let pg = policy_loss(
+                &loss,
+                AggMode::TokenMean,
+                &norm,
+                lp.clone(),
+                old,
+                adv,
+                &m,
+                None,
+            )
+            .unwrap();
             let k = kl_loss(&kl, AggMode::TokenMean, &norm, lp, rf, &m).unwrap();
             pg.loss + k.value.mul_scalar(0.2)
         };
@@ -255,7 +276,8 @@ fn masked_nan_never_reaches_the_fused_gradient() {
             x.rf[i] = f64::NEG_INFINITY;
         }
     }
-    let loss = PolicyLoss::from_verl(PolicyLossMode::Vanilla, &VerlPolicyParams::default()).unwrap();
+    let loss =
+        PolicyLoss::from_verl(PolicyLossMode::Vanilla, &VerlPolicyParams::default()).unwrap();
     let kl = Some((KlConfig::parse_verl("low_var_kl").unwrap(), 0.1));
     let (fv, fg, _) = fused_policy(&loss, AggMode::SeqMeanTokenMean, kl, &x, &dev);
     assert!(fv[0].is_finite());
@@ -329,12 +351,21 @@ fn logits_ops_compose_in_one_graph() {
     let zv = vals(71, B * S * v, -4.0, 4.0);
     let t = Temperature::new(0.9).unwrap();
     let zf = tensor3(&zv, [B, S, v], &dev).unwrap().require_grad();
-    let lf = fused::selective_log_softmax(zf.clone(), targets(v, &dev), t).unwrap().sum()
+    let lf = fused::selective_log_softmax(zf.clone(), targets(v, &dev), t)
+        .unwrap()
+        .sum()
         - fused::entropy(zf.clone()).unwrap().mean().mul_scalar(0.01);
     let gf = lf.backward();
     let zp = tensor3(&zv, [B, S, v], &dev).unwrap().require_grad();
-    let lp = selective_log_softmax(zp.clone(), targets(v, &dev), t, None).unwrap().0.sum()
-        - entropy_from_logits(zp.clone(), None).unwrap().0.mean().mul_scalar(0.01);
+    let lp = selective_log_softmax(zp.clone(), targets(v, &dev), t, None)
+        .unwrap()
+        .0
+        .sum()
+        - entropy_from_logits(zp.clone(), None)
+            .unwrap()
+            .0
+            .mean()
+            .mul_scalar(0.01);
     let gp = lp.backward();
     close(
         "combined grad",
@@ -393,7 +424,8 @@ fn paired_loss_matches_autodiff_graph() {
 fn tracked_data_inputs_are_typed_errors() {
     let dev = ad();
     let x = policy_inputs(91);
-    let loss = PolicyLoss::from_verl(PolicyLossMode::Vanilla, &VerlPolicyParams::default()).unwrap();
+    let loss =
+        PolicyLoss::from_verl(PolicyLossMode::Vanilla, &VerlPolicyParams::default()).unwrap();
     let lp = tensor2(&x.lp, [B, S], &dev).unwrap().require_grad();
     let adv = tensor2(&x.adv, [B, S], &dev).unwrap().require_grad();
     let err = fused::policy_loss_with_kl(
@@ -408,7 +440,16 @@ fn tracked_data_inputs_are_typed_errors() {
         None,
     )
     .unwrap_err();
-    assert!(matches!(err, Error::Invalid { input: "advantages", .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::Invalid {
+                input: "advantages",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     // Shape mismatch: the plain op's typed error.
     let err = fused::policy_loss_with_kl(
         &loss,
@@ -458,7 +499,8 @@ fn tracked_data_inputs_are_typed_errors() {
 fn without_autodiff_the_fused_ops_are_the_plain_values() {
     let dev = device().unwrap();
     let x = policy_inputs(101);
-    let loss = PolicyLoss::from_verl(PolicyLossMode::Vanilla, &VerlPolicyParams::default()).unwrap();
+    let loss =
+        PolicyLoss::from_verl(PolicyLossMode::Vanilla, &VerlPolicyParams::default()).unwrap();
     let m = mask(&dev);
     let f = fused::policy_loss_with_kl(
         &loss,
