@@ -534,3 +534,33 @@ fn without_autodiff_the_fused_ops_are_the_plain_values() {
         &to_vec(entropy_from_logits(z, None).unwrap().0),
     );
 }
+
+#[test]
+fn balanced_checkpointing_device_gives_the_same_gradients() {
+    // The route picks `Autodiff<B, BalancedCheckpointing>` for such a device.
+    let plain = ad();
+    let ckpt = device().unwrap().autodiff().gradient_checkpointing();
+    let x = policy_inputs(111);
+    let loss = PolicyLoss::from_verl(PolicyLossMode::Sapo, &VerlPolicyParams::default()).unwrap();
+    let kl = Some((KlConfig::parse_verl("kl").unwrap(), 0.25));
+    let (v1, g1, _) = fused_policy(&loss, AggMode::SeqMeanTokenSum, kl, &x, &ckpt);
+    let (v2, g2) = graph_policy(&loss, AggMode::SeqMeanTokenSum, kl, &x, &plain);
+    close("value", &v1, &v2);
+    close("grad", &g1, &g2);
+    let v = 6;
+    let zv = vals(112, B * S * v, -3.0, 3.0);
+    let z = tensor3(&zv, [B, S, v], &ckpt).unwrap().require_grad();
+    let h = fused::entropy(z.clone()).unwrap();
+    let g = h.sum().backward();
+    let zp = tensor3(&zv, [B, S, v], &plain).unwrap().require_grad();
+    let gp = entropy_from_logits(zp.clone(), None)
+        .unwrap()
+        .0
+        .sum()
+        .backward();
+    close(
+        "entropy grad",
+        &to_vec(z.grad(&g).unwrap()),
+        &to_vec(zp.grad(&gp).unwrap()),
+    );
+}
