@@ -256,7 +256,7 @@ fn rs_configs() -> Vec<RsConfig> {
         ("token_k1", "0.8_1.25"),
         ("token_k2,token_k3", "0.05"),
         ("seq_sum_k1,seq_mean_k2", "0.5_2.0,0.02"),
-        ("seq_mean_k1,seq_max_k3,seq_sum_k3", "0.02"),
+        ("seq_mean_k1,seq_max_k3,seq_sum_k3", "1.5,0.02,0.05"),
         ("seq_max_k2,seq_sum_k2,seq_mean_k3", "0.03"),
     ]
     .iter()
