@@ -291,7 +291,7 @@ pub fn select_top(cand: Tensor<2, Bool>, key: Tensor<2>, k: usize) -> Tensor<2, 
     let theta = key
         .clone()
         .sort_descending(0)
-        .slice([kk - 1..kk])
+        .narrow(0, kk - 1, 1)
         .expand([n]);
     let above = cand.clone().bool_and(key.clone().greater(theta.clone()));
     let ties = cand.bool_and(key.equal(theta));
