@@ -15,6 +15,7 @@
 //! | `SequenceRatio` | `gspo` | yes (row means as tensor reductions) |
 //! | `ClipCov`, `KlCov` | `clip_cov`, `kl_cov` | yes: covariance as tensor reductions, top-k by a tensor sort (see [`select_top`]) |
 //! | `GeometricMean` | `geo_mean` | yes (row means as tensor reductions) |
+//! | — | `bypass_mode` | in [`crate::rollout::bypass_policy_loss`] (a rollout-correction wrapper) |
 //!
 //! [`clipped_policy_loss`] is OpenRLHF's `PolicyLoss` (token- or
 //! sequence-level ratio, rollout IS correction), the tensor counterpart of
