@@ -1,6 +1,6 @@
 //! Token-level policy losses on tensors (verl's `policy_loss` registry): the
 //! core's per-token kernels ([`PolicyLoss::token`], which calls
-//! [`ppo_clipped_surrogate`](posttrain_core::policy::ppo_clipped_surrogate)
+//! [`ppo_clipped_surrogate`]
 //! for PPO, and [`sequence_ratio_surrogate`] for GSPO) on `[batch, seq]`
 //! tensors, importance weights, aggregation and verl's metrics.
 //!
