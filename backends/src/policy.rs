@@ -277,6 +277,12 @@ fn covariance(
 /// When there are fewer than `k` candidates `θ = −∞` and every candidate is
 /// above it. Candidate keys must be finite (the covariances of valid tokens
 /// are). `k` is host metadata (burn's sort takes no tensor index).
+///
+/// Only the *value* of the `k`-th largest key comes from the sort, so the
+/// result does not depend on the sort's stability (burn documents its sort
+/// as unstable): ties are resolved by the flat-order `cumsum`, as the core
+/// resolves them. On a backend without a device sort, burn's default
+/// `float_sort` itself reads the keys back to sort them.
 pub fn select_top(cand: Tensor<2, Bool>, key: Tensor<2>, k: usize) -> Tensor<2, Bool> {
     let dims = cand.dims();
     let n = dims[0] * dims[1];
