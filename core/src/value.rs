@@ -240,7 +240,13 @@ impl ValueLossConfig {
         Ok(Self::new(clip_eps, agg)?.with_norm(norm))
     }
 
-    fn validate(&self) -> Result<(), Error> {
+    /// Checks the clip range and the normalizers.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`] for a negative or non-finite clip range or a bad
+    /// normalizer.
+    pub fn validate(&self) -> Result<(), Error> {
         if let Some(c) = self.clip_range {
             check_param(
                 c.is_finite() && c >= 0.0,
@@ -388,7 +394,13 @@ impl PolicyValueConfig {
         }
     }
 
-    fn validate(&self) -> Result<(), Error> {
+    /// Checks every parameter's range.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`] if `epsilon` or `value_clip_range` is negative,
+    /// or any parameter is not finite.
+    pub fn validate(&self) -> Result<(), Error> {
         check_param(
             self.epsilon.is_finite() && self.epsilon >= 0.0,
             "epsilon",
@@ -409,7 +421,9 @@ impl PolicyValueConfig {
         )
     }
 
-    fn clip(&self) -> ClipConfig {
+    /// The policy surrogate's clip: `[1 − ε, 1 + ε]`, no dual clip, no
+    /// log-ratio clamp (torchtune has none).
+    pub fn clip(&self) -> ClipConfig {
         ClipConfig {
             eps_low: self.epsilon,
             eps_high: self.epsilon,

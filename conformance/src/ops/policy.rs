@@ -29,7 +29,7 @@ fn agg_mode(ctx: &Ctx) -> Result<AggMode, Fail> {
     }
 }
 
-fn global_norm(ctx: &Ctx) -> Result<GlobalNorm, Fail> {
+pub(crate) fn global_norm(ctx: &Ctx) -> Result<GlobalNorm, Fail> {
     Ok(GlobalNorm {
         dp_size: ctx.p_opt_f64("dp_size")?.unwrap_or(1.0),
         batch_num_tokens: ctx.p_opt_f64("batch_num_tokens")?,
@@ -78,7 +78,9 @@ fn run_verl<F: Real>(
     Ok(o)
 }
 
-fn verl_policy_loss<F: Real>(ctx: &Ctx) -> OpResult {
+/// verl's `loss_mode` and actor parameters from the case, as the policy
+/// loss they select.
+pub(crate) fn verl_policy_config(ctx: &Ctx) -> Result<PolicyLoss, Fail> {
     let name = ctx.p_str("loss_mode")?;
     let mode: PolicyLossMode = match name.parse() {
         Ok(m) => m,
@@ -98,7 +100,11 @@ fn verl_policy_loss<F: Real>(ctx: &Ctx) -> OpResult {
         ppo_kl_coef: ctx.p_opt_f64("ppo_kl_coef")?.unwrap_or(0.1),
         dro_beta: ctx.p_opt_f64("dro_beta")?,
     };
-    let loss = PolicyLoss::from_verl(mode, &params)?;
+    Ok(PolicyLoss::from_verl(mode, &params)?)
+}
+
+fn verl_policy_loss<F: Real>(ctx: &Ctx) -> OpResult {
+    let loss = verl_policy_config(ctx)?;
     run_verl::<F>(
         ctx,
         &loss,
@@ -137,7 +143,8 @@ fn verl_reinforce<F: Real>(ctx: &Ctx) -> OpResult {
     )
 }
 
-fn openrlhf_policy_loss<F: Real>(ctx: &Ctx) -> OpResult {
+/// OpenRLHF `PolicyLoss`'s configuration from the case parameters.
+pub(crate) fn openrlhf_policy_config(ctx: &Ctx) -> Result<ClippedPolicyLoss, Fail> {
     let ratio = match ctx.p_str("policy_loss_type")? {
         "ppo" => RatioLevel::Token,
         "gspo" => RatioLevel::Sequence,
@@ -164,14 +171,18 @@ fn openrlhf_policy_loss<F: Real>(ctx: &Ctx) -> OpResult {
     } else {
         None
     };
-    let cfg = ClippedPolicyLoss::openrlhf(
+    Ok(ClippedPolicyLoss::openrlhf(
         ctx.p_f64("clip_eps_low")?,
         ctx.p_f64("clip_eps_high")?,
         ctx.p_opt_f64("dual_clip")?,
         ratio,
         ctx.p_bool("token_level_loss")?,
         correction,
-    )?;
+    )?)
+}
+
+fn openrlhf_policy_loss<F: Real>(ctx: &Ctx) -> OpResult {
+    let cfg = openrlhf_policy_config(ctx)?;
     let lp = ctx.f::<F>("log_probs")?;
     let old = ctx.f::<F>("old_log_probs")?;
     let adv = ctx.f::<F>("advantages")?;

@@ -39,7 +39,7 @@ fn threshold_str(ctx: &Ctx, key: &str) -> Result<Option<String>, Fail> {
     }
 }
 
-fn is_config(ctx: &Ctx) -> Result<Option<IsConfig>, Fail> {
+pub(crate) fn is_config(ctx: &Ctx) -> Result<Option<IsConfig>, Fail> {
     let level = match ctx.p_opt_str("rollout_is")? {
         Some(l) => l.parse()?,
         None => return Ok(None),
@@ -55,7 +55,7 @@ fn is_config(ctx: &Ctx) -> Result<Option<IsConfig>, Fail> {
     Ok(Some(IsConfig::new(level, th, bn)?))
 }
 
-fn rs_config(ctx: &Ctx) -> Result<Option<RsConfig>, Fail> {
+pub(crate) fn rs_config(ctx: &Ctx) -> Result<Option<RsConfig>, Fail> {
     let opts = match ctx.p_opt_str("rollout_rs")? {
         Some(o) => o,
         None => return Ok(None),
@@ -75,7 +75,7 @@ fn rs_config(ctx: &Ctx) -> Result<Option<RsConfig>, Fail> {
     Ok(Some(cfg))
 }
 
-fn put_is<F: Real>(o: &mut Outputs, p: &str, m: &IsMetrics<F>) {
+pub(crate) fn put_is<F: Real>(o: &mut Outputs, p: &str, m: &IsMetrics<F>) {
     let s = |n: &str| format!("{p}rollout_is_{n}");
     o.scalar(&s("mean"), m.mean)
         .scalar(&s("ratio_fraction_high"), m.ratio_fraction_high)
@@ -99,7 +99,7 @@ fn put_is<F: Real>(o: &mut Outputs, p: &str, m: &IsMetrics<F>) {
     }
 }
 
-fn put_rs<F: Real>(o: &mut Outputs, p: &str, m: &RejectionMetrics<F>) {
+pub(crate) fn put_rs<F: Real>(o: &mut Outputs, p: &str, m: &RejectionMetrics<F>) {
     for (opt, om) in m.per_option() {
         let s = |n: &str| format!("{p}rollout_rs_{}_{n}", opt.name());
         o.scalar(&s("mean"), om.mean)
@@ -127,7 +127,7 @@ fn put_rs<F: Real>(o: &mut Outputs, p: &str, m: &RejectionMetrics<F>) {
         );
 }
 
-fn put_off_policy<F: Real>(o: &mut Outputs, p: &str, m: &OffPolicyMetrics<F>) {
+pub(crate) fn put_off_policy<F: Real>(o: &mut Outputs, p: &str, m: &OffPolicyMetrics<F>) {
     let s = |n: &str| format!("{p}{n}");
     o.scalar(&s("training_ppl"), m.training_ppl)
         .scalar(&s("training_log_ppl"), m.training_log_ppl)
@@ -144,7 +144,7 @@ fn put_off_policy<F: Real>(o: &mut Outputs, p: &str, m: &OffPolicyMetrics<F>) {
         .scalar(&s("chi2_seq"), m.chi2_seq);
 }
 
-fn put_correction<F: Real>(o: &mut Outputs, m: &RolloutCorrectionMetrics<F>) {
+pub(crate) fn put_correction<F: Real>(o: &mut Outputs, m: &RolloutCorrectionMetrics<F>) {
     const P: &str = "rollout_corr/";
     if let Some(is) = &m.is {
         put_is(o, P, is);
@@ -188,7 +188,7 @@ fn verl_rejection<F: Real>(ctx: &Ctx) -> OpResult {
     Ok(o)
 }
 
-fn correction_config(ctx: &Ctx) -> Result<RolloutCorrectionConfig, Fail> {
+pub(crate) fn correction_config(ctx: &Ctx) -> Result<RolloutCorrectionConfig, Fail> {
     Ok(RolloutCorrectionConfig {
         is: is_config(ctx)?,
         rs: rs_config(ctx)?,
@@ -232,7 +232,8 @@ fn opt_norm(ctx: &Ctx, key: &str) -> Result<Option<f64>, Fail> {
     ctx.p_opt_f64(key)
 }
 
-fn verl_bypass<F: Real>(ctx: &Ctx) -> OpResult {
+/// verl's bypass-mode configuration from the case parameters.
+pub(crate) fn bypass_config(ctx: &Ctx) -> Result<BypassConfig, Fail> {
     let correction = correction_config(ctx)?;
     let agg: AggMode = ctx.p_str("loss_agg_mode")?.parse()?;
     let norm = GlobalNorm {
@@ -241,7 +242,7 @@ fn verl_bypass<F: Real>(ctx: &Ctx) -> OpResult {
         global_batch_size: opt_norm(ctx, "global_batch_size")?,
         loss_scale_factor: opt_norm(ctx, "loss_scale_factor")?,
     };
-    let cfg = match ctx.p_opt_str("loss_type")?.unwrap_or("ppo_clip") {
+    Ok(match ctx.p_opt_str("loss_type")?.unwrap_or("ppo_clip") {
         "ppo_clip" => {
             let clip = ctx.p_f64("clip_ratio")?;
             let lo = ctx.p_opt_f64("clip_ratio_low")?.unwrap_or(clip);
@@ -251,7 +252,11 @@ fn verl_bypass<F: Real>(ctx: &Ctx) -> OpResult {
         }
         "reinforce" => BypassConfig::new(BypassLoss::Reinforce, correction, agg, norm)?,
         _ => return Err(ctx.unsupported("loss_type")),
-    };
+    })
+}
+
+fn verl_bypass<F: Real>(ctx: &Ctx) -> OpResult {
+    let cfg = bypass_config(ctx)?;
     let dims = ctx.dims("log_prob")?;
     let lp = ctx.f::<F>("log_prob")?;
     let old = ctx.f::<F>("old_log_prob")?;
@@ -293,16 +298,18 @@ fn verl_bypass<F: Real>(ctx: &Ctx) -> OpResult {
     Ok(o)
 }
 
-fn trl_vllm_is<F: Real>(ctx: &Ctx) -> OpResult {
+/// TRL's vLLM IS configuration from the case parameters.
+pub(crate) fn vllm_config(ctx: &Ctx) -> Result<VllmIsConfig, Fail> {
     let mode = ctx.p_str("vllm_importance_sampling_mode")?.parse()?;
-    let cfg = VllmIsConfig::new(
+    Ok(VllmIsConfig::new(
         mode,
         ctx.p_opt_f64("vllm_importance_sampling_clip_min")?,
         ctx.p_opt_f64("vllm_importance_sampling_clip_max")?,
-    )?;
-    let dims = ctx.dims("old_per_token_logps")?;
-    let old = ctx.f::<F>("old_per_token_logps")?;
-    let samp = ctx.f::<F>("sampling_per_token_logps")?;
+    )?)
+}
+
+/// `completion_mask ∧ tool_mask` (when a tool mask is given).
+pub(crate) fn vllm_mask(ctx: &Ctx) -> Result<Vec<bool>, Fail> {
     let mut mask = ctx.mask("completion_mask")?;
     if let Some(tool) = ctx.mask_opt("tool_mask")? {
         posttrain_core::error::check_len("tool_mask", tool.len(), mask.len())?;
@@ -310,6 +317,15 @@ fn trl_vllm_is<F: Real>(ctx: &Ctx) -> OpResult {
             *m = *m && t;
         }
     }
+    Ok(mask)
+}
+
+fn trl_vllm_is<F: Real>(ctx: &Ctx) -> OpResult {
+    let cfg = vllm_config(ctx)?;
+    let dims = ctx.dims("old_per_token_logps")?;
+    let old = ctx.f::<F>("old_per_token_logps")?;
+    let samp = ctx.f::<F>("sampling_per_token_logps")?;
+    let mask = vllm_mask(ctx)?;
     let mut ratio = vec![
         F::zero();
         if cfg.mode.is_sequence() {

@@ -1,7 +1,7 @@
 //! Handlers for the value-loss family: verl `compute_value_loss`, OpenRLHF
 //! `ValueLoss`, torchtune `PPOLoss` (policy + value).
 
-use crate::case::{Ctx, OpResult, Outputs};
+use crate::case::{Ctx, Fail, OpResult, Outputs};
 use posttrain_core::aggregate::{AggMode, GlobalNorm};
 use posttrain_core::value::{
     policy_value_loss, value_loss, PolicyValueConfig, PolicyValueGrads, ValueLossConfig,
@@ -73,7 +73,8 @@ fn run_value_loss<F: Real>(
     Ok(o)
 }
 
-fn verl_value_loss<F: Real>(ctx: &Ctx) -> OpResult {
+/// verl `compute_value_loss`'s configuration from the case parameters.
+pub(crate) fn verl_value_config(ctx: &Ctx) -> Result<ValueLossConfig, Fail> {
     let agg: AggMode = match ctx.p_str("loss_agg_mode")?.parse() {
         Ok(m) => m,
         Err(_) => return Err(ctx.unsupported("loss_agg_mode")),
@@ -84,7 +85,31 @@ fn verl_value_loss<F: Real>(ctx: &Ctx) -> OpResult {
         global_batch_size: ctx.p_opt_f64("global_batch_size")?,
         loss_scale_factor: ctx.p_opt_f64("loss_scale_factor")?,
     };
-    let cfg = ValueLossConfig::new(Some(ctx.p_f64("cliprange_value")?), agg)?.with_norm(norm);
+    Ok(ValueLossConfig::new(Some(ctx.p_f64("cliprange_value")?), agg)?.with_norm(norm))
+}
+
+/// OpenRLHF `ValueLoss`'s configuration from the case parameters.
+pub(crate) fn openrlhf_value_config(ctx: &Ctx) -> Result<ValueLossConfig, Fail> {
+    Ok(ValueLossConfig::openrlhf(
+        ctx.p_opt_f64("clip_eps")?,
+        ctx.p_bool("token_level_loss")?,
+        ctx.p_opt_f64("dp_size")?.unwrap_or(1.0),
+        ctx.p_opt_f64("batch_num_tokens")?,
+        ctx.p_opt_f64("global_batch_size")?,
+    )?)
+}
+
+/// torchtune `PPOLoss`'s configuration from the case parameters.
+pub(crate) fn torchtune_config(ctx: &Ctx) -> Result<PolicyValueConfig, Fail> {
+    Ok(PolicyValueConfig::new(
+        ctx.p_f64("epsilon")?,
+        ctx.p_f64("value_clip_range")?,
+        ctx.p_f64("value_coeff")?,
+    )?)
+}
+
+fn verl_value_loss<F: Real>(ctx: &Ctx) -> OpResult {
+    let cfg = verl_value_config(ctx)?;
     run_value_loss::<F>(
         ctx,
         &cfg,
@@ -98,13 +123,7 @@ fn verl_value_loss<F: Real>(ctx: &Ctx) -> OpResult {
 }
 
 fn openrlhf_value_loss<F: Real>(ctx: &Ctx) -> OpResult {
-    let cfg = ValueLossConfig::openrlhf(
-        ctx.p_opt_f64("clip_eps")?,
-        ctx.p_bool("token_level_loss")?,
-        ctx.p_opt_f64("dp_size")?.unwrap_or(1.0),
-        ctx.p_opt_f64("batch_num_tokens")?,
-        ctx.p_opt_f64("global_batch_size")?,
-    )?;
+    let cfg = openrlhf_value_config(ctx)?;
     run_value_loss::<F>(
         ctx,
         &cfg,
@@ -118,11 +137,7 @@ fn openrlhf_value_loss<F: Real>(ctx: &Ctx) -> OpResult {
 }
 
 fn torchtune_ppo_loss<F: Real>(ctx: &Ctx) -> OpResult {
-    let cfg = PolicyValueConfig::new(
-        ctx.p_f64("epsilon")?,
-        ctx.p_f64("value_clip_range")?,
-        ctx.p_f64("value_coeff")?,
-    )?;
+    let cfg = torchtune_config(ctx)?;
     let dims = ctx.dims("pi_logprobs")?;
     let old_lp = ctx.f::<F>("pi_old_logprobs")?;
     let lp = ctx.f::<F>("pi_logprobs")?;

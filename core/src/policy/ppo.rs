@@ -192,6 +192,36 @@ impl ClippedPolicyLoss {
         3 * dims.len()
     }
 
+    /// The surrogate's clip configuration.
+    pub fn clip(&self) -> &ClipConfig {
+        &self.clip
+    }
+
+    /// Where the ratio is formed.
+    pub fn ratio_level(&self) -> RatioLevel {
+        self.ratio
+    }
+
+    /// The rollout IS correction, if enabled.
+    pub fn correction(&self) -> Option<RolloutIsCorrection> {
+        self.correction
+    }
+
+    /// The normalizers actually used: `norm` with `dp_size = 1` unless the
+    /// global count of the aggregation in use is given (`batch_num_tokens`
+    /// for `token-mean`, `global_batch_size` otherwise), as in OpenRLHF.
+    pub fn effective_norm(&self, norm: &GlobalNorm) -> GlobalNorm {
+        let mut norm = *norm;
+        let explicit = match self.agg_mode() {
+            AggMode::TokenMean => norm.batch_num_tokens.is_some(),
+            _ => norm.global_batch_size.is_some(),
+        };
+        if !explicit {
+            norm.dp_size = 1.0;
+        }
+        norm
+    }
+
     /// The aggregation used.
     pub fn agg_mode(&self) -> AggMode {
         if self.token_level_loss {
@@ -389,14 +419,7 @@ pub fn clipped_policy_loss<F: Real>(
     }
 
     let mode = cfg.agg_mode();
-    let mut norm = *norm;
-    let explicit = match mode {
-        AggMode::TokenMean => norm.batch_num_tokens.is_some(),
-        _ => norm.global_batch_size.is_some(),
-    };
-    if !explicit {
-        norm.dp_size = 1.0;
-    }
+    let norm = cfg.effective_norm(norm);
     aggregation_weights(mode, &norm, dims, mask, aux)?;
     let value = weighted_sum(tl, mask, aux);
     if let Some((c, g)) = vjp {
