@@ -22,6 +22,13 @@
 //! | [`remax_advantages`] | `Gₜ − b` | verl `remax` |
 //! | [`optimal_token_baseline_advantages`] | `Gₜ − Σ G W / Σ W` per step | verl `optimal_token_baseline`, `tir_optimal_token_baseline` |
 //!
+//! # Element-wise kernels
+//!
+//! The per-element parts of the token-level drivers are generic over
+//! [`Elem`] — [`gae_step`] (one step of the GAE recursion) and
+//! [`otb_token_weight`] (the OTB path-variance proxy) — so the drivers here
+//! and posttrain-burn's tensor ops run the very same formula.
+//!
 //! # Groups
 //!
 //! Group ids (`index`) are arbitrary `i64`s, one per sequence; members of a
