@@ -22,6 +22,13 @@
 //! | [`remax_advantages`] | `Gₜ − b` | verl `remax` |
 //! | [`optimal_token_baseline_advantages`] | `Gₜ − Σ G W / Σ W` per step | verl `optimal_token_baseline`, `tir_optimal_token_baseline` |
 //!
+//! # Element-wise kernels
+//!
+//! The per-element parts of the token-level drivers are generic over
+//! [`Elem`] — [`gae_step`] (one step of the GAE recursion) and
+//! [`otb_token_weight`] (the OTB path-variance proxy) — so the drivers here
+//! and posttrain-burn's tensor ops run the very same formula.
+//!
 //! # Groups
 //!
 //! Group ids (`index`) are arbitrary `i64`s, one per sequence; members of a
@@ -60,7 +67,7 @@
 // Index loops over rows, groups and parallel slices read clearer here.
 #![allow(clippy::needless_range_loop)]
 
-use crate::elem::Real;
+use crate::elem::{Elem, Real};
 use crate::error::{check_len, check_param, Error};
 use crate::preset::Preset;
 use crate::shape::Dims;
@@ -759,6 +766,34 @@ impl GaeConfig {
     }
 }
 
+/// One step of the GAE recursion, element-wise: the advantage `A_t` from
+/// the step's reward and value and the running `V_{t+1}`, `A_{t+1}`.
+///
+/// The per-element kernel of [`gae_advantages_returns`] (which scans it
+/// backwards over each row); generic over [`Elem`], so it runs unchanged on
+/// whole `[batch, 1]` tensor columns.
+///
+/// # Formula
+/// ```text
+/// δ_t = r_t + γ V_{t+1} − V_t,    A_t = δ_t + γλ A_{t+1}
+/// ```
+/// (`gamma_lam` is the product `γλ`, computed by the caller in `f64`.)
+/// # Gradient
+/// None (advantages are constants).
+/// # Peers
+/// verl `compute_gae_advantage_return`, torchtune `estimate_advantages`.
+pub fn gae_step<E: Elem>(
+    gamma: f64,
+    gamma_lam: f64,
+    reward: E,
+    value: E,
+    next_value: E,
+    next_advantage: E,
+) -> E {
+    let delta = reward.add(next_value.mul_scalar(gamma)).sub(value);
+    delta.add(next_advantage.mul_scalar(gamma_lam))
+}
+
 /// Generalised advantage estimation with returns, then whitening.
 ///
 /// # Formula
@@ -789,12 +824,11 @@ pub fn gae_advantages_returns<F: Real>(
     check_len("mask", mask.len(), dims.len())?;
     check_len("advantages", advantages.len(), dims.len())?;
     check_len("returns", returns.len(), dims.len())?;
-    let (g, gl) = (F::of(cfg.gamma), F::of(cfg.gamma * cfg.lam));
+    let gl = cfg.gamma * cfg.lam;
     for i in 0..dims.batch {
         let (mut next_v, mut last) = (F::zero(), F::zero());
         for j in dims.row(i).rev() {
-            let delta = rewards[j] + g * next_v - values[j];
-            let a = delta + gl * last;
+            let a = gae_step(cfg.gamma, gl, rewards[j], values[j], next_v, last);
             if mask[j] || !cfg.skip_masked {
                 next_v = values[j];
                 last = a;
@@ -968,6 +1002,31 @@ pub struct OtbConfig {
     pub compact_steps: bool,
 }
 
+/// The OTB path-variance proxy of one token, element-wise: the per-element
+/// kernel of [`optimal_token_baseline_advantages`] (which sums it along each
+/// row over the valid tokens); generic over [`Elem`], so it runs unchanged on
+/// whole tensors.
+///
+/// # Formula
+/// ```text
+/// w_t = (1 − 2 e^{lp_t} + Σπ²_t) · ρ_t²        (· ρ² only with importance weights)
+/// ```
+/// # Gradient
+/// None (advantages are constants).
+/// # Peers
+/// verl `optimal_token_baseline`, `tir_optimal_token_baseline`.
+pub fn otb_token_weight<E: Elem>(old_log_prob: E, sum_pi_squared: E, is_weight: Option<E>) -> E {
+    let w = old_log_prob
+        .exp()
+        .mul_scalar(-2.0)
+        .add_scalar(1.0)
+        .add(sum_pi_squared);
+    match is_weight {
+        Some(rho) => w.mul(rho.clone().mul(rho)),
+        None => w,
+    }
+}
+
 /// Optimal token baseline (OTB): a per-step baseline weighted by the
 /// cumulative path-variance proxy.
 ///
@@ -1021,11 +1080,11 @@ pub fn optimal_token_baseline_advantages<F: Real>(
         let mut c = F::zero();
         for j in dims.row(i) {
             if mask[j] {
-                let mut w = F::one() - F::of(2.0) * old_log_probs[j].exp() + sum_pi_squared[j];
-                if let Some(rho) = is_weights {
-                    w *= rho[j] * rho[j];
-                }
-                c += w;
+                c += otb_token_weight(
+                    old_log_probs[j],
+                    sum_pi_squared[j],
+                    is_weights.map(|rho| rho[j]),
+                );
             }
             wcum[j] = c;
         }

@@ -16,12 +16,8 @@ use serde_json::Value;
 
 /// Runs `op` if this family knows it.
 pub fn run<F: Real>(op: &str, ctx: &Ctx) -> Option<OpResult> {
-    if op.starts_with("verl.compute_") && op.ends_with("advantage") || op.ends_with("_return") {
-        if let Some(name) = ctx.param("adv_estimator").and_then(Value::as_str) {
-            if name.parse::<AdvantageEstimator>().is_err() {
-                return Some(Err(ctx.unsupported("adv_estimator")));
-            }
-        }
+    if let Some(skip) = unknown_estimator(op, ctx) {
+        return Some(Err(skip));
     }
     let r = match op {
         "verl.compute_gae_advantage_return" => verl_gae::<F>(ctx),
@@ -47,6 +43,37 @@ pub fn run<F: Real>(op: &str, ctx: &Ctx) -> Option<OpResult> {
         _ => return None,
     };
     Some(r)
+}
+
+/// A skip when a verl advantage op names an `adv_estimator` this crate does not know.
+pub(crate) fn unknown_estimator(op: &str, ctx: &Ctx) -> Option<Fail> {
+    if op.starts_with("verl.compute_") && op.ends_with("advantage") || op.ends_with("_return") {
+        if let Some(name) = ctx.param("adv_estimator").and_then(Value::as_str) {
+            if name.parse::<AdvantageEstimator>().is_err() {
+                return Some(ctx.unsupported("adv_estimator"));
+            }
+        }
+    }
+    None
+}
+
+/// verl's outcome-estimator `(epsilon, norm_adv_by_std_in_grpo)` (defaults `1e-6`, true).
+pub(crate) fn outcome_eps_scale(ctx: &Ctx) -> Result<(f64, bool), Fail> {
+    let eps = ctx.p_opt_f64("epsilon")?.unwrap_or(1e-6);
+    let scale = match ctx.param("norm_adv_by_std_in_grpo") {
+        Some(Value::Bool(x)) => *x,
+        _ => true,
+    };
+    Ok((eps, scale))
+}
+
+/// TRL RLOO's `reward_clip_range` (a pair or `None`).
+pub(crate) fn reward_clip(ctx: &Ctx) -> Result<Option<(f64, f64)>, Fail> {
+    Ok(match ctx.p_opt_f64_list("reward_clip_range")? {
+        Some(v) if v.len() == 2 => Some((v[0], v[1])),
+        Some(_) => return Err(ctx.unsupported("reward_clip_range")),
+        None => None,
+    })
 }
 
 fn both<F: Real>(adv: &[F], ret: &[F]) -> Outputs {
@@ -99,11 +126,7 @@ fn verl_outcome<F: Real>(op: &str, ctx: &Ctx) -> OpResult {
     outcome_scores(dims, &r, &mut scores)?;
     let mut perm = vec![0usize; index.len()];
     let mut a = vec![F::zero(); b];
-    let eps = ctx.p_opt_f64("epsilon")?.unwrap_or(1e-6);
-    let scale = match ctx.param("norm_adv_by_std_in_grpo") {
-        Some(Value::Bool(x)) => *x,
-        _ => true,
-    };
+    let (eps, scale) = outcome_eps_scale(ctx)?;
     match op {
         "verl.compute_grpo_outcome_advantage"
         | "verl.compute_grpo_vectorized_outcome_advantage" => {
@@ -152,7 +175,7 @@ fn verl_outcome<F: Real>(op: &str, ctx: &Ctx) -> OpResult {
     Ok(both(&out, &out))
 }
 
-fn str_list(ctx: &Ctx, key: &str) -> Result<Option<Vec<String>>, Fail> {
+pub(crate) fn str_list(ctx: &Ctx, key: &str) -> Result<Option<Vec<String>>, Fail> {
     match ctx.param(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Array(a)) => Ok(Some(
@@ -291,7 +314,7 @@ fn torchtune_grpo<F: Real>(ctx: &Ctx) -> OpResult {
     Ok(o)
 }
 
-const REWARD_NAMES: [&str; 2] = ["accuracy", "format"];
+pub(crate) const REWARD_NAMES: [&str; 2] = ["accuracy", "format"];
 
 /// Per-reward-function `rewards/<name>/mean|std` metrics.
 fn per_func_metrics<F: Real>(
@@ -313,14 +336,14 @@ fn per_func_metrics<F: Real>(
     Ok(())
 }
 
-fn trl_weights<F: Real>(ctx: &Ctx, k: usize) -> Result<Vec<F>, Fail> {
+pub(crate) fn trl_weights<F: Real>(ctx: &Ctx, k: usize) -> Result<Vec<F>, Fail> {
     Ok(match ctx.p_opt_f64_list("reward_weights")? {
         Some(w) => w.into_iter().map(F::of).collect(),
         None => vec![F::one(); k],
     })
 }
 
-fn usize_param(ctx: &Ctx, key: &str) -> Result<usize, Fail> {
+pub(crate) fn usize_param(ctx: &Ctx, key: &str) -> Result<usize, Fail> {
     let v = ctx.p_i64(key)?;
     usize::try_from(v).map_err(|_| {
         Fail::Op(posttrain_core::Error::OutOfRange {
@@ -368,11 +391,7 @@ fn trl_rloo<F: Real>(ctx: &Ctx) -> OpResult {
     let mask = ctx.mask("completion_mask")?;
     let old = ctx.f::<F>("old_per_token_logps")?;
     let rf = ctx.f_opt::<F>("ref_per_token_logps")?;
-    let clip = match ctx.p_opt_f64_list("reward_clip_range")? {
-        Some(v) if v.len() == 2 => Some((v[0], v[1])),
-        Some(_) => return Err(ctx.unsupported("reward_clip_range")),
-        None => None,
-    };
+    let clip = reward_clip(ctx)?;
     let cfg = RlooConfig::new(
         usize_param(ctx, "num_generations")?,
         ctx.p_f64("beta")?,

@@ -66,7 +66,7 @@ fn openrlhf_approx_kl<F: Real>(ctx: &Ctx) -> OpResult {
     Ok(o)
 }
 
-fn controller(ctx: &Ctx) -> Result<KlController, Fail> {
+pub(crate) fn controller(ctx: &Ctx) -> Result<KlController, Fail> {
     let coef = ctx.p_f64("kl_coef")?;
     Ok(match ctx.p_str("type")? {
         "fixed" => KlController::fixed(coef)?,
