@@ -250,7 +250,12 @@ impl Default for VespoGamma {
 }
 
 impl VespoGamma {
-    fn validate(&self) -> Result<(), Error> {
+    /// Checks that every parameter is finite.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`] for a non-finite `k` or `λ`.
+    pub fn validate(&self) -> Result<(), Error> {
         for (name, v) in [
             ("vespo_k_pos", self.k_pos),
             ("vespo_lambda_pos", self.lambda_pos),
