@@ -464,7 +464,10 @@ pub fn grpo_loss(cfg: &GrpoConfig, x: GrpoTensors) -> Result<GrpoLossOutput, Err
     }
     let apply = |v: Tensor<2>| -> Tensor<2> {
         let v = if use_is {
-            let r = x.importance_sampling_ratio.as_ref().map(|r| r.per_token(shape));
+            let r = x
+                .importance_sampling_ratio
+                .as_ref()
+                .map(|r| r.per_token(shape));
             match r {
                 Some(r) => v * r,
                 None => v,
@@ -682,8 +685,8 @@ pub fn gmpo_loss(cfg: &GmpoConfig, x: GrpoTensors) -> Result<SequenceLossTensors
     let n_row = mask.clone().float().sum_dim(1);
     let nf = at_least_one(n_row.clone());
     let total = count(&mask);
-    let emask = entropy_mask(cfg.top_entropy_quantile, &x.entropies, &mask)
-        .unwrap_or_else(|| mask.clone());
+    let emask =
+        entropy_mask(cfg.top_entropy_quantile, &x.entropies, &mask).unwrap_or_else(|| mask.clone());
     let xr = lp.clone() - old;
     let (lo, hi) = gmpo_clip_indicators(
         cfg.eps_low,
@@ -829,7 +832,11 @@ pub fn vespo_gamma_weights(
         Some(IsRatio::Token(r)) => sum = sum + row_sum(vespo_log_is_term(ElemTensor(r)).0, mask),
         None => {}
     }
-    let phi = vespo_phi(gamma, ElemTensor(sum), ElemTensor(advantages.reshape([b, 1])));
+    let phi = vespo_phi(
+        gamma,
+        ElemTensor(sum),
+        ElemTensor(advantages.reshape([b, 1])),
+    );
     Ok(phi.0.reshape([b]))
 }
 
@@ -991,7 +998,9 @@ pub fn completion_clipped_loss(
     let dpol = s.grad.0.sum();
     let clipfrac = s.clipped.0.float().sum().div_scalar(bf);
     let ratio_mean = s.ratio.0.slice([b - 1..b]);
-    let (kl, dkl) = cfg.kl().estimate(ElemTensor(y.clone()), ElemTensor(y.zeros_like()));
+    let (kl, dkl) = cfg
+        .kl()
+        .estimate(ElemTensor(y.clone()), ElemTensor(y.zeros_like()));
     let valid = count(&mask);
     let share = valid.clone() / valid.add_scalar(1e-8);
     let kl_loss = kl.0 * share.clone();
@@ -1117,7 +1126,10 @@ fn split_targets(
 ) -> Result<(Tensor<2, Bool>, Tensor<2, Int>), Error> {
     let ignored = match ignore_index {
         Some(i) => targets.clone().equal_elem(i),
-        None => targets.clone().equal_elem(0).bool_and(targets.clone().not_equal_elem(0)),
+        None => targets
+            .clone()
+            .equal_elem(0)
+            .bool_and(targets.clone().not_equal_elem(0)),
     };
     let [b, s] = targets.dims();
     if b * s > 0 {
@@ -1154,20 +1166,15 @@ fn from_logits_core(
 ) -> Result<FromLogitsOutput, Error> {
     let [b, s, v] = logits.dims();
     let (ignored, safe) = split_targets(targets, v, ignore_index)?;
-    let (lp, _) = crate::logits::selective_log_softmax(
-        logits.clone(),
-        safe.clone(),
-        Temperature::ONE,
-        None,
-    )?;
+    let (lp, _) =
+        crate::logits::selective_log_softmax(logits.clone(), safe.clone(), Temperature::ONE, None)?;
     let live = ignored.bool_not();
     let lp = keep(lp, &live);
     let (out, c) = on_policy_core(cfg, guard, lp.clone(), ref_log_prob, advantages, mask);
     let grad_logits = if want_grad {
         let used = mask.clone().bool_and(live);
         let c = keep(c, &used);
-        let (_, g) =
-            crate::logits::selective_log_softmax(logits, safe, Temperature::ONE, Some(c))?;
+        let (_, g) = crate::logits::selective_log_softmax(logits, safe, Temperature::ONE, Some(c))?;
         let used3 = used.unsqueeze_dim::<3>(2).expand([b, s, v]);
         g.map(|g| keep(g, &used3))
     } else {

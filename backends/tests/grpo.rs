@@ -80,7 +80,11 @@ fn close(what: &str, got: &[f64], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let ok = (g - w).abs() <= tol * (1.0 + w.abs()) || (g.is_nan() && w.is_nan());
-        assert!(ok, "{what}[{i}]: got {g}, want {w} (|Δ| = {:e})", (g - w).abs());
+        assert!(
+            ok,
+            "{what}[{i}]: got {g}, want {w} (|Δ| = {:e})",
+            (g - w).abs()
+        );
     }
 }
 
@@ -124,11 +128,20 @@ fn data(seed: u64, b: usize, t: usize) -> Data {
     let mut r = Rng::new(seed);
     let d = Dims::new(b, t);
     let lp = r.vec(d.len(), -3.0, -0.1);
-    let old: Vec<f64> = lp.iter().map(|&x| (x + r.uniform(-0.4, 0.4)) as f32 as f64).collect();
+    let old: Vec<f64> = lp
+        .iter()
+        .map(|&x| (x + r.uniform(-0.4, 0.4)) as f32 as f64)
+        .collect();
     Data {
         d,
-        rf: lp.iter().map(|&x| (x + r.uniform(-0.5, 0.5)) as f32 as f64).collect(),
-        samp: lp.iter().map(|&x| (x + r.uniform(-0.3, 0.3)) as f32 as f64).collect(),
+        rf: lp
+            .iter()
+            .map(|&x| (x + r.uniform(-0.5, 0.5)) as f32 as f64)
+            .collect(),
+        samp: lp
+            .iter()
+            .map(|&x| (x + r.uniform(-0.3, 0.3)) as f32 as f64)
+            .collect(),
         ent: r.vec(d.len(), 0.0, 2.0),
         mask: r.mask(d, 0.7),
         adv: r.vec(b, -1.5, 1.5),
@@ -243,9 +256,24 @@ fn tensor_grpo(
 
 fn check_grpo(what: &str, got: &tg::GrpoLossOutput, want: &CoreGrpo) {
     let w = &want.out;
-    close(&format!("{what} loss"), &[s(got.loss.clone())], &[w.loss], TOL);
-    close(&format!("{what} policy_loss"), &[s(got.policy_loss.clone())], &[w.policy_loss], TOL);
-    close(&format!("{what} entropy"), &[s(got.entropy.clone())], &[w.entropy], TOL);
+    close(
+        &format!("{what} loss"),
+        &[s(got.loss.clone())],
+        &[w.loss],
+        TOL,
+    );
+    close(
+        &format!("{what} policy_loss"),
+        &[s(got.policy_loss.clone())],
+        &[w.policy_loss],
+        TOL,
+    );
+    close(
+        &format!("{what} entropy"),
+        &[s(got.entropy.clone())],
+        &[w.entropy],
+        TOL,
+    );
     close(&format!("{what} kl"), &[s(got.kl.clone())], &[w.kl], TOL);
     let c = &got.clip;
     close(
@@ -266,16 +294,36 @@ fn check_grpo(what: &str, got: &tg::GrpoLossOutput, want: &CoreGrpo) {
         ],
         TOL,
     );
-    close(&format!("{what} cispo"), &[s(got.cispo_clip_ratio.clone())], &[w.cispo_clip_ratio], TOL);
+    close(
+        &format!("{what} cispo"),
+        &[s(got.cispo_clip_ratio.clone())],
+        &[w.cispo_clip_ratio],
+        TOL,
+    );
     close(
         &format!("{what} vespo"),
         &[s(got.vespo_phi_seq_mean.clone())],
         &[w.vespo_phi_seq_mean],
         TOL,
     );
-    close(&format!("{what} entropy_coef"), &[got.entropy_coef], &[w.entropy_coef], TOL);
-    close(&format!("{what} grad lp"), &to_vec(got.grad_log_probs.clone()), &want.g_lp, TOL);
-    close(&format!("{what} grad ent"), &to_vec(got.grad_entropies.clone()), &want.g_ent, TOL);
+    close(
+        &format!("{what} entropy_coef"),
+        &[got.entropy_coef],
+        &[w.entropy_coef],
+        TOL,
+    );
+    close(
+        &format!("{what} grad lp"),
+        &to_vec(got.grad_log_probs.clone()),
+        &want.g_lp,
+        TOL,
+    );
+    close(
+        &format!("{what} grad ent"),
+        &to_vec(got.grad_entropies.clone()),
+        &want.g_ent,
+        TOL,
+    );
 }
 
 #[test]
@@ -355,42 +403,104 @@ fn gmpo_and_rloo_match_core() {
                 } else {
                     (x.lp.clone(), x.old.clone())
                 };
-                let mut ti = GrpoTensors::new(t2(&lp, d), t2(&x.ent, d), m2(&x.mask, d), t1(&x.adv));
+                let mut ti =
+                    GrpoTensors::new(t2(&lp, d), t2(&x.ent, d), m2(&x.mask, d), t1(&x.adv));
                 ti.old_log_probs = Some(t2(&old, d));
                 ti.ref_log_probs = Some(t2(&x.rf, d));
                 let got = tg::gmpo_loss(&cfg, ti).unwrap();
                 let what = format!("gmpo b{b}t{t} β{beta} q{q} poisoned={poisoned}");
-                close(&what, &[s(got.loss), s(got.entropy), s(got.kl)], &[want.loss, want.entropy, want.kl], TOL);
                 close(
-                    &format!("{what} clip"),
-                    &[s(got.clip.low_mean), s(got.clip.high_mean), s(got.clip.region_mean), s(got.clip.low_min), s(got.clip.high_max)],
-                    &[want.clip.low_mean, want.clip.high_mean, want.clip.region_mean, want.clip.low_min, want.clip.high_max],
+                    &what,
+                    &[s(got.loss), s(got.entropy), s(got.kl)],
+                    &[want.loss, want.entropy, want.kl],
                     TOL,
                 );
-                close(&format!("{what} grad"), &to_vec(got.grad_log_probs), &g, TOL);
+                close(
+                    &format!("{what} clip"),
+                    &[
+                        s(got.clip.low_mean),
+                        s(got.clip.high_mean),
+                        s(got.clip.region_mean),
+                        s(got.clip.low_min),
+                        s(got.clip.high_max),
+                    ],
+                    &[
+                        want.clip.low_mean,
+                        want.clip.high_mean,
+                        want.clip.region_mean,
+                        want.clip.low_min,
+                        want.clip.high_max,
+                    ],
+                    TOL,
+                );
+                close(
+                    &format!("{what} grad"),
+                    &to_vec(got.grad_log_probs),
+                    &g,
+                    TOL,
+                );
             }
         }
         // RLOO: the sequence log-prob sum against per-row old log-probs near it.
         let mut r = Rng::new(77 + k as u64);
         let sums: Vec<f64> = (0..b)
-            .map(|i| (0..t).filter(|&j| x.mask[i * t + j]).map(|j| x.lp[i * t + j]).sum::<f64>())
+            .map(|i| {
+                (0..t)
+                    .filter(|&j| x.mask[i * t + j])
+                    .map(|j| x.lp[i * t + j])
+                    .sum::<f64>()
+            })
             .collect();
-        let old: Vec<f64> = sums.iter().map(|&v| (v + r.uniform(-0.5, 0.5)) as f32 as f64).collect();
-        let cfg = RlooConfig { eps_low: 0.2, eps_high: 0.28, log_ratio_clamp: Some(20.0) };
+        let old: Vec<f64> = sums
+            .iter()
+            .map(|&v| (v + r.uniform(-0.5, 0.5)) as f32 as f64)
+            .collect();
+        let cfg = RlooConfig {
+            eps_low: 0.2,
+            eps_high: 0.28,
+            log_ratio_clamp: Some(20.0),
+        };
         let inp = GrpoInputs::new(d, &x.lp, &x.ent, &x.mask, &x.adv);
         let mut g = vec![0.0; d.len()];
         let want = cg::rloo_loss(&cfg, &inp, &old, Some(&mut g)).unwrap();
-        let ti = GrpoTensors::new(t2(&poison(&x.lp, &x.mask), d), t2(&x.ent, d), m2(&x.mask, d), t1(&x.adv));
+        let ti = GrpoTensors::new(
+            t2(&poison(&x.lp, &x.mask), d),
+            t2(&x.ent, d),
+            m2(&x.mask, d),
+            t1(&x.adv),
+        );
         let got = tg::rloo_loss(&cfg, ti, t1(&old)).unwrap();
         let what = format!("rloo b{b}t{t}");
-        close(&what, &[s(got.loss), s(got.entropy)], &[want.loss, want.entropy], TOL);
         close(
-            &format!("{what} clip"),
-            &[s(got.clip.low_mean), s(got.clip.high_mean), s(got.clip.region_mean), s(got.clip.low_min), s(got.clip.high_max)],
-            &[want.clip.low_mean, want.clip.high_mean, want.clip.region_mean, want.clip.low_min, want.clip.high_max],
+            &what,
+            &[s(got.loss), s(got.entropy)],
+            &[want.loss, want.entropy],
             TOL,
         );
-        close(&format!("{what} grad"), &to_vec(got.grad_log_probs), &g, TOL);
+        close(
+            &format!("{what} clip"),
+            &[
+                s(got.clip.low_mean),
+                s(got.clip.high_mean),
+                s(got.clip.region_mean),
+                s(got.clip.low_min),
+                s(got.clip.high_max),
+            ],
+            &[
+                want.clip.low_mean,
+                want.clip.high_mean,
+                want.clip.region_mean,
+                want.clip.low_min,
+                want.clip.high_max,
+            ],
+            TOL,
+        );
+        close(
+            &format!("{what} grad"),
+            &to_vec(got.grad_log_probs),
+            &g,
+            TOL,
+        );
     }
 }
 
@@ -399,8 +509,17 @@ fn vespo_gamma_weights_match_core() {
     for (k, &(b, t)) in SHAPES.iter().enumerate() {
         let x = data(51 + k as u64, b, t);
         let d = x.d;
-        let lr: Vec<f64> = x.lp.iter().zip(&x.old).map(|(a, o)| ((a - o) as f32) as f64).collect();
-        let gamma = VespoGamma { k_pos: 2.0, lambda_pos: 3.0, k_neg: 3.0, lambda_neg: 2.0 };
+        let lr: Vec<f64> =
+            x.lp.iter()
+                .zip(&x.old)
+                .map(|(a, o)| ((a - o) as f32) as f64)
+                .collect();
+        let gamma = VespoGamma {
+            k_pos: 2.0,
+            lambda_pos: 3.0,
+            k_neg: 3.0,
+            lambda_neg: 2.0,
+        };
         for with_is in [false, true] {
             let mut want = vec![0.0; b];
             cg::vespo_gamma_weights(
@@ -414,8 +533,20 @@ fn vespo_gamma_weights_match_core() {
             )
             .unwrap();
             let is = with_is.then(|| IsRatio::Token(t2(&poison(&x.is_tok, &x.mask), d)));
-            let got = tg::vespo_gamma_weights(&gamma, t1(&x.adv), t2(&poison(&lr, &x.mask), d), &m2(&x.mask, d), is).unwrap();
-            close(&format!("phi b{b}t{t} is={with_is}"), &to_vec(got), &want, TOL);
+            let got = tg::vespo_gamma_weights(
+                &gamma,
+                t1(&x.adv),
+                t2(&poison(&lr, &x.mask), d),
+                &m2(&x.mask, d),
+                is,
+            )
+            .unwrap();
+            close(
+                &format!("phi b{b}t{t} is={with_is}"),
+                &to_vec(got),
+                &want,
+                TOL,
+            );
         }
     }
 }
@@ -438,7 +569,10 @@ fn grpo_family_shape_mismatch_is_a_typed_error() {
     let mut cfg = GrpoConfig::trl(GrpoLossType::Dapo);
     cfg.beta = 0.1;
     let x = GrpoTensors::new(t2(&v, d), t2(&v, d), m2(&mask, d), t1(&[1.0, -1.0]));
-    assert!(matches!(tg::grpo_loss(&cfg, x).unwrap_err(), Error::Invalid { .. }));
+    assert!(matches!(
+        tg::grpo_loss(&cfg, x).unwrap_err(),
+        Error::Invalid { .. }
+    ));
 }
 
 // ---------------------------------------------------------------------------
@@ -469,24 +603,69 @@ fn torchtune_losses_match_core() {
             let mask = masked.then_some(&x.mask[..]);
             let tm = masked.then(|| m2(&x.mask, d));
             // Poison only what the peer never reads (ratio_mean of GRPOLoss reads every position).
-            let lp_p = if masked { poison(&x.lp, &x.mask) } else { x.lp.clone() };
+            let lp_p = if masked {
+                poison(&x.lp, &x.mask)
+            } else {
+                x.lp.clone()
+            };
             // token-level clipped
             let mut g = vec![0.0; d.len()];
-            let want = cs::token_clipped_loss(&cfg, d, &x.old, &x.lp, &x.rf, &x.adv, mask, Some(&mut g)).unwrap();
-            let (got, gg) = tg::token_clipped_loss(&cfg, t2(&x.old, d), t2(&x.lp, d), t2(&x.rf, d), t1(&x.adv), tm.as_ref()).unwrap();
+            let want =
+                cs::token_clipped_loss(&cfg, d, &x.old, &x.lp, &x.rf, &x.adv, mask, Some(&mut g))
+                    .unwrap();
+            let (got, gg) = tg::token_clipped_loss(
+                &cfg,
+                t2(&x.old, d),
+                t2(&x.lp, d),
+                t2(&x.rf, d),
+                t1(&x.adv),
+                tm.as_ref(),
+            )
+            .unwrap();
             let what = format!("token b{b}t{t} masked={masked}");
             close(&what, &scalars(&got), &core_scalars(&want), TOL);
             close(&format!("{what} grad"), &to_vec(gg), &g, TOL);
             // completion
-            let want = cs::completion_clipped_loss(&cfg, d, &x.old, &x.lp, &x.rf, &x.adv, mask, Some(&mut g)).unwrap();
-            let (got, gg) = tg::completion_clipped_loss(&cfg, t2(&x.old, d), t2(&lp_p, d), t2(&x.rf, d), t1(&x.adv), tm.as_ref()).unwrap();
+            let want = cs::completion_clipped_loss(
+                &cfg,
+                d,
+                &x.old,
+                &x.lp,
+                &x.rf,
+                &x.adv,
+                mask,
+                Some(&mut g),
+            )
+            .unwrap();
+            let (got, gg) = tg::completion_clipped_loss(
+                &cfg,
+                t2(&x.old, d),
+                t2(&lp_p, d),
+                t2(&x.rf, d),
+                t1(&x.adv),
+                tm.as_ref(),
+            )
+            .unwrap();
             let what = format!("completion b{b}t{t} masked={masked}");
             close(&what, &scalars(&got), &core_scalars(&want), TOL);
             close(&format!("{what} grad"), &to_vec(gg), &g, TOL);
             // on-policy
-            for guard in [TokenCountGuard::TORCHTUNE_SIMPLE, TokenCountGuard::TORCHTUNE_CHUNKED] {
-                let want = cs::on_policy_loss(&cfg, guard, d, &x.lp, &x.rf, &x.adv, mask, Some(&mut g)).unwrap();
-                let (got, gg) = tg::on_policy_loss(&cfg, guard, t2(&lp_p, d), t2(&x.rf, d), t1(&x.adv), tm.as_ref()).unwrap();
+            for guard in [
+                TokenCountGuard::TORCHTUNE_SIMPLE,
+                TokenCountGuard::TORCHTUNE_CHUNKED,
+            ] {
+                let want =
+                    cs::on_policy_loss(&cfg, guard, d, &x.lp, &x.rf, &x.adv, mask, Some(&mut g))
+                        .unwrap();
+                let (got, gg) = tg::on_policy_loss(
+                    &cfg,
+                    guard,
+                    t2(&lp_p, d),
+                    t2(&x.rf, d),
+                    t1(&x.adv),
+                    tm.as_ref(),
+                )
+                .unwrap();
                 let what = format!("on-policy b{b}t{t} masked={masked} {guard:?}");
                 close(&what, &scalars(&got), &core_scalars(&want), TOL);
                 close(&format!("{what} grad"), &to_vec(gg), &g, TOL);
@@ -508,14 +687,31 @@ fn torchtune_logits_and_hidden_forms_match_core() {
         let hidden = r.vec(d.len() * h, -1.0, 1.0);
         let weight = r.vec(v * h, -1.0, 1.0);
         let targets: Vec<i64> = (0..d.len())
-            .map(|i| if i % 4 == 3 { -100 } else { (r.next_u64() % v as u64) as i64 })
+            .map(|i| {
+                if i % 4 == 3 {
+                    -100
+                } else {
+                    (r.next_u64() % v as u64) as i64
+                }
+            })
             .collect();
         let tt = || Tensor::<2, Int>::from_data(TensorData::new(targets.clone(), [b, t]), &dev());
         // logits
         let mut lp = vec![0.0; d.len()];
         let mut g = vec![0.0; d.len() * v];
         let want = cs::on_policy_loss_from_logits(
-            &cfg, guard, d, v, &logits, &targets, Some(-100), &x.rf, &x.adv, Some(&x.mask), &mut lp, Some(&mut g),
+            &cfg,
+            guard,
+            d,
+            v,
+            &logits,
+            &targets,
+            Some(-100),
+            &x.rf,
+            &x.adv,
+            Some(&x.mask),
+            &mut lp,
+            Some(&mut g),
         )
         .unwrap();
         let got = tg::on_policy_loss_from_logits(
@@ -533,7 +729,12 @@ fn torchtune_logits_and_hidden_forms_match_core() {
         let what = format!("logits b{b}t{t}");
         close(&what, &scalars(&got.out), &core_scalars(&want), TOL);
         close(&format!("{what} lp"), &to_vec(got.log_probs), &lp, TOL);
-        close(&format!("{what} grad"), &to_vec(got.grad_logits.unwrap()), &g, TOL);
+        close(
+            &format!("{what} grad"),
+            &to_vec(got.grad_logits.unwrap()),
+            &g,
+            TOL,
+        );
         // hidden, with NaN hidden states at masked positions
         let mut scratch = vec![0.0; v];
         let (mut gh, mut gw) = (vec![0.0; hidden.len()], vec![0.0; weight.len()]);
@@ -552,7 +753,10 @@ fn torchtune_logits_and_hidden_forms_match_core() {
             Some(&x.mask),
             &mut lp,
             &mut scratch,
-            Some(HiddenGrads { hidden: &mut gh, weight: &mut gw }),
+            Some(HiddenGrads {
+                hidden: &mut gh,
+                weight: &mut gw,
+            }),
         )
         .unwrap();
         let hidden_p: Vec<f64> = hidden
@@ -596,17 +800,30 @@ fn truncate_matches_core() {
         let resp = len - context;
         let mut want = vec![0.0; b * resp * v];
         cs::truncate_for_logprobs(&logits, b, len, v, context, &mut want).unwrap();
-        let got = tg::truncate_for_logprobs(tensor3(&logits, [b, len, v], &dev()).unwrap(), context).unwrap();
+        let got =
+            tg::truncate_for_logprobs(tensor3(&logits, [b, len, v], &dev()).unwrap(), context)
+                .unwrap();
         close("truncate", &to_vec(got), &want, 0.0);
         let cot = r.vec(b * resp * v, -1.0, 1.0);
         let mut gw = vec![0.0; b * len * v];
         cs::truncate_for_logprobs_vjp(&cot, b, len, v, context, &mut gw).unwrap();
-        let g = tg::truncate_for_logprobs_vjp(tensor3(&cot, [b, resp, v], &dev()).unwrap(), len, context).unwrap();
+        let g = tg::truncate_for_logprobs_vjp(
+            tensor3(&cot, [b, resp, v], &dev()).unwrap(),
+            len,
+            context,
+        )
+        .unwrap();
         close("truncate vjp", &to_vec(g), &gw, 0.0);
     }
     let z = tensor3(&logits, [b, len, v], &dev()).unwrap();
-    assert!(matches!(tg::truncate_for_logprobs(z.clone(), 0), Err(Error::OutOfRange { .. })));
-    assert!(matches!(tg::truncate_for_logprobs(z, len + 1), Err(Error::OutOfRange { .. })));
+    assert!(matches!(
+        tg::truncate_for_logprobs(z.clone(), 0),
+        Err(Error::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        tg::truncate_for_logprobs(z, len + 1),
+        Err(Error::OutOfRange { .. })
+    ));
 }
 
 #[test]
@@ -615,16 +832,42 @@ fn torchtune_shape_mismatch_and_bad_targets_are_typed_errors() {
     let d = Dims::new(2, 3);
     let v = vec![-1.0; d.len()];
     let short = tensor2(&[-1.0; 4], [2, 2], &dev()).unwrap();
-    let e = tg::token_clipped_loss(&cfg, t2(&v, d), t2(&v, d), short.clone(), t1(&[1.0, 0.0]), None).unwrap_err();
+    let e = tg::token_clipped_loss(
+        &cfg,
+        t2(&v, d),
+        t2(&v, d),
+        short.clone(),
+        t1(&[1.0, 0.0]),
+        None,
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e:?}");
-    let e = tg::completion_clipped_loss(&cfg, t2(&v, d), t2(&v, d), short, t1(&[1.0, 0.0]), None).unwrap_err();
+    let e = tg::completion_clipped_loss(&cfg, t2(&v, d), t2(&v, d), short, t1(&[1.0, 0.0]), None)
+        .unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e:?}");
-    let e = tg::on_policy_loss(&cfg, TokenCountGuard::TORCHTUNE_SIMPLE, t2(&v, d), t2(&v, d), t1(&[1.0]), None).unwrap_err();
+    let e = tg::on_policy_loss(
+        &cfg,
+        TokenCountGuard::TORCHTUNE_SIMPLE,
+        t2(&v, d),
+        t2(&v, d),
+        t1(&[1.0]),
+        None,
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e:?}");
     let logits = tensor3(&[0.0; 12], [2, 3, 2], &dev()).unwrap();
-    let bad = Tensor::<2, Int>::from_data(TensorData::new(vec![0i64, 1, 2, 0, 1, 0], [2, 3]), &dev());
+    let bad =
+        Tensor::<2, Int>::from_data(TensorData::new(vec![0i64, 1, 2, 0, 1, 0], [2, 3]), &dev());
     let e = tg::on_policy_loss_from_logits(
-        &cfg, TokenCountGuard::TORCHTUNE_CHUNKED, logits, bad, Some(-100), t2(&v, d), t1(&[1.0, 0.0]), None, false,
+        &cfg,
+        TokenCountGuard::TORCHTUNE_CHUNKED,
+        logits,
+        bad,
+        Some(-100),
+        t2(&v, d),
+        t1(&[1.0, 0.0]),
+        None,
+        false,
     )
     .unwrap_err();
     assert!(matches!(e, Error::Invalid { .. }), "{e:?}");

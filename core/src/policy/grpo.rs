@@ -908,7 +908,8 @@ pub fn grpo_token<E: Elem>(
             (l, d, zero.clone(), coef.clone())
         }
         _ => {
-            let t = trl_clipped_surrogate(cfg.eps_low, cfg.eps_high, cfg.delta, log_weight, advantage);
+            let t =
+                trl_clipped_surrogate(cfg.eps_low, cfg.eps_high, cfg.delta, log_weight, advantage);
             (t.loss, t.grad, zero.clone(), t.capped_ratio)
         }
     };
@@ -998,10 +999,9 @@ pub fn trl_token_weight_of<E: Elem>(
     let acc = row_valid.full_like(norm.accumulation());
     let one = row_valid.full_like(1.0);
     match loss_type {
-        GrpoLossType::Grpo | GrpoLossType::Sapo => one
-            .clone()
-            .div(row_valid.max(one).mul_scalar(b))
-            .div(acc),
+        GrpoLossType::Grpo | GrpoLossType::Sapo => {
+            one.clone().div(row_valid.max(one).mul_scalar(b)).div(acc)
+        }
         GrpoLossType::Bnpo => one.clone().div(total_valid.max(one)).div(acc),
         GrpoLossType::DrGrpo => one
             .div(row_valid.full_like(b * norm.max_completion_length))
@@ -1009,9 +1009,7 @@ pub fn trl_token_weight_of<E: Elem>(
         GrpoLossType::Dapo | GrpoLossType::Cispo | GrpoLossType::Vespo => {
             one.div(row_valid.full_like(norm.token_count()))
         }
-        GrpoLossType::Luspo => row_valid
-            .div(one.full_like(b * seq as f64))
-            .div(acc),
+        GrpoLossType::Luspo => row_valid.div(one.full_like(b * seq as f64)).div(acc),
     }
 }
 
@@ -1028,7 +1026,11 @@ pub fn trl_token_weight_of<E: Elem>(
 /// # Peers
 ///
 /// TRL experimental `GMPOTrainer._compute_loss`.
-pub fn gmpo_sequence_objective<E: Elem>(mean_log_ratio: E, advantage: E, clamp: Option<f64>) -> (E, E) {
+pub fn gmpo_sequence_objective<E: Elem>(
+    mean_log_ratio: E,
+    advantage: E,
+    clamp: Option<f64>,
+) -> (E, E) {
     let (m, live) = clamp_log_ratio(mean_log_ratio, clamp);
     let c = m.exp();
     let loss = c.clone().neg().mul(advantage.clone());
@@ -1617,8 +1619,13 @@ pub fn grpo_loss<F: Real>(
             };
             // per-token loss, ∂ℓ/∂x and ∂ℓ/∂logp (direct)
             let t = grpo_token(cfg, lw, Some(&live), lp[k], a, phi);
-            let (l, d_x, d_lp, capped, coef) =
-                (t.loss, t.grad_log_weight, t.grad_log_prob, t.capped_ratio, t.ratio);
+            let (l, d_x, d_lp, capped, coef) = (
+                t.loss,
+                t.grad_log_weight,
+                t.grad_log_prob,
+                t.capped_ratio,
+                t.ratio,
+            );
             // multiplicative factor f
             let mut f_on = keep;
             if threshold.is_some() {

@@ -66,11 +66,12 @@ fn grpo(ctx: &Ctx, d: &Device, gspo_token: bool) -> OpResult {
     x.ref_log_probs = opt2(ctx, "ref_per_token_logps", shape, d)?;
     x.sampling_log_probs = opt2(ctx, "sampling_per_token_logps", shape, d)?;
     if let Some(v) = ctx.f_opt::<f64>("importance_sampling_ratio")? {
-        x.importance_sampling_ratio = Some(if is_ratio_per_row(ctx, Dims::new(shape[0], shape[1]))? {
-            IsRatio::Row(tensor1(&v, d))
-        } else {
-            IsRatio::Token(tensor2(&v, shape, d)?)
-        });
+        x.importance_sampling_ratio =
+            Some(if is_ratio_per_row(ctx, Dims::new(shape[0], shape[1]))? {
+                IsRatio::Row(tensor1(&v, d))
+            } else {
+                IsRatio::Token(tensor2(&v, shape, d)?)
+            });
     }
     let out = posttrain_burn::grpo::grpo_loss(&cfg, x)?;
     let mut o = Outputs::new();
@@ -114,7 +115,10 @@ fn gmpo(ctx: &Ctx, d: &Device) -> OpResult {
     }
     put_clip(&mut o, &clip(&out.clip));
     let cot = ctx.cot_scalar::<f64>("loss")?;
-    let g: Vec<f64> = to_vec(out.grad_log_probs).iter().map(|&v| v * cot).collect();
+    let g: Vec<f64> = to_vec(out.grad_log_probs)
+        .iter()
+        .map(|&v| v * cot)
+        .collect();
     o.grad("per_token_logps", &g);
     Ok(o)
 }
@@ -130,7 +134,10 @@ fn rloo(ctx: &Ctx, d: &Device) -> OpResult {
     o.scalar("entropy", scalar(out.entropy));
     put_clip(&mut o, &clip(&out.clip));
     let cot = ctx.cot_scalar::<f64>("loss")?;
-    let g: Vec<f64> = to_vec(out.grad_log_probs).iter().map(|&v| v * cot).collect();
+    let g: Vec<f64> = to_vec(out.grad_log_probs)
+        .iter()
+        .map(|&v| v * cot)
+        .collect();
     o.grad("per_token_logps", &g);
     Ok(o)
 }

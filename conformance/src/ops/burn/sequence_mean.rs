@@ -35,7 +35,11 @@ fn scalars(t: SequenceMeanTensors) -> SequenceMeanOutput<f64> {
     }
 }
 
-fn mask_opt(ctx: &Ctx, shape: [usize; 2], d: &Device) -> Result<Option<Tensor<2, posttrain_burn::Bool>>, Fail> {
+fn mask_opt(
+    ctx: &Ctx,
+    shape: [usize; 2],
+    d: &Device,
+) -> Result<Option<Tensor<2, posttrain_burn::Bool>>, Fail> {
     match ctx.mask_opt("padding_masks")? {
         Some(m) => Ok(Some(mask2(&m, shape, d)?)),
         None => Ok(None),
@@ -86,7 +90,11 @@ fn from_logits(ctx: &Ctx, d: &Device) -> OpResult {
     let cfg = config(ctx)?;
     let (dims, vocab) = dims3(ctx, "pi_logits")?;
     let shape = [dims.batch, dims.seq];
-    let logits = tensor3(&ctx.f::<f64>("pi_logits")?, [dims.batch, dims.seq, vocab], d)?;
+    let logits = tensor3(
+        &ctx.f::<f64>("pi_logits")?,
+        [dims.batch, dims.seq, vocab],
+        d,
+    )?;
     let t = targets(ctx, "targets", shape, d)?;
     let rf = tensor2(&ctx.f::<f64>("ref_logprobs")?, shape, d)?;
     let adv = tensor1(&ctx.f::<f64>("advantages")?, d);
