@@ -997,7 +997,7 @@ pub fn completion_clipped_loss(
     let policy_loss = s.loss.0.sum().neg().div_scalar(bf);
     let dpol = s.grad.0.sum();
     let clipfrac = s.clipped.0.float().sum().div_scalar(bf);
-    let ratio_mean = s.ratio.0.slice([b - 1..b]);
+    let ratio_mean = s.ratio.0.narrow(0, b - 1, 1);
     let (kl, dkl) = cfg
         .kl()
         .estimate(ElemTensor(y.clone()), ElemTensor(y.zeros_like()));
