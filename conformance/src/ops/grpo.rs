@@ -29,7 +29,7 @@ fn opt_bool(ctx: &Ctx, key: &str) -> Result<bool, Fail> {
     }
 }
 
-fn is_train(ctx: &Ctx) -> Result<bool, Fail> {
+pub(crate) fn is_train(ctx: &Ctx) -> Result<bool, Fail> {
     match ctx.p_opt_str("mode")? {
         None | Some("train") => Ok(true),
         Some("eval") => Ok(false),
@@ -38,7 +38,7 @@ fn is_train(ctx: &Ctx) -> Result<bool, Fail> {
 }
 
 /// Completion mask combined with the tool mask, if any.
-fn loss_mask(ctx: &Ctx) -> Result<Vec<bool>, Fail> {
+pub(crate) fn loss_mask(ctx: &Ctx) -> Result<Vec<bool>, Fail> {
     let mut m = ctx.mask("completion_mask")?;
     if let Some(t) = ctx.mask_opt("tool_mask")? {
         if t.len() != m.len() {
@@ -55,7 +55,7 @@ fn loss_mask(ctx: &Ctx) -> Result<Vec<bool>, Fail> {
     Ok(m)
 }
 
-fn put_clip(o: &mut Outputs, c: &ClipMetrics<impl Real>) {
+pub(crate) fn put_clip(o: &mut Outputs, c: &ClipMetrics<impl Real>) {
     o.scalar("clip_ratio/low_mean", c.low_mean);
     o.scalar("clip_ratio/high_mean", c.high_mean);
     o.scalar("clip_ratio/region_mean", c.region_mean);
@@ -63,7 +63,7 @@ fn put_clip(o: &mut Outputs, c: &ClipMetrics<impl Real>) {
     o.scalar("clip_ratio/high_max", c.high_max);
 }
 
-fn grpo_config(ctx: &Ctx, gspo_token: bool) -> Result<GrpoConfig, Fail> {
+pub(crate) fn grpo_config(ctx: &Ctx, gspo_token: bool) -> Result<GrpoConfig, Fail> {
     let loss_type: GrpoLossType = ctx.p_str("loss_type")?.parse()?;
     let mut cfg = GrpoConfig::trl(loss_type);
     cfg.level = ctx.p_str("importance_sampling_level")?.parse()?;
@@ -121,6 +121,13 @@ fn grpo_config(ctx: &Ctx, gspo_token: bool) -> Result<GrpoConfig, Fail> {
     Ok(cfg)
 }
 
+/// Whether TRL's vLLM importance-sampling ratio is one per row (`(B, 1)`).
+pub(crate) fn is_ratio_per_row(ctx: &Ctx, dims: Dims) -> Result<bool, Fail> {
+    Ok(ctx.has("importance_sampling_ratio")
+        && ctx.shape("importance_sampling_ratio")?.last() == Some(&1)
+        && dims.seq != 1)
+}
+
 fn trl_grpo_loss<F: Real>(ctx: &Ctx, gspo_token: bool) -> OpResult {
     let cfg = grpo_config(ctx, gspo_token)?;
     let dims = ctx.dims("per_token_logps")?;
@@ -132,9 +139,7 @@ fn trl_grpo_loss<F: Real>(ctx: &Ctx, gspo_token: bool) -> OpResult {
     let rf = ctx.f_opt::<F>("ref_per_token_logps")?;
     let samp = ctx.f_opt::<F>("sampling_per_token_logps")?;
     let is = ctx.f_opt::<F>("importance_sampling_ratio")?;
-    let is_row = ctx.has("importance_sampling_ratio")
-        && ctx.shape("importance_sampling_ratio")?.last() == Some(&1)
-        && dims.seq != 1;
+    let is_row = is_ratio_per_row(ctx, dims)?;
     let mut x = GrpoInputs::new(dims, &lp, &ent, &mask, &adv);
     x.old_log_probs = old.as_deref();
     x.ref_log_probs = rf.as_deref();
@@ -176,7 +181,7 @@ fn trl_grpo_loss<F: Real>(ctx: &Ctx, gspo_token: bool) -> OpResult {
     Ok(o)
 }
 
-fn trl_gmpo_loss<F: Real>(ctx: &Ctx) -> OpResult {
+pub(crate) fn gmpo_config(ctx: &Ctx) -> Result<GmpoConfig, Fail> {
     let mut cfg = GmpoConfig::trl();
     cfg.eps_low = ctx.p_f64("epsilon")?;
     cfg.eps_high = ctx.p_f64("epsilon_high")?;
@@ -184,6 +189,11 @@ fn trl_gmpo_loss<F: Real>(ctx: &Ctx) -> OpResult {
     cfg.top_entropy_quantile = ctx.p_f64("top_entropy_quantile")?;
     cfg.gradient_accumulation_steps = ctx.p_f64("current_gradient_accumulation_steps")?;
     cfg.train = is_train(ctx)?;
+    Ok(cfg)
+}
+
+fn trl_gmpo_loss<F: Real>(ctx: &Ctx) -> OpResult {
+    let cfg = gmpo_config(ctx)?;
     let dims = ctx.dims("per_token_logps")?;
     let lp = ctx.f::<F>("per_token_logps")?;
     let ent = ctx.f::<F>("entropies")?;
@@ -210,11 +220,16 @@ fn trl_gmpo_loss<F: Real>(ctx: &Ctx) -> OpResult {
     Ok(o)
 }
 
-fn trl_rloo_loss<F: Real>(ctx: &Ctx) -> OpResult {
+pub(crate) fn rloo_config(ctx: &Ctx) -> Result<RlooConfig, Fail> {
     let mut cfg = RlooConfig::trl();
     cfg.eps_low = ctx.p_f64("epsilon")?;
     cfg.eps_high = ctx.p_f64("epsilon_high")?;
     let _ = is_train(ctx)?;
+    Ok(cfg)
+}
+
+fn trl_rloo_loss<F: Real>(ctx: &Ctx) -> OpResult {
+    let cfg = rloo_config(ctx)?;
     let dims = ctx.dims("per_token_logps")?;
     let lp = ctx.f::<F>("per_token_logps")?;
     let ent = ctx.f::<F>("entropies")?;
@@ -234,13 +249,17 @@ fn trl_rloo_loss<F: Real>(ctx: &Ctx) -> OpResult {
     Ok(o)
 }
 
-fn trl_gamma_weights<F: Real>(ctx: &Ctx) -> OpResult {
-    let gamma = VespoGamma {
+pub(crate) fn gamma_config(ctx: &Ctx) -> Result<VespoGamma, Fail> {
+    Ok(VespoGamma {
         k_pos: ctx.p_f64("k_pos")?,
         lambda_pos: ctx.p_f64("lambda_pos")?,
         k_neg: ctx.p_f64("k_neg")?,
         lambda_neg: ctx.p_f64("lambda_neg")?,
-    };
+    })
+}
+
+fn trl_gamma_weights<F: Real>(ctx: &Ctx) -> OpResult {
+    let gamma = gamma_config(ctx)?;
     let dims: Dims = ctx.dims("log_ratio_per_token")?;
     let adv = ctx.f::<F>("advantages")?;
     let lr = ctx.f::<F>("log_ratio_per_token")?;

@@ -24,14 +24,14 @@ pub fn run<F: Real>(op: &str, ctx: &Ctx) -> Option<OpResult> {
     }
 }
 
-fn config(ctx: &Ctx) -> Result<SequenceMeanConfig, Fail> {
+pub(crate) fn config(ctx: &Ctx) -> Result<SequenceMeanConfig, Fail> {
     Ok(SequenceMeanConfig::new(
         ctx.p_f64("epsilon")?,
         ctx.p_f64("kl_coeff")?,
     )?)
 }
 
-fn record<F: Real>(o: &mut Outputs, out: &SequenceMeanOutput<F>) {
+pub(crate) fn record<F: Real>(o: &mut Outputs, out: &SequenceMeanOutput<F>) {
     o.scalar("loss", out.loss)
         .scalar("policy_loss", out.policy_loss)
         .scalar("kl_loss", out.kl_loss)
@@ -40,7 +40,7 @@ fn record<F: Real>(o: &mut Outputs, out: &SequenceMeanOutput<F>) {
 }
 
 /// `[rows, cols, last]` of a rank-3 input.
-fn dims3(ctx: &Ctx, name: &str) -> Result<(Dims, usize), Fail> {
+pub(crate) fn dims3(ctx: &Ctx, name: &str) -> Result<(Dims, usize), Fail> {
     let s = ctx.shape(name)?;
     if s.len() != 3 {
         return Err(Fail::Harness(format!("input `{name}` must have rank 3")));

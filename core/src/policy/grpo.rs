@@ -250,7 +250,12 @@ impl Default for VespoGamma {
 }
 
 impl VespoGamma {
-    fn validate(&self) -> Result<(), Error> {
+    /// Checks that every parameter is finite.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`] for a non-finite `k` or `λ`.
+    pub fn validate(&self) -> Result<(), Error> {
         for (name, v) in [
             ("vespo_k_pos", self.k_pos),
             ("vespo_lambda_pos", self.lambda_pos),
@@ -358,19 +363,14 @@ pub fn trl_token_weight<F: Real>(
     row_valid: usize,
     total_valid: usize,
 ) -> F {
-    let b = F::of_usize(dims.batch);
-    let acc = F::of(norm.accumulation());
-    match loss_type {
-        GrpoLossType::Grpo | GrpoLossType::Sapo => {
-            F::one() / (b * F::of_usize(row_valid.max(1))) / acc
-        }
-        GrpoLossType::Bnpo => F::one() / F::of_usize(total_valid.max(1)) / acc,
-        GrpoLossType::DrGrpo => F::one() / (b * F::of(norm.max_completion_length)) / acc,
-        GrpoLossType::Dapo | GrpoLossType::Cispo | GrpoLossType::Vespo => {
-            F::one() / F::of(norm.token_count())
-        }
-        GrpoLossType::Luspo => F::of_usize(row_valid) / (b * F::of_usize(dims.seq)) / acc,
-    }
+    trl_token_weight_of(
+        loss_type,
+        norm,
+        dims.batch,
+        dims.seq,
+        F::of_usize(row_valid),
+        F::of_usize(total_valid),
+    )
 }
 
 /// TRL's adaptive entropy-coefficient controller.
@@ -645,9 +645,31 @@ impl GrpoConfig {
 
 /// `clamp(x, −c, c)` and whether the clamp is inactive (`None`: no clamp).
 fn safe_log_ratio<F: Real>(x: F, clamp: Option<f64>) -> (F, bool) {
+    let (v, live) = clamp_log_ratio(x, clamp);
+    (v, live.unwrap_or(true))
+}
+
+/// The safety clamp of a log importance weight, for one token (or a tensor).
+///
+/// # Formula
+///
+/// `x̂ = clamp(x, −c, c)`; `live = (−c ≤ x ≤ c)`. With `clamp = None`, `x̂ = x`
+/// and `live` is `None` (always live).
+///
+/// # Gradient
+///
+/// `∂x̂/∂x = 1` where `live`, else 0 (an active clamp stops the gradient).
+///
+/// # Peers
+///
+/// None (posttrain's safety net, see the [module docs](self)).
+pub fn clamp_log_ratio<E: Elem>(x: E, clamp: Option<f64>) -> (E, Option<E::Mask>) {
     match clamp {
-        Some(c) => (x.clamp(-c, c), x >= F::of(-c) && x <= F::of(c)),
-        None => (x, true),
+        Some(c) => {
+            let live = x.ge_scalar(-c).and(x.le_scalar(c));
+            (x.clamp(-c, c), Some(live))
+        }
+        None => (x, None),
     }
 }
 
@@ -782,6 +804,260 @@ pub fn cispo_surrogate<E: Elem>(eps_high: f64, log_ratio: E, log_prob: E, advant
     let w = w.clone().min(w.full_like(eps_high));
     let d = w.mul(advantage).neg();
     (d.clone().mul(log_prob), d)
+}
+
+/// TRL's clip-metric indicators of one token (or one row at sequence level).
+///
+/// # Formula
+///
+/// ```text
+/// low  = coef_1 < 1 − ε_low  ∧ A < 0
+/// high = coef_1 > 1 + ε_high ∧ A > 0
+/// ```
+///
+/// `coef_1` is the (δ-capped) ratio ([`TrlClipToken::capped_ratio`]).
+///
+/// # Peers
+///
+/// TRL `clip_ratio/low_mean`, `clip_ratio/high_mean` (GRPO, GSPO-token, RLOO).
+pub fn trl_clip_indicators<E: Elem>(
+    eps_low: f64,
+    eps_high: f64,
+    capped_ratio: &E,
+    advantage: &E,
+) -> (E::Mask, E::Mask) {
+    let low = capped_ratio
+        .lt_scalar(1.0 - eps_low)
+        .and(advantage.lt_scalar(0.0));
+    let high = capped_ratio
+        .gt_scalar(1.0 + eps_high)
+        .and(advantage.gt_scalar(0.0));
+    (low, high)
+}
+
+/// CISPO's clip indicator: `coef_1 > ε_high ∧ A > 0` (TRL `cispo_clip_ratio`).
+pub fn cispo_clip_indicator<E: Elem>(eps_high: f64, ratio: &E, advantage: &E) -> E::Mask {
+    ratio.gt_scalar(eps_high).and(advantage.gt_scalar(0.0))
+}
+
+/// One position's GRPO-family loss (before the multiplicative factors, the
+/// KL and the normalizer) and its partial derivatives.
+#[derive(Debug, Clone)]
+pub struct GrpoToken<E: Elem> {
+    /// The per-token loss `ℓ`.
+    pub loss: E,
+    /// `∂ℓ/∂x` through the importance weight (0 where the safety clamp is active).
+    pub grad_log_weight: E,
+    /// `∂ℓ/∂log π` directly (CISPO, VESPO: the detached-weight forms).
+    pub grad_log_prob: E,
+    /// `coef_1` after the `δ` cap (clipped types), else `coef_1 = eˣ̂`.
+    pub capped_ratio: E,
+    /// `coef_1 = eˣ̂`.
+    pub ratio: E,
+}
+
+/// The per-token loss of [`grpo_loss`] for `cfg.loss_type`, for one position
+/// (or a tensor).
+///
+/// # Formula
+///
+/// With `x̂` the (clamped) log importance weight of the position
+/// ([`clamp_log_ratio`]; the token's own or its row's) and `r = e^x̂`:
+///
+/// ```text
+/// grpo, bnpo, dr_grpo, dapo, luspo: trl_clipped_surrogate(ε_low, ε_high, δ, x̂, A)
+/// cispo: cispo_surrogate(ε_high, x̂, log π, A)
+/// sapo:  sapo_surrogate(τ_pos, τ_neg, x̂, A)
+/// vespo: −φ·A·log π                 (φ = vespo_phi of the row; read by VESPO only)
+/// ```
+///
+/// # Gradient
+///
+/// [`GrpoToken::grad_log_weight`] (`∂ℓ/∂x`, zeroed where `live` is false) and
+/// [`GrpoToken::grad_log_prob`] (the detached-weight types).
+///
+/// # Peers
+///
+/// TRL `GRPOTrainer._compute_loss` (per-token part).
+pub fn grpo_token<E: Elem>(
+    cfg: &GrpoConfig,
+    log_weight: E,
+    live: Option<&E::Mask>,
+    log_prob: E,
+    advantage: E,
+    phi: E,
+) -> GrpoToken<E> {
+    let coef = log_weight.clone().exp();
+    let zero = coef.full_like(0.0);
+    let (loss, d_x, d_lp, capped) = match cfg.loss_type {
+        GrpoLossType::Cispo => {
+            let (l, d) = cispo_surrogate(cfg.eps_high, log_weight, log_prob, advantage);
+            (l, zero.clone(), d, coef.clone())
+        }
+        GrpoLossType::Vespo => {
+            let d = phi.mul(advantage).neg();
+            (d.clone().mul(log_prob), zero.clone(), d, coef.clone())
+        }
+        GrpoLossType::Sapo => {
+            let (l, d) = sapo_surrogate(
+                cfg.sapo_temperature_pos,
+                cfg.sapo_temperature_neg,
+                log_weight,
+                advantage,
+            );
+            (l, d, zero.clone(), coef.clone())
+        }
+        _ => {
+            let t =
+                trl_clipped_surrogate(cfg.eps_low, cfg.eps_high, cfg.delta, log_weight, advantage);
+            (t.loss, t.grad, zero.clone(), t.capped_ratio)
+        }
+    };
+    let d_x = match live {
+        Some(m) => E::select(m, d_x, zero),
+        None => d_x,
+    };
+    GrpoToken {
+        loss,
+        grad_log_weight: d_x,
+        grad_log_prob: d_lp,
+        capped_ratio: capped,
+        ratio: coef,
+    }
+}
+
+/// The KL term of [`grpo_loss`] for one position: the k3 estimate, times
+/// `coef_1` with TRL's `use_bias_correction_kl`.
+///
+/// # Formula
+///
+/// ```text
+/// κ = e^{ref − log π} − (ref − log π) − 1       (k3, ref − log π clamped at ±log_ratio_clamp)
+/// bias correction: κ' = κ · coef_1, else κ' = κ
+/// ```
+///
+/// Returns `(κ', ∂κ'/∂log π, ∂κ'/∂x)`; the last is `κ·coef_1` where `live`
+/// (bias correction only), else 0.
+///
+/// # Peers
+///
+/// TRL `GRPOTrainer._compute_loss` (`per_token_kl`, `use_bias_correction_kl`).
+pub fn grpo_kl_token<E: Elem>(
+    cfg: &GrpoConfig,
+    log_prob: E,
+    ref_log_prob: E,
+    ratio: E,
+    live: Option<&E::Mask>,
+) -> (E, E, E) {
+    let (kv, kg) = cfg.kl().estimate(log_prob, ref_log_prob);
+    if cfg.bias_correction_kl {
+        let c_live = match live {
+            Some(m) => E::select(m, ratio.clone(), ratio.full_like(0.0)),
+            None => ratio.clone(),
+        };
+        (kv.clone().mul(ratio.clone()), kg.mul(ratio), kv.mul(c_live))
+    } else {
+        let z = kv.full_like(0.0);
+        (kv, kg, z)
+    }
+}
+
+/// DeepSeek-V3.2's off-policy sequence mask for one row: keep the row unless
+/// `A < 0` and its mean `log π_sampler − log π` exceeds the threshold.
+///
+/// # Formula
+///
+/// `keep = A ≥ 0 ∨ mean_kl ≤ threshold`.
+///
+/// # Peers
+///
+/// TRL `off_policy_mask_threshold`.
+pub fn off_policy_keep<E: Elem>(threshold: f64, advantage: &E, mean_kl: &E) -> E::Mask {
+    advantage.ge_scalar(0.0).or(mean_kl.le_scalar(threshold))
+}
+
+/// [`trl_token_weight`] with the counts as elements (or tensors): the weight
+/// of one counted position of a row with `row_valid` valid tokens, in a
+/// `batch × seq` batch with `total_valid` valid tokens.
+///
+/// # Formula
+///
+/// As [`trl_token_weight`].
+///
+/// # Peers
+///
+/// TRL `GRPOTrainer._compute_loss` (normalizers).
+pub fn trl_token_weight_of<E: Elem>(
+    loss_type: GrpoLossType,
+    norm: &TrlNormalizer,
+    batch: usize,
+    seq: usize,
+    row_valid: E,
+    total_valid: E,
+) -> E {
+    let b = batch as f64;
+    let acc = row_valid.full_like(norm.accumulation());
+    let one = row_valid.full_like(1.0);
+    match loss_type {
+        GrpoLossType::Grpo | GrpoLossType::Sapo => {
+            one.clone().div(row_valid.max(one).mul_scalar(b)).div(acc)
+        }
+        GrpoLossType::Bnpo => one.clone().div(total_valid.max(one)).div(acc),
+        GrpoLossType::DrGrpo => one
+            .div(row_valid.full_like(b * norm.max_completion_length))
+            .div(acc),
+        GrpoLossType::Dapo | GrpoLossType::Cispo | GrpoLossType::Vespo => {
+            one.div(row_valid.full_like(norm.token_count()))
+        }
+        GrpoLossType::Luspo => row_valid.div(one.full_like(b * seq as f64)).div(acc),
+    }
+}
+
+/// GMPO's row objective from the mean clipped log-ratio `m` of the row.
+///
+/// # Formula
+///
+/// `m̂ = clamp(m, ±log_ratio_clamp)`, `c = e^m̂`, `ℓ = −c·A`.
+///
+/// # Gradient
+///
+/// `∂ℓ/∂m = −A·c` where the clamp is inactive, else 0.
+///
+/// # Peers
+///
+/// TRL experimental `GMPOTrainer._compute_loss`.
+pub fn gmpo_sequence_objective<E: Elem>(
+    mean_log_ratio: E,
+    advantage: E,
+    clamp: Option<f64>,
+) -> (E, E) {
+    let (m, live) = clamp_log_ratio(mean_log_ratio, clamp);
+    let c = m.exp();
+    let loss = c.clone().neg().mul(advantage.clone());
+    let g = advantage.neg().mul(c);
+    let g = match live {
+        Some(l) => E::select(&l, g.clone(), g.full_like(0.0)),
+        None => g,
+    };
+    (loss, g)
+}
+
+/// GMPO's clip-metric indicators of one raw log-ratio `x`:
+/// `low = x < −ε_low ∧ A < 0`, `high = x > ε_high ∧ A > 0`.
+///
+/// # Peers
+///
+/// TRL experimental `GMPOTrainer` (`clip_ratio/*`).
+pub fn gmpo_clip_indicators<E: Elem>(
+    eps_low: f64,
+    eps_high: f64,
+    log_ratio: &E,
+    advantage: &E,
+) -> (E::Mask, E::Mask) {
+    (
+        log_ratio.lt_scalar(-eps_low).and(advantage.lt_scalar(0.0)),
+        log_ratio.gt_scalar(eps_high).and(advantage.gt_scalar(0.0)),
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -1070,7 +1346,7 @@ fn vespo_log_is_sum<F: Real>(
     row: core::ops::Range<usize>,
     mask: &[bool],
 ) -> F {
-    let log_is = |v: F| v.ln().clamp(VESPO_LOG_FLOOR, 20.0);
+    let log_is = |v: F| vespo_log_is_term(v);
     match ratio {
         TokenOrRow::Row(v) => log_is(v[i]),
         TokenOrRow::Token(v) => row
@@ -1087,26 +1363,67 @@ fn vespo_row<F: Real>(
 ) -> F {
     let mut s = F::zero();
     for x in valid_log_ratios {
-        s += x.clamp(-20.0, 20.0);
+        s += vespo_log_ratio_term(x);
     }
     if let Some(l) = log_is_sum {
         s += l;
     }
-    let log_w = s.clamp(VESPO_LOG_FLOOR, 20.0);
-    let w = log_w.exp();
-    let (k, lambda) = if advantage >= F::zero() {
-        (gamma.k_pos, gamma.lambda_pos)
-    } else {
-        (gamma.k_neg, gamma.lambda_neg)
-    };
-    let lambda = F::of(lambda.max(1e-4));
-    let log_phi = lambda + F::of(k) * log_w - lambda * w;
+    vespo_phi(gamma, s, advantage)
+}
+
+/// One token's term of VESPO's log sequence weight: `clamp(x, −20, 20)`.
+///
+/// # Peers
+///
+/// TRL `GRPOTrainer.get_gamma_weights`.
+pub fn vespo_log_ratio_term<E: Elem>(log_ratio: E) -> E {
+    log_ratio.clamp(-20.0, 20.0)
+}
+
+/// One position's term of VESPO's log importance-sampling correction:
+/// `clamp(ln ρ, ln 1e−8, 20)`.
+///
+/// # Peers
+///
+/// TRL `GRPOTrainer.get_gamma_weights`.
+pub fn vespo_log_is_term<E: Elem>(ratio: E) -> E {
+    ratio.ln().clamp(VESPO_LOG_FLOOR, 20.0)
+}
+
+/// VESPO's gamma weight of one row from its summed log weight `S` (the sum
+/// of [`vespo_log_ratio_term`]s and [`vespo_log_is_term`]s).
+///
+/// # Formula
+///
+/// ```text
+/// ln w = clamp(S, ln 1e−8, 20),  w = e^{ln w}
+/// k, λ = (k_pos, λ_pos) if A ≥ 0 else (k_neg, λ_neg);  λ ← max(λ, 1e−4)
+/// φ = exp(λ + k·ln w − λ·w)     (non-finite → 0)
+/// ```
+///
+/// # Gradient
+///
+/// None: `φ` is detached.
+///
+/// # Peers
+///
+/// TRL `GRPOTrainer.get_gamma_weights`.
+pub fn vespo_phi<E: Elem>(gamma: &VespoGamma, log_weight_sum: E, advantage: E) -> E {
+    let log_w = log_weight_sum.clamp(VESPO_LOG_FLOOR, 20.0);
+    let w = log_w.clone().exp();
+    let pos = advantage.ge_scalar(0.0);
+    let k = E::select(&pos, w.full_like(gamma.k_pos), w.full_like(gamma.k_neg));
+    let lambda = E::select(
+        &pos,
+        w.full_like(gamma.lambda_pos.max(1e-4)),
+        w.full_like(gamma.lambda_neg.max(1e-4)),
+    );
+    let log_phi = lambda.clone().add(k.mul(log_w)).sub(lambda.mul(w));
     let phi = log_phi.exp();
-    if phi.is_finite() {
-        phi
-    } else {
-        F::zero()
-    }
+    // exp ≥ 0: finite ⟺ < +inf (NaN compares false).
+    let finite = phi.lt_scalar(f64::INFINITY);
+    let zero = phi.full_like(0.0);
+    E::select(&finite, phi, zero)
 }
 
 // ---------------------------------------------------------------------------
@@ -1194,7 +1511,6 @@ pub fn grpo_loss<F: Real>(
     let mask = x.mask;
     let lp = x.log_probs;
     let old = |k: usize| x.old_log_probs.map_or(lp[k], |o| o[k]);
-    let kl_cfg = cfg.kl();
 
     let threshold = entropy_threshold(cfg.top_entropy_quantile, x.entropies, mask, scratch)?;
     let emask = |k: usize| -> bool {
@@ -1253,7 +1569,7 @@ pub fn grpo_loss<F: Real>(
                         kl += samp - lp[k];
                     }
                 }
-                a >= F::zero() || (kl / nf) <= F::of(th)
+                off_policy_keep(th, &a, &(kl / nf))
             }
         };
         let phi = if lt == GrpoLossType::Vespo {
@@ -1285,10 +1601,9 @@ pub fn grpo_loss<F: Real>(
                 Some(d) if lt.is_clipped() => coef.min(F::of(d)),
                 _ => coef,
             };
-            row_low = capped < F::of(1.0 - cfg.eps_low) && a < F::zero();
-            row_high = capped > F::of(1.0 + cfg.eps_high) && a > F::zero();
+            (row_low, row_high) = trl_clip_indicators(cfg.eps_low, cfg.eps_high, &capped, &a);
             row_region = row_low || row_high;
-            row_cispo = coef > F::of(cfg.eps_high) && a > F::zero();
+            row_cispo = cispo_clip_indicator(cfg.eps_high, &coef, &a);
         }
         for k in row.clone() {
             let valid = mask[k];
@@ -1302,25 +1617,15 @@ pub fn grpo_loss<F: Real>(
                 }
                 _ => (s_c, s_live),
             };
-            let coef = lw.exp();
             // per-token loss, ∂ℓ/∂x and ∂ℓ/∂logp (direct)
-            let (l, d_x, d_lp, capped) = match lt {
-                GrpoLossType::Cispo => {
-                    let (l, d) = cispo_surrogate(cfg.eps_high, lw, lp[k], a);
-                    (l, F::zero(), d, coef)
-                }
-                GrpoLossType::Vespo => (-phi * a * lp[k], F::zero(), -phi * a, coef),
-                GrpoLossType::Sapo => {
-                    let (l, d) =
-                        sapo_surrogate(cfg.sapo_temperature_pos, cfg.sapo_temperature_neg, lw, a);
-                    (l, d, F::zero(), coef)
-                }
-                _ => {
-                    let t = trl_clipped_surrogate(cfg.eps_low, cfg.eps_high, cfg.delta, lw, a);
-                    (t.loss, t.grad, F::zero(), t.capped_ratio)
-                }
-            };
-            let d_x = if live { d_x } else { F::zero() };
+            let t = grpo_token(cfg, lw, Some(&live), lp[k], a, phi);
+            let (l, d_x, d_lp, capped, coef) = (
+                t.loss,
+                t.grad_log_weight,
+                t.grad_log_prob,
+                t.capped_ratio,
+                t.ratio,
+            );
             // multiplicative factor f
             let mut f_on = keep;
             if threshold.is_some() {
@@ -1340,14 +1645,8 @@ pub fn grpo_loss<F: Real>(
             // KL
             if cfg.beta != 0.0 {
                 let rf = x.ref_log_probs.map_or(F::zero(), |r| r[k]);
-                let (kv, kg) = kl_cfg.estimate(lp[k], rf);
+                let (kv2, kg2, kx) = grpo_kl_token(cfg, lp[k], rf, coef, Some(&live));
                 let beta = F::of(cfg.beta);
-                let (kv2, kg2, kx) = if cfg.bias_correction_kl {
-                    let c_live = if live { coef } else { F::zero() };
-                    (kv * coef, kg * coef, kv * c_live)
-                } else {
-                    (kv, kg, F::zero())
-                };
                 lt_val += beta * kv2;
                 g_lp += beta * kg2;
                 g_x += beta * kx;
@@ -1368,8 +1667,7 @@ pub fn grpo_loss<F: Real>(
             }
             // metrics (token level)
             if valid && !seq_metrics {
-                let low = capped < F::of(1.0 - cfg.eps_low) && a < F::zero();
-                let high = capped > F::of(1.0 + cfg.eps_high) && a > F::zero();
+                let (low, high) = trl_clip_indicators(cfg.eps_low, cfg.eps_high, &capped, &a);
                 if low {
                     low_cnt += F::one();
                 }
@@ -1379,7 +1677,7 @@ pub fn grpo_loss<F: Real>(
                 if low || high {
                     region_sum += F::one();
                 }
-                if lt == GrpoLossType::Cispo && coef > F::of(cfg.eps_high) && a > F::zero() {
+                if lt == GrpoLossType::Cispo && cispo_clip_indicator(cfg.eps_high, &coef, &a) {
                     cispo_sum += F::one();
                 }
             }
@@ -1666,10 +1964,8 @@ pub fn gmpo_loss<F: Real>(
                 continue;
             }
             let xr = lp[k] - old(k);
-            row_metrics.add(
-                xr < F::of(-cfg.eps_low) && a < F::zero(),
-                xr > F::of(cfg.eps_high) && a > F::zero(),
-            );
+            let (low, high) = gmpo_clip_indicators(cfg.eps_low, cfg.eps_high, &xr, &a);
+            row_metrics.add(low, high);
             e_sum += x.entropies[k];
             if emask(k) {
                 m2 += 1;
@@ -1678,9 +1974,8 @@ pub fn gmpo_loss<F: Real>(
         }
         metrics.add_row(&row_metrics, n);
         let den = F::of_usize(m2.max(1));
-        let (mean_c, c_live) = safe_log_ratio(sum / den, cfg.log_ratio_clamp);
-        let c = mean_c.exp();
-        out.loss += -c * a * scale;
+        let (row_loss, d_mean) = gmpo_sequence_objective(sum / den, a, cfg.log_ratio_clamp);
+        out.loss += row_loss * scale;
         let nf = F::of_usize(n.max(1));
         let beta = F::of(cfg.beta);
         let mut row_kl = F::zero();
@@ -1691,9 +1986,7 @@ pub fn gmpo_loss<F: Real>(
             let mut g = F::zero();
             if emask(k) {
                 let d = gmpo_clipped_log_ratio(cfg.eps_low, cfg.eps_high, lp[k] - old(k), a).1;
-                if c_live {
-                    g += -a * c * d / den;
-                }
+                g += d_mean * d / den;
             }
             if cfg.beta != 0.0 {
                 let rf = x.ref_log_probs.map_or(F::zero(), |r| r[k]);
@@ -1908,8 +2201,7 @@ pub fn rloo_loss<F: Real>(
         out.loss += t.loss / bf;
         // TRL tests the unclamped ratio; with the clamp inactive they agree.
         let r = t.ratio;
-        let lo = r < F::of(1.0 - cfg.eps_low) && a < F::zero();
-        let hi = r > F::of(1.0 + cfg.eps_high) && a > F::zero();
+        let (lo, hi) = trl_clip_indicators(cfg.eps_low, cfg.eps_high, &r, &a);
         low += lo as usize;
         high += hi as usize;
         region += (lo || hi) as usize;

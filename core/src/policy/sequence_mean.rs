@@ -92,7 +92,12 @@ impl SequenceMeanConfig {
         }
     }
 
-    fn validate(&self) -> Result<(), Error> {
+    /// Checks the ranges.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`] if `epsilon` or `kl_coeff` is negative or not finite.
+    pub fn validate(&self) -> Result<(), Error> {
         check_param(
             self.epsilon.is_finite() && self.epsilon >= 0.0,
             "epsilon",
@@ -141,14 +146,31 @@ impl TokenCountGuard {
 
     /// The denominator for a count `n`.
     pub fn denominator(self, n: usize) -> f64 {
-        let n = n as f64;
+        self.denominator_of(n as f64)
+    }
+
+    /// The denominator for a count `n` held as an element (or a tensor of
+    /// per-row counts): `n + e` or `max(n, e)`.
+    pub fn denominator_of<E: Elem>(self, n: E) -> E {
         match self {
-            TokenCountGuard::Add(e) => n + e,
-            TokenCountGuard::AtLeast(e) => n.max(e),
+            TokenCountGuard::Add(e) => n.add_scalar(e),
+            TokenCountGuard::AtLeast(e) => {
+                let floor = n.full_like(e);
+                n.max(floor)
+            }
         }
     }
 
-    fn validate(self) -> Result<(), Error> {
+    /// Checks that the guard is finite and positive.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`] otherwise.
+    pub fn validate(self) -> Result<(), Error> {
+        self.check()
+    }
+
+    fn check(self) -> Result<(), Error> {
         let (TokenCountGuard::Add(e) | TokenCountGuard::AtLeast(e)) = self;
         check_param(
             e.is_finite() && e > 0.0,
@@ -938,6 +960,16 @@ pub fn truncate_for_logprobs<F: Copy>(
 
 fn check_truncate(batch: usize, len: usize, vocab: usize, context: usize) -> Result<usize, Error> {
     let _ = (batch, vocab);
+    truncate_response_len(len, context)
+}
+
+/// The response length `len − context` of [`truncate_for_logprobs`], after
+/// checking `1 ≤ context ≤ len`.
+///
+/// # Errors
+///
+/// [`Error::OutOfRange`] unless `1 ≤ context ≤ len`.
+pub fn truncate_response_len(len: usize, context: usize) -> Result<usize, Error> {
     check_param(
         context >= 1 && context <= len,
         "context_length",
