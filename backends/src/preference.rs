@@ -79,7 +79,8 @@ use crate::util::{check_shape, count, keep, to_vec, to_vec_bool};
 /// `num / den` where `den ≠ 0`, else 0 (the core's "0 for an empty mean").
 fn safe_div<const D: usize>(num: Tensor<D>, den: Tensor<D>) -> Tensor<D> {
     let zero = den.clone().equal_elem(0.0);
-    num.div(den.mask_fill(zero.clone(), 1.0)).mask_fill(zero, 0.0)
+    num.div(den.mask_fill(zero.clone(), 1.0))
+        .mask_fill(zero, 0.0)
 }
 
 /// The mean of a `[n]` tensor as `[1]`, 0 when `n = 0`.
@@ -794,10 +795,12 @@ fn ld_weights(valid: &Tensor<2, Bool>, alpha: Option<f64>) -> Tensor<2> {
     let n = rows / 2;
     let pos = v.clone().cumsum(1);
     let len = v.sum_dim(1);
-    let partner = Tensor::cat(vec![len.clone().narrow(0, n, n), len.clone().narrow(0, 0, n)], 0);
+    let partner = Tensor::cat(
+        vec![len.clone().narrow(0, n, n), len.clone().narrow(0, 0, n)],
+        0,
+    );
     let shared = len.min_pair(partner).expand([rows, t1]);
-    pos.ones_like()
-        .mask_fill(pos.greater(shared), a)
+    pos.ones_like().mask_fill(pos.greater(shared), a)
 }
 
 /// TRL's DPO step from logits, on tensors: loss, metrics, and the gradient
@@ -963,7 +966,11 @@ pub fn dpo_from_logits(
     // Logged token metrics (no gradient).
     let (h, _) = entropy_from_logits(s.z.clone(), None)?;
     o.entropy = safe_div(keep(h, &s.valid).sum(), count(&s.valid));
-    let zmean = s.z.clone().sum_dim(2).squeeze_dim::<2>(2).div_scalar(v as f64);
+    let zmean =
+        s.z.clone()
+            .sum_dim(2)
+            .squeeze_dim::<2>(2)
+            .div_scalar(v as f64);
     let zmean = keep(zmean, &s.valid);
     let vc = s.valid.clone().narrow(0, 0, n);
     let vr = s.valid.clone().narrow(0, n, n);
@@ -1047,12 +1054,7 @@ pub fn pairwise_reward_loss(
         )?;
     }
     let kappa = centering.unwrap_or(0.0);
-    let t = pairwise_reward_term(
-        e(chosen.clone()),
-        e(rejected.clone()),
-        margin.map(e),
-        kappa,
-    );
+    let t = pairwise_reward_term(e(chosen.clone()), e(rejected.clone()), margin.map(e), kappa);
     let mut loss = t.logistic.0.mean();
     if centering.is_some() {
         loss = loss + t.square.0.mean().mul_scalar(kappa);
@@ -1094,7 +1096,10 @@ pub fn pairwise_reward_loss(
 /// # Errors
 ///
 /// [`Error::ShapeMismatch`] when the shapes differ.
-pub fn kto_kl_baseline(policy_kl_logps: Tensor<1>, ref_kl_logps: Tensor<1>) -> Result<Tensor<1>, Error> {
+pub fn kto_kl_baseline(
+    policy_kl_logps: Tensor<1>,
+    ref_kl_logps: Tensor<1>,
+) -> Result<Tensor<1>, Error> {
     let [n] = policy_kl_logps.dims();
     check_shape("reference_KL_logps", ref_kl_logps.dims(), [n])?;
     Ok(relu_keep(mean0(policy_kl_logps - ref_kl_logps)))
@@ -1147,13 +1152,17 @@ pub fn kto_loss(
         });
     }
     let klb = kl.expand([n]);
-    let td = kto_desirable_term(cfg.loss_type, cfg.beta, e(logratios.clone()), e(klb.clone()));
+    let td = kto_desirable_term(
+        cfg.loss_type,
+        cfg.beta,
+        e(logratios.clone()),
+        e(klb.clone()),
+    );
     let tu = kto_undesirable_term(cfg.loss_type, cfg.beta, e(logratios), e(klb));
-    let l = tu
-        .loss
-        .0
-        .mul_scalar(cfg.undesirable_weight)
-        .mask_where(desirable.clone(), td.loss.0.mul_scalar(cfg.desirable_weight));
+    let l = tu.loss.0.mul_scalar(cfg.undesirable_weight).mask_where(
+        desirable.clone(),
+        td.loss.0.mul_scalar(cfg.desirable_weight),
+    );
     let d = tu
         .dlogratio
         .0
@@ -1335,7 +1344,11 @@ pub fn bco_loss(
     if let Some(c) = &cotangents {
         check_shape("cotangent losses", c.losses.dims(), [nc + nr])?;
         check_shape("cotangent chosen_rewards", c.chosen_rewards.dims(), [nc])?;
-        check_shape("cotangent rejected_rewards", c.rejected_rewards.dims(), [nr])?;
+        check_shape(
+            "cotangent rejected_rewards",
+            c.rejected_rewards.dims(),
+            [nr],
+        )?;
     }
     let cr = chosen_logratios.mul_scalar(beta);
     let rr = rejected_logratios.mul_scalar(beta);
@@ -1413,7 +1426,8 @@ impl Classes {
                         rule: "every reward token id must lie in [0, vocab)",
                     });
                 }
-                let idx = Tensor::<1, Int>::from_data(TensorData::new(ids.to_vec(), [ids.len()]), &dev);
+                let idx =
+                    Tensor::<1, Int>::from_data(TensorData::new(ids.to_vec(), [ids.len()]), &dev);
                 let mut oh = vec![0.0f64; ids.len() * v];
                 for (k, &t) in ids.iter().enumerate() {
                     oh[k * v + t as usize] = 1.0;
@@ -1501,7 +1515,11 @@ pub fn prm_hard_loss(
     let labelled = scored.clone().bool_and(l.clone().not_equal_elem(-100));
     let bad = labelled
         .clone()
-        .bool_and(l.clone().lower_elem(0).bool_or(l.clone().greater_equal_elem(cls.n as i64)))
+        .bool_and(
+            l.clone()
+                .lower_elem(0)
+                .bool_or(l.clone().greater_equal_elem(cls.n as i64)),
+        )
         .any();
     if b * s > 0 && to_vec_bool(bad)[0] {
         return Err(Error::Invalid {
@@ -1519,7 +1537,10 @@ pub fn prm_hard_loss(
     let acc = safe_div(count(&acc_hit), count(&scored));
     let safe = l.mask_fill(labelled.clone().bool_not(), 0);
     let inv_n = safe_div(Tensor::ones([1], &dev), count(&labelled));
-    let coef = keep(inv_n.clone().neg().reshape([1, 1]).expand([b, s]), &labelled);
+    let coef = keep(
+        inv_n.clone().neg().reshape([1, 1]).expand([b, s]),
+        &labelled,
+    );
     let (lp, g) = selective_log_softmax(cls.z.clone(), safe, Temperature::ONE, Some(coef))?;
     let loss = keep(lp, &labelled).sum().neg() * inv_n;
     let m3 = labelled.unsqueeze_dim::<3>(2).expand([b, s, cls.n]);
@@ -1726,7 +1747,10 @@ pub fn odds_ratio_loss(
     let (grad_chosen, grad_rejected) = match cotangents {
         None => (None, None),
         Some(c) => {
-            let dratio = c.losses.mul_scalar(beta).add_scalar(c.log_odds_ratio * inv_n);
+            let dratio = c
+                .losses
+                .mul_scalar(beta)
+                .add_scalar(c.log_odds_ratio * inv_n);
             let dlo = (dratio * ElemExt::sigmoid(Elem::neg(lo.clone())).0)
                 .add_scalar(c.log_odds_chosen * inv_n);
             (Some(dlo.clone() * gc.0), Some(dlo * gr.0))

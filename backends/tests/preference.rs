@@ -44,7 +44,9 @@ impl Rng {
         (0..n).map(|_| self.uniform(lo, hi)).collect()
     }
     fn ids(&mut self, n: usize, v: usize) -> Vec<i64> {
-        (0..n).map(|_| (self.next_u64() % v as u64) as i64).collect()
+        (0..n)
+            .map(|_| (self.next_u64() % v as u64) as i64)
+            .collect()
     }
     fn bools(&mut self, n: usize, p: f64) -> Vec<bool> {
         (0..n).map(|_| self.unit() < p).collect()
@@ -130,8 +132,8 @@ fn paired_loss_sorted_and_sft_terms_match_core() {
     for n in [1usize, 2, 5, 9] {
         for terms in &term_sets {
             for weighted in [false, true] {
-                let cfg = PairedConfig::new(0.4, 0.2, false, 0.0, FDivergence::ReverseKl, 0.05)
-                    .unwrap();
+                let cfg =
+                    PairedConfig::new(0.4, 0.2, false, 0.0, FDivergence::ReverseKl, 0.05).unwrap();
                 let c = rng.vec(n, -20.0, -5.0);
                 let mut r = rng.vec(n, -20.0, -5.0);
                 if n > 2 {
@@ -319,8 +321,18 @@ fn check_dpo(
     )
     .unwrap();
     let m = &out.metrics;
-    close(&format!("{what} loss"), &to_vec(out.loss.clone()), &[want.loss], TOL);
-    close(&format!("{what} grad"), &to_vec(out.grad_logits.clone()), &g, TOL);
+    close(
+        &format!("{what} loss"),
+        &to_vec(out.loss.clone()),
+        &[want.loss],
+        TOL,
+    );
+    close(
+        &format!("{what} grad"),
+        &to_vec(out.grad_logits.clone()),
+        &g,
+        TOL,
+    );
     let got = [
         s(out.entropy.clone()),
         s(out.logits_chosen.clone()),
@@ -402,7 +414,9 @@ fn dpo_from_logits_masked_nan_changes_nothing() {
     let cfg = PairedConfig::new(0.1, 0.0, false, 0.0, FDivergence::ReverseKl, 0.05).unwrap();
     let terms = [LossTerm::new(PairedLoss::Sigmoid)];
     // The core reads the clean inputs: the poisoned tensors must agree.
-    check_dpo("poisoned", &k, &logits, &ids, &cfg, &terms, true, None, false);
+    check_dpo(
+        "poisoned", &k, &logits, &ids, &cfg, &terms, true, None, false,
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -477,9 +491,15 @@ fn shifted_ops_match_core_and_ignore_masked_nan() {
         .unwrap();
         let mut gw = vec![0.0; logits.len()];
         let mut scratch = vec![0.0; v];
-        let want =
-            core_or::shifted_mean_nll(&logits, d, v, &ids, &valid, Some((1.0, &mut gw, &mut scratch)))
-                .unwrap();
+        let want = core_or::shifted_mean_nll(
+            &logits,
+            d,
+            v,
+            &ids,
+            &valid,
+            Some((1.0, &mut gw, &mut scratch)),
+        )
+        .unwrap();
         close("nll", &to_vec(nll), &[want], TOL);
         close("nll grad", &to_vec(g), &gw, TOL);
     }
@@ -497,13 +517,8 @@ fn pairwise_reward_loss_matches_core() {
             let c = rng.vec(n, -3.0, 3.0);
             let r = rng.vec(n, -3.0, 3.0);
             let m = rng.vec(n, 0.0, 1.0);
-            let out = pref::pairwise_reward_loss(
-                t1(&c),
-                t1(&r),
-                margin.then(|| t1(&m)),
-                centering,
-            )
-            .unwrap();
+            let out = pref::pairwise_reward_loss(t1(&c), t1(&r), margin.then(|| t1(&m)), centering)
+                .unwrap();
             let (mut dc, mut dr) = (vec![0.0; n], vec![0.0; n]);
             let w = core_paired::pairwise_reward_loss(
                 &c,
@@ -684,7 +699,12 @@ fn prm_matches_core_and_ignores_unscored_nan() {
         .unwrap();
         let mut g = vec![0.0; logits.len()];
         let w = core_un::prm_hard_loss(&cfg, &inputs, &logits, v, &labels, Some(&mut g)).unwrap();
-        close("prm hard", &[s(out.loss), s(out.acc)], &[w.loss, w.acc], TOL);
+        close(
+            "prm hard",
+            &[s(out.loss), s(out.acc)],
+            &[w.loss, w.acc],
+            TOL,
+        );
         close("prm hard grad", &to_vec(out.grad_logits), &g, TOL);
         if ids.as_ref().map(|x| x.len()) == Some(2) {
             let soft = rng.vec(b * sq, 0.0, 1.0);
@@ -697,9 +717,13 @@ fn prm_matches_core_and_ignores_unscored_nan() {
             )
             .unwrap();
             let mut g = vec![0.0; logits.len()];
-            let w =
-                core_un::prm_soft_loss(&cfg, &inputs, &logits, v, &soft, Some(&mut g)).unwrap();
-            close("prm soft", &[s(out.loss), s(out.acc)], &[w.loss, w.acc], TOL);
+            let w = core_un::prm_soft_loss(&cfg, &inputs, &logits, v, &soft, Some(&mut g)).unwrap();
+            close(
+                "prm soft",
+                &[s(out.loss), s(out.acc)],
+                &[w.loss, w.acc],
+                TOL,
+            );
             close("prm soft grad", &to_vec(out.grad_logits), &g, TOL);
         }
     }
@@ -827,12 +851,22 @@ fn shape_mismatches_and_bad_inputs_are_typed_errors() {
     ));
     let z = t3(&[0.0; 12], [2, 2, 3]);
     assert!(matches!(
-        pref::shifted_sequence_logps(z.clone(), i2(&[0, 1, 2], [1, 3]), b2(&[true; 4], [2, 2]), false),
+        pref::shifted_sequence_logps(
+            z.clone(),
+            i2(&[0, 1, 2], [1, 3]),
+            b2(&[true; 4], [2, 2]),
+            false
+        ),
         Err(Error::ShapeMismatch { .. })
     ));
     // a counted id outside the vocabulary
     assert!(matches!(
-        pref::shifted_sequence_logps(z.clone(), i2(&[0, 7, 0, 1], [2, 2]), b2(&[true; 4], [2, 2]), false),
+        pref::shifted_sequence_logps(
+            z.clone(),
+            i2(&[0, 7, 0, 1], [2, 2]),
+            b2(&[true; 4], [2, 2]),
+            false
+        ),
         Err(Error::Invalid { .. })
     ));
     let odd = pref::LogitsPairTensors {
@@ -845,14 +879,22 @@ fn shape_mismatches_and_bad_inputs_are_typed_errors() {
     };
     assert!(matches!(
         pref::dpo_from_logits(&cfg, &[LossTerm::new(PairedLoss::Sigmoid)], odd),
-        Err(Error::Invalid { input: "logits", .. })
+        Err(Error::Invalid {
+            input: "logits",
+            ..
+        })
     ));
     let pcfg = PrmConfig {
         placeholder_token_id: 1,
         reward_token_ids: Some(&[0, 9]),
     };
     assert!(matches!(
-        pref::prm_hard_loss(&pcfg, i2(&[1, 1], [1, 2]), t3(&[0.0; 6], [1, 2, 3]), i2(&[0, 0], [1, 2])),
+        pref::prm_hard_loss(
+            &pcfg,
+            i2(&[1, 1], [1, 2]),
+            t3(&[0.0; 6], [1, 2, 3]),
+            i2(&[0, 0], [1, 2])
+        ),
         Err(Error::Invalid {
             input: "reward_token_ids",
             ..

@@ -128,9 +128,7 @@ fn run_seq(
     let grads = match (want, per_pair_out) {
         (false, _) => None,
         (true, Some(name)) => {
-            let cot = ctx
-                .cotangent::<f64>(name)?
-                .unwrap_or_else(|| vec![0.0; n]);
+            let cot = ctx.cotangent::<f64>(name)?.unwrap_or_else(|| vec![0.0; n]);
             let (dc, dr) = pref::paired_loss_vjp(cfg, &terms, &batch, tensor1(&cot, d))?;
             Some((to_vec(dc), to_vec(dr)))
         }
@@ -243,7 +241,11 @@ fn trl_reward(ctx: &Ctx, d: &Device) -> OpResult {
     }
     let n = logits.len() / 2;
     let amask = ctx.mask("attention_mask")?;
-    check_len("attention_mask rows", ctx.dims("attention_mask")?.batch, logits.len())?;
+    check_len(
+        "attention_mask rows",
+        ctx.dims("attention_mask")?.batch,
+        logits.len(),
+    )?;
     let z = tensor1(&logits, d);
     let out = pref::pairwise_reward_loss(
         z.clone().narrow(0, 0, n),
@@ -279,11 +281,17 @@ struct Completion {
     mask: Tensor<2, Bool>,
 }
 
-fn completion(ctx: &Ctx, d: &Device, logits: &str, ids: &str, mask: &str) -> Result<Completion, Fail> {
+fn completion(
+    ctx: &Ctx,
+    d: &Device,
+    logits: &str,
+    ids: &str,
+    mask: &str,
+) -> Result<Completion, Fail> {
     vocab_of(ctx, logits)?;
     let (z, shape) = f3(ctx, logits, d)?;
     let s2 = [shape[0], shape[1]];
-    check_len(ids, ctx.dims(ids)?.len(), s2[0] * s2[1])?;
+    check_len("input_ids", ctx.dims(ids)?.len(), s2[0] * s2[1])?;
     Ok(Completion {
         logits: z,
         ids: int2(ctx.i64(ids)?, s2, d)?,
@@ -316,11 +324,19 @@ fn trl_kto(ctx: &Ctx, d: &Device) -> OpResult {
     };
     check_len("ref_logps", ref_lp.dims()[0], n)?;
     let kl = if cfg.loss_type.uses_kl() {
-        let kl_lp = completion(ctx, d, "KL_logits", "KL_input_ids", "KL_completion_mask")?.logps()?;
+        let kl_lp =
+            completion(ctx, d, "KL_logits", "KL_input_ids", "KL_completion_mask")?.logps()?;
         let ref_kl = if ctx.has("ref_KL_logps") {
             t1(ctx, "ref_KL_logps", d)?
         } else {
-            completion(ctx, d, "ref_KL_logits", "KL_input_ids", "KL_completion_mask")?.logps()?
+            completion(
+                ctx,
+                d,
+                "ref_KL_logits",
+                "KL_input_ids",
+                "KL_completion_mask",
+            )?
+            .logps()?
         };
         pref::kto_kl_baseline(kl_lp, ref_kl)?
     } else {
@@ -356,7 +372,10 @@ fn trl_kto(ctx: &Ctx, d: &Device) -> OpResult {
         let keep = |x: Tensor<2>, m: &Tensor<2, Bool>| x.zeros_like().mask_where(m.clone(), x);
         ent = keep(h, &valid).sum();
         ntok = valid.clone().float().sum();
-        let zm = keep(z.sum_dim(2).squeeze_dim::<2>(2).div_scalar(v as f64), &valid);
+        let zm = keep(
+            z.sum_dim(2).squeeze_dim::<2>(2).div_scalar(v as f64),
+            &valid,
+        );
         let row_des = des.clone().reshape([b, 1]).expand([b, t - 1]);
         for (k, m) in [
             valid.clone().bool_and(row_des.clone()),
@@ -385,7 +404,11 @@ fn trl_kto(ctx: &Ctx, d: &Device) -> OpResult {
     o.scalar("logits/rejected", ratio(s1, n1));
     // nan-sum means per side (no gradient).
     let nanmean = |x: Tensor<1>, want: bool| {
-        let m = if want { des.clone() } else { des.clone().bool_not() };
+        let m = if want {
+            des.clone()
+        } else {
+            des.clone().bool_not()
+        };
         let ok = m.clone().bool_and(x.clone().is_nan().bool_not());
         let s = x.zeros_like().mask_where(ok, x).sum();
         ratio(s, m.float().sum())
@@ -412,7 +435,10 @@ fn openrlhf_kto(ctx: &Ctx, d: &Device) -> OpResult {
     let cfg = openrlhf_kto_config(ctx)?;
     let c = logratios(ctx, d, "policy_chosen_logps", "reference_chosen_logps")?;
     let r = logratios(ctx, d, "policy_rejected_logps", "reference_rejected_logps")?;
-    let kl = pref::kto_kl_baseline(t1(ctx, "policy_KL_logps", d)?, t1(ctx, "reference_KL_logps", d)?)?;
+    let kl = pref::kto_kl_baseline(
+        t1(ctx, "policy_KL_logps", d)?,
+        t1(ctx, "reference_KL_logps", d)?,
+    )?;
     let (nc, nr) = (c.dims()[0], r.dims()[0]);
     let all = Tensor::cat(vec![c.clone(), r.clone()], 0);
     let labels = bool1((0..nc + nr).map(|i| i < nc).collect(), d);
@@ -517,7 +543,11 @@ fn trl_cpo_loss(ctx: &Ctx, d: &Device) -> OpResult {
     let c = t1(ctx, "policy_chosen_logps", d)?;
     let n = c.dims()[0];
     let out = pref::cpo_loss(&cfg, c, t1(ctx, "policy_rejected_logps", d)?)?;
-    let cot = tensor1(&ctx.cotangent::<f64>("losses")?.unwrap_or_else(|| vec![0.0; n]), d);
+    let cot = tensor1(
+        &ctx.cotangent::<f64>("losses")?
+            .unwrap_or_else(|| vec![0.0; n]),
+        d,
+    );
     let mut o = Outputs::new();
     o.put("losses", &to_vec(out.losses))
         .put("chosen_rewards", &to_vec(out.chosen_rewards))
@@ -532,7 +562,11 @@ fn trl_odds_ratio_loss(ctx: &Ctx, d: &Device) -> OpResult {
     let c = t1(ctx, "policy_chosen_logps", d)?;
     let n = c.dims()[0];
     let cots = pref::OrpoCotangentTensors {
-        losses: tensor1(&ctx.cotangent::<f64>("losses")?.unwrap_or_else(|| vec![0.0; n]), d),
+        losses: tensor1(
+            &ctx.cotangent::<f64>("losses")?
+                .unwrap_or_else(|| vec![0.0; n]),
+            d,
+        ),
         log_odds_ratio: ctx.cot_scalar::<f64>("log_odds_ratio")?,
         log_odds_chosen: ctx.cot_scalar::<f64>("log_odds_chosen")?,
     };
@@ -596,12 +630,15 @@ fn pair_metrics(o: &mut Outputs, cr: Tensor<1>, rr: Tensor<1>, c: Tensor<1>, r: 
             scalar(x.mean())
         }
     };
-    o.scalar("rewards/accuracies", m(cr.clone().greater(rr.clone()).float()))
-        .scalar("rewards/margins", m(cr.clone() - rr.clone()))
-        .scalar("rewards/chosen", m(cr))
-        .scalar("rewards/rejected", m(rr))
-        .scalar("logps/chosen", m(c))
-        .scalar("logps/rejected", m(r));
+    o.scalar(
+        "rewards/accuracies",
+        m(cr.clone().greater(rr.clone()).float()),
+    )
+    .scalar("rewards/margins", m(cr.clone() - rr.clone()))
+    .scalar("rewards/chosen", m(cr))
+    .scalar("rewards/rejected", m(rr))
+    .scalar("logps/chosen", m(c))
+    .scalar("logps/rejected", m(r));
 }
 
 fn trl_cpo_batch(ctx: &Ctx, d: &Device) -> OpResult {
@@ -609,12 +646,8 @@ fn trl_cpo_batch(ctx: &Ctx, d: &Device) -> OpResult {
     let pb = pair_batch(ctx, d)?;
     let b = pb.pairs;
     let avg = cfg.loss_type.uses_average_log_prob();
-    let logps = pref::shifted_sequence_logps(
-        pb.logits.clone(),
-        pb.labels.clone(),
-        pb.valid.clone(),
-        avg,
-    )?;
+    let logps =
+        pref::shifted_sequence_logps(pb.logits.clone(), pb.labels.clone(), pb.valid.clone(), avg)?;
     let (c, r) = (logps.clone().narrow(0, 0, b), logps.clone().narrow(0, b, b));
     let out = pref::cpo_loss(&cfg, c.clone(), r.clone())?;
     let cot = ctx.cot_scalar::<f64>("loss")?;
@@ -635,11 +668,21 @@ fn trl_cpo_batch(ctx: &Ctx, d: &Device) -> OpResult {
             pb.valid.clone().narrow(0, 0, b),
         )?;
         let [_, t, v] = gn.dims();
-        let gn = Tensor::cat(vec![gn.mul_scalar(cot * cfg.cpo_alpha), Tensor::zeros([b, t, v], d)], 0);
+        let gn = Tensor::cat(
+            vec![
+                gn.mul_scalar(cot * cfg.cpo_alpha),
+                Tensor::zeros([b, t, v], d),
+            ],
+            0,
+        );
         g = g + gn;
         scalar(nll)
     };
-    let mean_l = if b == 0 { 0.0 } else { scalar(out.losses.mean()) };
+    let mean_l = if b == 0 {
+        0.0
+    } else {
+        scalar(out.losses.mean())
+    };
     let width = pb.logits.dims()[1];
     let mut o = Outputs::new();
     o.scalar("loss", mean_l + cfg.cpo_alpha * nll)
@@ -655,12 +698,8 @@ fn trl_orpo_batch(ctx: &Ctx, d: &Device) -> OpResult {
     let beta = ctx.p_f64("beta")?;
     let pb = pair_batch(ctx, d)?;
     let b = pb.pairs;
-    let logps = pref::shifted_sequence_logps(
-        pb.logits.clone(),
-        pb.labels.clone(),
-        pb.valid.clone(),
-        true,
-    )?;
+    let logps =
+        pref::shifted_sequence_logps(pb.logits.clone(), pb.labels.clone(), pb.valid.clone(), true)?;
     let (c, r) = (logps.clone().narrow(0, 0, b), logps.clone().narrow(0, b, b));
     let cot = ctx.cot_scalar::<f64>("loss")?;
     // loss = nll − mean(losses)
@@ -690,7 +729,11 @@ fn trl_orpo_batch(ctx: &Ctx, d: &Device) -> OpResult {
         Tensor::cat(vec![gc, gr], 0),
     )? + gn;
     let nll = scalar(nll);
-    let mean_l = if b == 0 { 0.0 } else { scalar(out.losses.mean()) };
+    let mean_l = if b == 0 {
+        0.0
+    } else {
+        scalar(out.losses.mean())
+    };
     let upto = t.saturating_sub(1);
     let mut o = Outputs::new();
     o.scalar("loss", nll - mean_l).scalar("nll_loss", nll);
