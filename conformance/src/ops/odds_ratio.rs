@@ -9,7 +9,7 @@ use posttrain_core::preference::odds_ratio::{
 use posttrain_core::{Dims, Real};
 
 /// TRL's label ignore index.
-const IGNORE_INDEX: i64 = -100;
+pub(crate) const IGNORE_INDEX: i64 = -100;
 
 /// Runs `op` if this family knows it.
 pub fn run<F: Real>(op: &str, ctx: &Ctx) -> Option<OpResult> {
@@ -22,7 +22,7 @@ pub fn run<F: Real>(op: &str, ctx: &Ctx) -> Option<OpResult> {
     }
 }
 
-fn cpo_config(ctx: &Ctx) -> Result<CpoConfig, Fail> {
+pub(crate) fn cpo_config(ctx: &Ctx) -> Result<CpoConfig, Fail> {
     let loss_type: CpoLossType = match ctx.p_str("loss_type")?.parse() {
         Ok(t) => t,
         Err(_) => return Err(ctx.unsupported("loss_type")),
@@ -145,8 +145,33 @@ fn pad<T: Copy>(
     Ok(())
 }
 
+/// The token metadata of a [`PairBatch`] (everything but the logits).
+pub(crate) struct PairMeta {
+    pub(crate) pairs: usize,
+    pub(crate) dims: Dims,
+    pub(crate) vocab: usize,
+    pub(crate) labels: Vec<i64>,
+    pub(crate) input_ids: Vec<i64>,
+    pub(crate) attention: Vec<bool>,
+}
+
 fn pair_batch<F: Real>(ctx: &Ctx) -> Result<PairBatch<F>, Fail> {
     let logits = ctx.f::<F>("logits")?;
+    let m = pair_meta(ctx)?;
+    Ok(PairBatch {
+        logits,
+        pairs: m.pairs,
+        dims: m.dims,
+        vocab: m.vocab,
+        labels: m.labels,
+        input_ids: m.input_ids,
+        attention: m.attention,
+    })
+}
+
+/// Pads the chosen/rejected labels, ids and attention to the logits' width
+/// (TRL's `concatenated_inputs`).
+pub(crate) fn pair_meta(ctx: &Ctx) -> Result<PairMeta, Fail> {
     let shape = ctx.shape("logits")?;
     if shape.len() != 3 {
         return Err(Fail::Harness(
@@ -179,8 +204,7 @@ fn pair_batch<F: Real>(ctx: &Ctx) -> Result<PairBatch<F>, Fail> {
     let dims = Dims::new(rows, width);
     posttrain_core::error::check_len("input_ids", input_ids.len(), dims.len())?;
     posttrain_core::error::check_len("attention_mask", attention.len(), dims.len())?;
-    Ok(PairBatch {
-        logits,
+    Ok(PairMeta {
         pairs: cd.batch,
         dims,
         vocab,

@@ -27,7 +27,7 @@ pub fn run<F: Real>(op: &str, ctx: &Ctx) -> Option<OpResult> {
 }
 
 /// TRL's `loss_type` (a string or a list) and `loss_weights` as terms.
-fn trl_terms(ctx: &Ctx) -> Result<Vec<LossTerm>, Fail> {
+pub(crate) fn trl_terms(ctx: &Ctx) -> Result<Vec<LossTerm>, Fail> {
     let names: Vec<String> = match ctx.param("loss_type") {
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) => a
@@ -58,7 +58,8 @@ fn trl_terms(ctx: &Ctx) -> Result<Vec<LossTerm>, Fail> {
         .collect())
 }
 
-fn trl_dpo<F: Real>(ctx: &Ctx) -> OpResult {
+/// TRL `DPOTrainer`'s config and loss terms from the case parameters.
+pub(crate) fn trl_dpo_config(ctx: &Ctx) -> Result<(PairedConfig, Vec<LossTerm>), Fail> {
     let terms = trl_terms(ctx)?;
     let div = match FDivergence::from_trl(
         ctx.p_str("f_divergence_type")?,
@@ -76,6 +77,11 @@ fn trl_dpo<F: Real>(ctx: &Ctx) -> OpResult {
         div,
         ctx.p_f64("discopop_tau")?,
     )?;
+    Ok((cfg, terms))
+}
+
+fn trl_dpo<F: Real>(ctx: &Ctx) -> OpResult {
+    let (cfg, terms) = trl_dpo_config(ctx)?;
     let shape = ctx.shape("logits")?;
     if shape.len() != 3 {
         return Err(Error::Invalid {
@@ -222,7 +228,8 @@ fn run_seq<F: Real>(
     Ok(o)
 }
 
-fn openrlhf_dpo<F: Real>(ctx: &Ctx) -> OpResult {
+/// OpenRLHF `DPOLoss`'s config and loss from the case parameters.
+pub(crate) fn openrlhf_dpo_config(ctx: &Ctx) -> Result<(PairedConfig, PairedLoss), Fail> {
     let mut cfg = PairedConfig::preset(Preset::OpenRlhf, ctx.p_f64("beta")?)?;
     cfg.label_smoothing = ctx.p_f64("label_smoothing")?;
     cfg.validate()?;
@@ -231,11 +238,22 @@ fn openrlhf_dpo<F: Real>(ctx: &Ctx) -> OpResult {
     } else {
         PairedLoss::Sigmoid
     };
+    Ok((cfg, kind))
+}
+
+fn openrlhf_dpo<F: Real>(ctx: &Ctx) -> OpResult {
+    let (cfg, kind) = openrlhf_dpo_config(ctx)?;
     run_seq(ctx, &cfg, kind, &seq_inputs::<F>(ctx)?, None)
 }
 
 fn torchtune_loss<F: Real>(op: &str, ctx: &Ctx) -> OpResult {
     let x = seq_inputs::<F>(ctx)?;
+    let (cfg, kind) = torchtune_config(op, ctx)?;
+    run_seq(ctx, &cfg, kind, &x, Some("losses"))
+}
+
+/// torchtune's loss config (`op` picks DPO, IPO, RSO or SimPO).
+pub(crate) fn torchtune_config(op: &str, ctx: &Ctx) -> Result<(PairedConfig, PairedLoss), Fail> {
     let (cfg, kind) = match op {
         "torchtune.dpo_loss" => {
             let mut c = PairedConfig::preset(Preset::Torchtune, ctx.p_f64("beta")?)?;
@@ -258,7 +276,7 @@ fn torchtune_loss<F: Real>(op: &str, ctx: &Ctx) -> OpResult {
         }
     };
     cfg.validate()?;
-    run_seq(ctx, &cfg, kind, &x, Some("losses"))
+    Ok((cfg, kind))
 }
 
 fn openrlhf_pairwise<F: Real>(ctx: &Ctx) -> OpResult {

@@ -22,7 +22,7 @@ pub fn run<F: Real>(op: &str, ctx: &Ctx) -> Option<OpResult> {
     }
 }
 
-fn vocab_of(ctx: &Ctx, name: &str) -> Result<usize, Fail> {
+pub(crate) fn vocab_of(ctx: &Ctx, name: &str) -> Result<usize, Fail> {
     let s = ctx.shape(name)?;
     match s.len() {
         3 => Ok(s[2]),
@@ -67,18 +67,23 @@ fn completion_logps<F: Real>(
     })
 }
 
-fn trl_kto<F: Real>(ctx: &Ctx) -> OpResult {
+/// TRL `KTOTrainer`'s config from the case parameters.
+pub(crate) fn trl_kto_config(ctx: &Ctx) -> Result<KtoConfig, Fail> {
     let loss_type: KtoLossType = match ctx.p_str("loss_type")?.parse() {
         Ok(t) => t,
         Err(_) => return Err(ctx.unsupported("loss_type")),
     };
-    let beta = ctx.p_f64("beta")?;
-    let cfg = KtoConfig::new(
+    Ok(KtoConfig::new(
         loss_type,
-        beta,
+        ctx.p_f64("beta")?,
         ctx.p_f64("desirable_weight")?,
         ctx.p_f64("undesirable_weight")?,
-    )?;
+    )?)
+}
+
+fn trl_kto<F: Real>(ctx: &Ctx) -> OpResult {
+    let cfg = trl_kto_config(ctx)?;
+    let (loss_type, beta) = (cfg.loss_type, cfg.beta);
     let SeqLogps {
         logps: lp,
         logits: z,
@@ -193,17 +198,22 @@ fn logratios<F: Real>(ctx: &Ctx, policy: &str, reference: &str) -> Result<Vec<F>
     Ok(p.iter().zip(&r).map(|(&a, &b)| a - b).collect())
 }
 
-fn openrlhf_kto<F: Real>(ctx: &Ctx) -> OpResult {
+/// OpenRLHF `KTOLoss`'s config (single process only).
+pub(crate) fn openrlhf_kto_config(ctx: &Ctx) -> Result<KtoConfig, Fail> {
     if ctx.p_i64("world_size")? != 1 {
         return Err(ctx.unsupported("world_size"));
     }
-    let beta = ctx.p_f64("beta")?;
-    let cfg = KtoConfig::new(
+    Ok(KtoConfig::new(
         KtoLossType::Kto,
-        beta,
+        ctx.p_f64("beta")?,
         ctx.p_f64("desirable_weight")?,
         ctx.p_f64("undesirable_weight")?,
-    )?;
+    )?)
+}
+
+fn openrlhf_kto<F: Real>(ctx: &Ctx) -> OpResult {
+    let cfg = openrlhf_kto_config(ctx)?;
+    let beta = cfg.beta;
     let c = logratios::<F>(ctx, "policy_chosen_logps", "reference_chosen_logps")?;
     let r = logratios::<F>(ctx, "policy_rejected_logps", "reference_rejected_logps")?;
     let kl = kto_kl_baseline(
@@ -268,15 +278,20 @@ fn openrlhf_vanilla_kto<F: Real>(ctx: &Ctx) -> OpResult {
     Ok(o)
 }
 
-fn trl_bco<F: Real>(ctx: &Ctx) -> OpResult {
-    let beta = ctx.p_f64("beta")?;
+/// BCO's running moments from the case parameters (`std = √var`).
+pub(crate) fn bco_running<F: Real>(ctx: &Ctx) -> Result<RunningMoments<F>, Fail> {
     let var = F::of(ctx.p_f64("running.var")?);
-    let mut running = RunningMoments {
+    Ok(RunningMoments {
         mean: F::of(ctx.p_f64("running.mean")?),
         var,
         std: var.sqrt(),
         count: F::of(ctx.p_f64("running.count")?),
-    };
+    })
+}
+
+fn trl_bco<F: Real>(ctx: &Ctx) -> OpResult {
+    let beta = ctx.p_f64("beta")?;
+    let mut running = bco_running::<F>(ctx)?;
     let do_train = ctx.p_bool("do_train")?;
     let c = logratios::<F>(ctx, "policy_chosen_logps", "reference_chosen_logps")?;
     let r = logratios::<F>(ctx, "policy_rejected_logps", "reference_rejected_logps")?;
@@ -320,10 +335,15 @@ fn trl_bco<F: Real>(ctx: &Ctx) -> OpResult {
     Ok(o)
 }
 
-fn openrlhf_prm<F: Real>(ctx: &Ctx) -> OpResult {
-    let ids: Option<Vec<i64>> = ctx
+/// OpenRLHF `PRMLoss`'s `reward_token_ids`.
+pub(crate) fn prm_reward_ids(ctx: &Ctx) -> Result<Option<Vec<i64>>, Fail> {
+    Ok(ctx
         .p_opt_f64_list("reward_token_ids")?
-        .map(|v| v.into_iter().map(|x| x as i64).collect());
+        .map(|v| v.into_iter().map(|x| x as i64).collect()))
+}
+
+fn openrlhf_prm<F: Real>(ctx: &Ctx) -> OpResult {
+    let ids = prm_reward_ids(ctx)?;
     let cfg = PrmConfig {
         placeholder_token_id: ctx.p_i64("placeholder_token_id")?,
         reward_token_ids: ids.as_deref(),

@@ -1694,6 +1694,55 @@ pub struct RewardOutput<F> {
     pub margin: F,
 }
 
+/// One pair's terms of [`pairwise_reward_loss`] and their partials.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RewardTerm<E> {
+    /// `−log σ(x) = softplus(−x)`, `x = rc − rr − m`.
+    pub logistic: E,
+    /// `(rc + rr)²` (the centering term before `κ`).
+    pub square: E,
+    /// `∂(logistic + κ·square)/∂rc = −σ(−x) + 2κ(rc + rr)`.
+    pub d_chosen: E,
+    /// `∂(logistic + κ·square)/∂rr = σ(−x) + 2κ(rc + rr)`.
+    pub d_rejected: E,
+}
+
+/// The per-pair kernel of [`pairwise_reward_loss`], written once over
+/// [`Elem`] (slices and tensors).
+///
+/// # Formula
+/// ```text
+/// x = rc − rr − m,  logistic = softplus(−x),  square = (rc + rr)²
+/// ```
+/// (`m = 0` without a margin; `kappa = 0` without centering).
+///
+/// # Gradient
+/// `d_chosen = 2κ(rc + rr) − σ(−x)`, `d_rejected = 2κ(rc + rr) + σ(−x)`.
+///
+/// # Peers
+/// TRL `RewardTrainer.compute_loss`, OpenRLHF `PairWiseLoss`/`LogExpLoss`.
+pub fn pairwise_reward_term<E: Elem>(
+    chosen: E,
+    rejected: E,
+    margin: Option<E>,
+    kappa: f64,
+) -> RewardTerm<E> {
+    let diff = chosen.clone().sub(rejected.clone());
+    let x = match margin {
+        Some(m) => diff.sub(m),
+        None => diff,
+    };
+    let s = chosen.add(rejected);
+    let k2 = s.clone().mul_scalar(2.0 * kappa);
+    let sig = x.clone().neg().sigmoid();
+    RewardTerm {
+        logistic: ElemExt::softplus(x.neg()),
+        square: s.clone().mul(s),
+        d_chosen: k2.clone().sub(sig.clone()),
+        d_rejected: k2.add(sig),
+    }
+}
+
 /// The Bradley–Terry pairwise loss of a reward model, with an optional
 /// per-pair margin and reward centering.
 ///
@@ -1768,11 +1817,10 @@ pub fn pairwise_reward_loss<F: Real>(
     let (mut bt, mut center) = (F::zero(), F::zero());
     for i in 0..n {
         let (c, r) = (chosen[i], rejected[i]);
-        let x = c - r - margin.map_or(F::zero(), |m| m[i]);
-        bt += (-x).softplus();
-        let s = c + r;
+        let t = pairwise_reward_term(c, r, margin.map(|m| m[i]), centering.unwrap_or(0.0));
+        bt += t.logistic;
         if centering.is_some() {
-            center += s * s;
+            center += t.square;
         }
         out.min_reward = out.min_reward.min(c).min(r);
         out.max_reward = out.max_reward.max(c).max(r);
@@ -1782,10 +1830,8 @@ pub fn pairwise_reward_loss<F: Real>(
         }
         out.margin += c - r;
         if let Some((cot, dc, dr)) = grads.as_mut() {
-            let k2 = F::of(2.0 * centering.unwrap_or(0.0)) * s;
-            let sig = (-x).sigmoid();
-            dc[i] = *cot * (k2 - sig) / bf;
-            dr[i] = *cot * (k2 + sig) / bf;
+            dc[i] = *cot * t.d_chosen / bf;
+            dr[i] = *cot * t.d_rejected / bf;
         }
     }
     out.loss = bt / bf;

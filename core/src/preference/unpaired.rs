@@ -487,6 +487,17 @@ impl<F: Real> RunningMoments<F> {
         let nf = F::of_usize(n);
         let mu = xs.iter().copied().sum::<F>() / nf;
         let v = xs.iter().map(|&x| (x - mu) * (x - mu)).sum::<F>() / nf;
+        self.update_moments(n, mu, v);
+    }
+
+    /// Folds a batch given by its size `n`, mean `mu` and biased variance
+    /// `var` into the moments (the type's formula; [`update`](Self::update)
+    /// computes those three and calls this). `n = 0` changes nothing.
+    pub fn update_moments(&mut self, n: usize, mu: F, v: F) {
+        if n == 0 {
+            return;
+        }
+        let nf = F::of_usize(n);
         let d = mu - self.mean;
         let tot = self.count + nf;
         let new_sum = v * nf;
@@ -496,6 +507,29 @@ impl<F: Real> RunningMoments<F> {
         self.std = (new_var * tot / (tot - F::one())).sqrt();
         self.var = new_var;
         self.count = tot;
+    }
+}
+
+/// BCO's per-example term and its derivative with respect to the reward.
+///
+/// # Formula
+/// ```text
+/// desirable:   −log σ(reward − δ)
+/// undesirable: −log σ(−(reward − δ))
+/// ```
+///
+/// # Gradient
+/// `∂/∂reward = −σ(−(reward − δ))` (desirable) or `σ(reward − δ)`
+/// (undesirable); δ is detached. Returned as `(loss, ∂loss/∂reward)`.
+///
+/// # Peers
+/// TRL `BCOTrainer.bco_loss`.
+pub fn bco_term<E: Elem>(reward: E, delta: E, desirable: bool) -> (E, E) {
+    let x = reward.sub(delta);
+    if desirable {
+        (x.clone().log_sigmoid().neg(), x.neg().sigmoid().neg())
+    } else {
+        (x.clone().neg().log_sigmoid().neg(), x.sigmoid())
     }
 }
 
@@ -561,10 +595,10 @@ pub fn bco_loss<F: Real>(
     }
     let delta = running.mean;
     for i in 0..nc {
-        losses[i] = -(chosen_rewards[i] - delta).log_sigmoid();
+        losses[i] = bco_term(chosen_rewards[i], delta, true).0;
     }
     for j in 0..nr {
-        losses[nc + j] = -(-(rejected_rewards[j] - delta)).log_sigmoid();
+        losses[nc + j] = bco_term(rejected_rewards[j], delta, false).0;
     }
     if let Some(((cl, ccr, crr), dc, dr)) = vjp {
         check_len("cotangent losses", cl.len(), nc + nr)?;
@@ -573,12 +607,12 @@ pub fn bco_loss<F: Real>(
         check_len("grad policy_chosen_logps", dc.len(), nc)?;
         check_len("grad policy_rejected_logps", dr.len(), nr)?;
         for i in 0..nc {
-            let x = chosen_rewards[i] - delta;
-            dc[i] = b * (-(cl[i] * (-x).sigmoid()) + ccr[i]);
+            let d = bco_term(chosen_rewards[i], delta, true).1;
+            dc[i] = b * (cl[i] * d + ccr[i]);
         }
         for j in 0..nr {
-            let x = rejected_rewards[j] - delta;
-            dr[j] = b * (cl[nc + j] * x.sigmoid() + crr[j]);
+            let d = bco_term(rejected_rewards[j], delta, false).1;
+            dr[j] = b * (cl[nc + j] * d + crr[j]);
         }
     }
     Ok(delta)
