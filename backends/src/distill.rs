@@ -290,7 +290,11 @@ pub fn kd_loss(
     let nf = n.clone().clamp_min(1.0);
     let loss = keep(total.neg() / nf.clone(), &n.greater_elem(0.0));
     let grad = cotangent.map(|c| {
-        let w = nf.recip().mul_scalar(-c).reshape([1, 1, 1]).expand(pt.dims());
+        let w = nf
+            .recip()
+            .mul_scalar(-c)
+            .reshape([1, 1, 1])
+            .expand(pt.dims());
         let g = keep(w * pt, &finite);
         keep(log_softmax_vjp(lp, g, 1.0), &m3)
     });

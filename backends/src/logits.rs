@@ -228,7 +228,6 @@ fn entropy_vjp(lp: Tensor<3>, h: Tensor<2>, c: Tensor<2>) -> Tensor<3> {
     .0
 }
 
-
 /// Log-probabilities `log softmax(z / T)[tᵢ]` of `k` target ids per
 /// position (`targets` `[batch, seq, k]`, e.g. the top-k ids), and with a
 /// cotangent `[batch, seq, k]` the VJP.
@@ -406,7 +405,10 @@ pub fn sequence_log_probs(
         let w = (c.reshape([b, 1]) / denom).expand([b, n_pos]);
         let w = keep(w, &valid).unsqueeze_dim::<3>(2).expand([b, n_pos, v]);
         let g = keep(w, &one_hot(safe, v));
-        let g = keep(log_softmax_vjp(lp, g, 1.0), &valid.unsqueeze_dim::<3>(2).expand([b, n_pos, v]));
+        let g = keep(
+            log_softmax_vjp(lp, g, 1.0),
+            &valid.unsqueeze_dim::<3>(2).expand([b, n_pos, v]),
+        );
         if shift == 0 {
             g
         } else {

@@ -46,9 +46,9 @@ use crate::util::{check_shape, keep};
 /// `1[id ∈ tokens]` for every position (false everywhere for no tokens).
 fn is_any_of(ids: &Tensor<2, Int>, tokens: &[i64]) -> Tensor<2, Bool> {
     let none = ids.clone().equal(ids.clone()).bool_not();
-    tokens.iter().fold(none, |acc, &t| {
-        acc.bool_or(ids.clone().equal_elem(t))
-    })
+    tokens
+        .iter()
+        .fold(none, |acc, &t| acc.bool_or(ids.clone().equal_elem(t)))
 }
 
 /// `Σ_{s < t} 1[id_s ∈ tokens]` for every position (an exclusive cumsum).
@@ -199,9 +199,9 @@ pub fn high_entropy_mask(
     let hi = sorted.narrow(0, above, 1);
     let tau = torch_lerp(ElemTensor(lo), ElemTensor(hi), w).0;
     let tau = tau.full_like(f64::NAN).mask_where(any_nan.bool_not(), tau);
-    let out = mask.clone().bool_and(
-        entropies.greater_equal(tau.clone().reshape([1, 1]).expand(dims)),
-    );
+    let out = mask
+        .clone()
+        .bool_and(entropies.greater_equal(tau.clone().reshape([1, 1]).expand(dims)));
     Ok((out, Some(tau)))
 }
 

@@ -243,10 +243,7 @@ fn finite_or_elem<E: Elem>(v: E, d: E, max: f64) -> (E, E) {
     let pos = v.gt_scalar(0.0);
     let inf_val = E::select(&pos, v.full_like(max), v.full_like(-max));
     let replaced = E::select(&not_nan, inf_val, zero.clone());
-    (
-        E::select(&finite, v, replaced),
-        E::select(&finite, d, zero),
-    )
+    (E::select(&finite, v, replaced), E::select(&finite, d, zero))
 }
 
 /// The smallest positive normal value of `F` (`torch.finfo(dtype).tiny`).

@@ -62,7 +62,10 @@ pub(crate) fn stats_axis(ctx: &Ctx, key: &str) -> Result<Reduce, Fail> {
 }
 
 /// The mask as booleans plus, for a float mask, its weights.
-pub(crate) fn stats_mask<F: Real>(ctx: &Ctx, name: &str) -> Result<(Vec<bool>, Option<Vec<F>>), Fail> {
+pub(crate) fn stats_mask<F: Real>(
+    ctx: &Ctx,
+    name: &str,
+) -> Result<(Vec<bool>, Option<Vec<F>>), Fail> {
     let mask = ctx.mask(name)?;
     let weights = if ctx.dtype(name)? != "bool" {
         Some(ctx.f::<F>(name)?)

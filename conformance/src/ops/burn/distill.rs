@@ -59,10 +59,7 @@ fn jsd_loss(ctx: &Ctx, d: &Device) -> OpResult {
     let (zs, [b, s, v]) = logits(ctx, "student_logits", d)?;
     let (zt, _) = logits(ctx, "teacher_logits", d)?;
     let valid = jsd_valid(ctx, posttrain_core::Dims::new(b, s))?;
-    let valid_t = valid
-        .as_ref()
-        .map(|m| mask2(m, [b, s], d))
-        .transpose()?;
+    let valid_t = valid.as_ref().map(|m| mask2(m, [b, s], d)).transpose()?;
     let mut o = Outputs::new();
     if cfg.reduction == Reduction::None && cfg.num_items_in_batch.is_none() {
         // Output rows: the valid ones (TRL's `jsd[mask]`), or all.

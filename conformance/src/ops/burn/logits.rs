@@ -107,8 +107,7 @@ fn entropy_loss(ctx: &Ctx, d: &Device) -> OpResult {
     } else {
         None
     };
-    let (l, g) =
-        posttrain_burn::logits::entropy_loss(mode, &GlobalNorm::default(), z, &mask, cot)?;
+    let (l, g) = posttrain_burn::logits::entropy_loss(mode, &GlobalNorm::default(), z, &mask, cot)?;
     let mut o = Outputs::new();
     if let Some(g) = g {
         o.grad("logits", &to_vec(g));

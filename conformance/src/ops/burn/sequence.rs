@@ -28,7 +28,11 @@ pub fn run(op: &str, ctx: &Ctx, d: &Device) -> Option<OpResult> {
     })
 }
 
-fn ids2(ctx: &Ctx, name: &str, d: &Device) -> Result<(Tensor<2, Int>, [usize; 2]), crate::case::Fail> {
+fn ids2(
+    ctx: &Ctx,
+    name: &str,
+    d: &Device,
+) -> Result<(Tensor<2, Int>, [usize; 2]), crate::case::Fail> {
     let dims = ctx.dims(name)?;
     let shape = [dims.batch, dims.seq];
     let v = ctx.i64(name)?;
