@@ -8,10 +8,18 @@
 //! logits of ±1e30 neither overflow nor lose the winner; zero-probability
 //! terms are selected away (no `0 · ∞`).
 //!
-//! | function | value per position | VJP `∂/∂zₖ` (cotangent `c`) |
-//! |---|---|---|
-//! | [`selective_log_softmax`] | `z_t/T − lse(z/T)` | `c · (1[k=t] − pₖ) / T` |
-//! | [`entropy_from_logits`] | `−Σ pₖ log pₖ` | `−c · pₖ (log pₖ + H)` |
+//! | function | value per position | VJP `∂/∂zₖ` (cotangent `c`) | core counterpart |
+//! |---|---|---|---|
+//! | [`selective_log_softmax`] | `z_t/T − lse(z/T)` | `c · (1[k=t] − pₖ) / T` | [`posttrain_core::logits::selective_log_softmax`] |
+//! | [`gather_log_softmax`] | `z_{tᵢ}/T − lse(z/T)` for `k` ids | `(Σᵢ cᵢ 1[k=tᵢ] − pₖ Σᵢ cᵢ) / T` | [`posttrain_core::logits::gather_log_softmax`] |
+//! | [`entropy_from_logits`] | `−Σ pₖ log pₖ` | `−c · pₖ (log pₖ + H)` | [`posttrain_core::logits::entropy_from_logits`] |
+//! | [`sum_pi_squared`] | `Σ pₖ²` | `c · 2pₖ (pₖ − Σ p²)` | [`posttrain_core::logits::sum_pi_squared`] |
+//! | [`sequence_log_probs`] | per-sequence label log-prob sum / mean | `w_b (1[k=label] − pₖ)` | [`posttrain_core::logits::sequence_log_probs`] |
+//! | [`entropy_loss`] | aggregated token entropy | `wᵢⱼ · ∂H/∂z` | [`posttrain_core::logits::entropy_loss`] |
+//!
+//! The per-element parts of the gradients are the core's [`Elem`]
+//! kernels ([`log_softmax_vjp_term`], [`entropy_vjp_term`],
+//! [`sum_pi_squared_vjp_term`]) on `[batch, seq, vocab]` tensors.
 //!
 //! # Example
 //!
@@ -28,15 +36,22 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use burn::tensor::{Int, Tensor};
-use posttrain_core::logits::Temperature;
+use burn::tensor::{Bool, Int, Tensor};
+use posttrain_core::aggregate::{AggMode, GlobalNorm};
+use posttrain_core::logits::{
+    entropy_vjp_term, log_softmax_vjp_term, sum_pi_squared_vjp_term, SequenceLogProbConfig,
+    Temperature,
+};
+#[allow(unused_imports)]
+use posttrain_core::Elem;
 use posttrain_core::Error;
 
+use crate::elem::ElemTensor;
 use crate::util::{check_shape, keep, to_vec_bool};
 
-/// `log softmax(z)` over the last axis with the stable max shift, and
-/// `p = softmax(z)`.
-fn log_softmax(z: Tensor<3>) -> Tensor<3> {
+/// `log softmax(z)` over the last axis with the stable max shift (the core's
+/// `scaled_max_lse`).
+pub(crate) fn log_softmax(z: Tensor<3>) -> Tensor<3> {
     let dims = z.dims();
     let m = z.clone().max_dim(2);
     // Shift by the max only where it is finite (all −inf, +inf or NaN rows:
@@ -44,6 +59,58 @@ fn log_softmax(z: Tensor<3>) -> Tensor<3> {
     let m = keep(m.clone(), &m.is_finite());
     let lse = m.clone() + (z.clone() - m.expand(dims)).exp().sum_dim(2).log();
     z - lse.expand(dims)
+}
+
+/// `log softmax(z / T)` (the peers divide the logits first).
+pub(crate) fn log_softmax_t(z: Tensor<3>, t: f64) -> Tensor<3> {
+    if t == 1.0 {
+        log_softmax(z)
+    } else {
+        log_softmax(z.div_scalar(t))
+    }
+}
+
+/// The VJP of `z ↦ log softmax(z/T)` from the log-probabilities `lp` and the
+/// cotangent `g` (both `[b, s, v]`): the core's
+/// [`log_softmax_vjp_term`] with the row sums `Σⱼ gⱼ` as a reduction.
+pub(crate) fn log_softmax_vjp(lp: Tensor<3>, g: Tensor<3>, t: f64) -> Tensor<3> {
+    let dims = g.dims();
+    let total = g.clone().sum_dim(2).expand(dims);
+    log_softmax_vjp_term(ElemTensor(g), ElemTensor(lp.exp()), ElemTensor(total), t).0
+}
+
+/// `1[k = id]` over the vocabulary for `[b, s]` ids, as a `[b, s, v]` mask
+/// (by comparison with an iota: burn's one_hot needs ≥ 2 classes).
+fn one_hot(ids: Tensor<2, Int>, v: usize) -> Tensor<3, Bool> {
+    let [b, s] = ids.dims();
+    let iota = Tensor::<1, Int>::arange(0..v as i64, &ids.device())
+        .reshape([1, 1, v])
+        .expand([b, s, v]);
+    iota.equal(ids.unsqueeze_dim::<3>(2).expand([b, s, v]))
+}
+
+/// [`Error::Invalid`] if any id lies outside `[0, vocab)` (one boolean read
+/// back from the device).
+fn check_ids<const D: usize>(
+    ids: &Tensor<D, Int>,
+    vocab: usize,
+    input: &'static str,
+) -> Result<(), Error> {
+    if ids.dims().iter().product::<usize>() == 0 {
+        return Ok(());
+    }
+    let bad = ids
+        .clone()
+        .lower_elem(0)
+        .bool_or(ids.clone().greater_equal_elem(vocab as i64))
+        .any();
+    if to_vec_bool(bad)[0] {
+        return Err(Error::Invalid {
+            input,
+            rule: "every token id must lie in [0, vocab)",
+        });
+    }
+    Ok(())
 }
 
 fn check_logits(logits: &Tensor<3>) -> Result<(), Error> {
@@ -90,43 +157,15 @@ pub fn selective_log_softmax(
     if let Some(c) = &cotangent {
         check_shape("cotangent", c.dims(), [b, s])?;
     }
-    if b * s > 0 {
-        let bad = targets
-            .clone()
-            .lower_elem(0)
-            .bool_or(targets.clone().greater_equal_elem(v as i64))
-            .any();
-        if to_vec_bool(bad)[0] {
-            return Err(Error::Invalid {
-                input: "targets",
-                rule: "every token id must lie in [0, vocab)",
-            });
-        }
-    }
+    check_ids(&targets, v, "targets")?;
     let t = temperature.get();
-    let z = if t == 1.0 {
-        logits
-    } else {
-        logits.div_scalar(t)
-    };
-    let lp = log_softmax(z);
+    let lp = log_softmax_t(logits, t);
     let idx = targets.clone().unsqueeze_dim::<3>(2);
     let out = lp.clone().gather(2, idx).squeeze_dim::<2>(2);
     let grad = cotangent.map(|c| {
-        // 1[k = t] by comparison with an iota (burn's one_hot needs ≥ 2 classes).
-        let iota = Tensor::<1, Int>::arange(0..v as i64, &lp.device())
-            .reshape([1, 1, v])
-            .expand([b, s, v]);
-        let onehot: Tensor<3> = iota
-            .equal(targets.unsqueeze_dim::<3>(2).expand([b, s, v]))
-            .float();
         let c = c.unsqueeze_dim::<3>(2).expand([b, s, v]);
-        let g = c * (onehot - lp.exp());
-        if t == 1.0 {
-            g
-        } else {
-            g.div_scalar(t)
-        }
+        let g = keep(c, &one_hot(targets, v));
+        log_softmax_vjp(lp, g, t)
     });
     Ok((out, grad))
 }
@@ -156,19 +195,268 @@ pub fn entropy_from_logits(
     logits: Tensor<3>,
     cotangent: Option<Tensor<2>>,
 ) -> Result<(Tensor<2>, Option<Tensor<3>>), Error> {
+    let [b, s, _] = logits.dims();
+    check_logits(&logits)?;
+    if let Some(c) = &cotangent {
+        check_shape("cotangent", c.dims(), [b, s])?;
+    }
+    let (h, lp) = entropy_rows(logits);
+    let grad = cotangent.map(|c| entropy_vjp(lp, h.clone(), c));
+    Ok((h, grad))
+}
+
+/// `(H, log p)` of every row: `H = −Σ select(p > 0, p·log p, 0)`.
+fn entropy_rows(logits: Tensor<3>) -> (Tensor<2>, Tensor<3>) {
+    let lp = log_softmax(logits);
+    let p = lp.clone().exp();
+    let live = p.clone().greater_elem(0.0);
+    let h = keep(p * lp.clone(), &live).sum_dim(2).neg();
+    (h.squeeze_dim::<2>(2), lp)
+}
+
+/// `c · ∂H/∂z` with the core's [`entropy_vjp_term`].
+fn entropy_vjp(lp: Tensor<3>, h: Tensor<2>, c: Tensor<2>) -> Tensor<3> {
+    let dims = lp.dims();
+    let c = c.unsqueeze_dim::<3>(2).expand(dims);
+    let h = h.unsqueeze_dim::<3>(2).expand(dims);
+    entropy_vjp_term(
+        ElemTensor(lp.clone().exp()),
+        ElemTensor(lp),
+        ElemTensor(h),
+        ElemTensor(c),
+    )
+    .0
+}
+
+/// Log-probabilities `log softmax(z / T)[tᵢ]` of `k` target ids per
+/// position (`targets` `[batch, seq, k]`, e.g. the top-k ids), and with a
+/// cotangent `[batch, seq, k]` the VJP.
+///
+/// # Formula
+///
+/// `out[b, s, i] = z[b, s, t_i]/T − lse(z[b, s, :]/T)` (a `gather` of the
+/// log-softmax), as [`posttrain_core::logits::gather_log_softmax`].
+///
+/// # Gradient
+///
+/// `g[b, s, j] = (Σᵢ cᵢ 1[j = tᵢ] − p_j Σᵢ cᵢ) / T`: the cotangents are
+/// scattered onto the vocabulary (one selection per id slot), then chained
+/// through [`log_softmax_vjp_term`].
+///
+/// # Peers
+///
+/// TRL `selective_log_softmax` with an index of shape `[B, T, k]`; with
+/// `k = 1` every peer of [`selective_log_softmax`].
+///
+/// # Errors
+///
+/// [`Error::ShapeMismatch`] if `targets` is not `[batch, seq, k]` or the
+/// cotangent not the shape of `targets`; [`Error::Invalid`] for an id
+/// outside `[0, vocab)` or `k = 0` with positions present;
+/// [`Error::Empty`] for `vocab = 0`.
+///
+/// # Example
+///
+/// ```
+/// use posttrain_burn::{device, logits::gather_log_softmax, tensor3, to_vec, Int, Tensor};
+/// use posttrain_core::logits::Temperature;
+/// use burn::tensor::TensorData;
+/// let dev = device()?;
+/// let z = tensor3(&[0.0; 4], [1, 1, 4], &dev)?;
+/// let ids = Tensor::<3, Int>::from_data(TensorData::new(vec![0i64, 3], [1, 1, 2]), &dev);
+/// let (lp, _) = gather_log_softmax(z, ids, Temperature::ONE, None)?;
+/// assert!(to_vec(lp).iter().all(|x| (x + 4f64.ln()).abs() < 1e-6));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn gather_log_softmax(
+    logits: Tensor<3>,
+    targets: Tensor<3, Int>,
+    temperature: Temperature,
+    cotangent: Option<Tensor<3>>,
+) -> Result<(Tensor<3>, Option<Tensor<3>>), Error> {
+    let [b, s, v] = logits.dims();
+    check_logits(&logits)?;
+    let k = targets.dims()[2];
+    check_shape("targets", targets.dims(), [b, s, k])?;
+    if k == 0 && b * s > 0 {
+        return Err(Error::Invalid {
+            input: "targets",
+            rule: "at least one target id per row is required",
+        });
+    }
+    if let Some(c) = &cotangent {
+        check_shape("cotangent", c.dims(), [b, s, k])?;
+    }
+    check_ids(&targets, v, "targets")?;
+    let t = temperature.get();
+    let lp = log_softmax_t(logits, t);
+    let out = lp.clone().gather(2, targets.clone());
+    let grad = cotangent.map(|c| {
+        let mut g = lp.zeros_like();
+        for i in 0..k {
+            let id = targets.clone().narrow(2, i, 1).squeeze_dim::<2>(2);
+            let ci = c.clone().narrow(2, i, 1).expand([b, s, v]);
+            g = g + keep(ci, &one_hot(id, v));
+        }
+        log_softmax_vjp(lp, g, t)
+    });
+    Ok((out, grad))
+}
+
+/// `Σₖ pₖ²` of each position's softmax, and with a cotangent its VJP.
+///
+/// # Formula
+///
+/// `Σₖ pₖ²`, `p = softmax(z)` (max-shifted), as
+/// [`posttrain_core::logits::sum_pi_squared`].
+///
+/// # Gradient
+///
+/// `c · 2pₖ (pₖ − Σⱼ pⱼ²)` ([`sum_pi_squared_vjp_term`]).
+///
+/// # Peers
+///
+/// verl `calculate_sum_pi_squared_from_logits`.
+///
+/// # Errors
+///
+/// [`Error::ShapeMismatch`] if the cotangent is not `[batch, seq]`;
+/// [`Error::Empty`] for `vocab = 0`.
+pub fn sum_pi_squared(
+    logits: Tensor<3>,
+    cotangent: Option<Tensor<2>>,
+) -> Result<(Tensor<2>, Option<Tensor<3>>), Error> {
     let [b, s, v] = logits.dims();
     check_logits(&logits)?;
     if let Some(c) = &cotangent {
         check_shape("cotangent", c.dims(), [b, s])?;
     }
-    let lp = log_softmax(logits);
-    let p = lp.clone().exp();
-    let live = p.clone().greater_elem(0.0);
-    let h = keep(p.clone() * lp.clone(), &live).sum_dim(2).neg();
+    let p = log_softmax(logits).exp();
+    let s2 = (p.clone() * p.clone()).sum_dim(2);
     let grad = cotangent.map(|c| {
         let c = c.unsqueeze_dim::<3>(2).expand([b, s, v]);
-        let g = (c * p * (lp + h.clone().expand([b, s, v]))).neg();
-        keep(g, &live)
+        let s2 = s2.clone().expand([b, s, v]);
+        sum_pi_squared_vjp_term(ElemTensor(p), ElemTensor(s2), ElemTensor(c)).0
     });
-    Ok((h.squeeze_dim::<2>(2), grad))
+    Ok((s2.squeeze_dim::<2>(2), grad))
+}
+
+/// Per-sequence log-probability of the labels (sum, or mean over valid
+/// positions), and with a cotangent `[batch]` its VJP.
+///
+/// # Formula
+///
+/// With shifting, position `t < seq − 1` scores `label_{t+1}`; valid where
+/// the label `≠ ignore_index`: `out[b] = Σ_valid log pₜ(label)`, divided by
+/// `n_b + 1e-8` when averaging, 0 for a row with nothing valid — as
+/// [`posttrain_core::logits::sequence_log_probs`], with the row loop as a
+/// `gather`, a selection and a `sum_dim`.
+///
+/// # Gradient
+///
+/// `w_b (1[k = label] − pₖ)` at valid positions (`w_b = c_b` or
+/// `c_b/(n_b + 1e-8)`), 0 elsewhere (the last position when shifting).
+///
+/// # Peers
+///
+/// torchtune `get_batch_log_probs`.
+///
+/// # Errors
+///
+/// [`Error::ShapeMismatch`] if `labels` is not `[batch, seq]` or the
+/// cotangent not `[batch]`; [`Error::Invalid`] for a valid label outside
+/// `[0, vocab)`; [`Error::Empty`] for `vocab = 0`.
+pub fn sequence_log_probs(
+    cfg: &SequenceLogProbConfig,
+    logits: Tensor<3>,
+    labels: Tensor<2, Int>,
+    cotangent: Option<Tensor<1>>,
+) -> Result<(Tensor<1>, Option<Tensor<3>>), Error> {
+    let [b, s, v] = logits.dims();
+    check_logits(&logits)?;
+    check_shape("labels", labels.dims(), [b, s])?;
+    if let Some(c) = &cotangent {
+        check_shape("cotangent", c.dims(), [b])?;
+    }
+    let device = logits.device();
+    let shift = usize::from(cfg.shift_labels);
+    let n_pos = s.saturating_sub(shift);
+    if b == 0 || n_pos == 0 {
+        let grad = cotangent.map(|_| Tensor::zeros([b, s, v], &device));
+        return Ok((Tensor::zeros([b], &device), grad));
+    }
+    let z = logits.narrow(1, 0, n_pos);
+    let lab = labels.narrow(1, shift, n_pos);
+    let valid = lab.clone().not_equal_elem(cfg.ignore_index);
+    let safe = lab.mask_fill(valid.clone().bool_not(), 0);
+    check_ids(&safe, v, "labels")?;
+    let lp = log_softmax(z);
+    let tok = lp.clone().gather(2, safe.clone().unsqueeze_dim::<3>(2));
+    let tok = tok.squeeze_dim::<2>(2);
+    let sum = keep(tok, &valid).sum_dim(1);
+    let n = valid.clone().float().sum_dim(1);
+    let denom = if cfg.average {
+        n.clone().add_scalar(1e-8)
+    } else {
+        n.ones_like()
+    };
+    let out = keep(sum / denom.clone(), &n.greater_elem(0.0)).reshape([b]);
+    let grad = cotangent.map(|c| {
+        let w = (c.reshape([b, 1]) / denom).expand([b, n_pos]);
+        let w = keep(w, &valid).unsqueeze_dim::<3>(2).expand([b, n_pos, v]);
+        let g = keep(w, &one_hot(safe, v));
+        let g = keep(
+            log_softmax_vjp(lp, g, 1.0),
+            &valid.unsqueeze_dim::<3>(2).expand([b, n_pos, v]),
+        );
+        if shift == 0 {
+            g
+        } else {
+            Tensor::cat(vec![g, Tensor::zeros([b, shift, v], &device)], 1)
+        }
+    });
+    Ok((out, grad))
+}
+
+/// The aggregated entropy of the token distributions, and with a scalar
+/// cotangent its VJP.
+///
+/// # Formula
+///
+/// `L = Σᵢⱼ wᵢⱼ H(z[i, j])` with `w` from
+/// [`crate::aggregate::aggregation_weights`] (masked entropies selected to
+/// 0), as [`posttrain_core::logits::entropy_loss`].
+///
+/// # Gradient
+///
+/// `∂L/∂z[i, j, k] = −c·wᵢⱼ pₖ (log pₖ + H)` ([`entropy_vjp_term`]), 0 on
+/// masked positions (selected, so NaN logits in padding cannot leak).
+///
+/// # Peers
+///
+/// verl `compute_entropy_loss(logits, response_mask, loss_agg_mode)`.
+///
+/// # Errors
+///
+/// [`Error::ShapeMismatch`] if `mask` is not `[batch, seq]`;
+/// [`Error::Empty`] for `vocab = 0`; the aggregation's errors.
+pub fn entropy_loss(
+    mode: AggMode,
+    norm: &GlobalNorm,
+    logits: Tensor<3>,
+    mask: &Tensor<2, Bool>,
+    cotangent: Option<f64>,
+) -> Result<(Tensor<1>, Option<Tensor<3>>), Error> {
+    let [b, s, v] = logits.dims();
+    check_logits(&logits)?;
+    check_shape("mask", mask.dims(), [b, s])?;
+    let (h, lp) = entropy_rows(logits);
+    let h = keep(h, mask);
+    let agg = crate::aggregate::aggregate(mode, norm, h.clone(), mask)?;
+    let grad = cotangent.map(|c| {
+        let cw = agg.weights.mul_scalar(c);
+        let g = entropy_vjp(lp, h, cw);
+        keep(g, &mask.clone().unsqueeze_dim::<3>(2).expand([b, s, v]))
+    });
+    Ok((agg.value, grad))
 }

@@ -177,32 +177,73 @@ impl Jsd {
     ///
     /// TRL distillation `_jsd_divergence(…, support_mask)`.
     pub fn term_on_support<F: Real>(&self, s: F, t: F) -> (F, F) {
-        let ps = s.exp();
-        let pt = t.exp();
-        let one = F::one();
+        self.term_on_support_elem(s, t, tiny::<F>().to_f64(), F::max_value().to_f64())
+    }
+
+    /// [`Jsd::term_on_support`] as an [`Elem`] kernel, for any element type:
+    /// `tiny` is the clamp of the mixture (`torch.finfo(dtype).tiny`) and
+    /// `max` the largest finite value of the element's float type (what
+    /// `nan_to_num` writes for ±∞), both given by the caller because an
+    /// [`Elem`] does not know its precision.
+    ///
+    /// # Formula
+    ///
+    /// As [`Jsd::term_on_support`]; "finite" is tested as `|v| < ∞` and
+    /// "NaN" as `¬(v ≥ v)`, with selections only.
+    pub fn term_on_support_elem<E: Elem>(&self, s: E, t: E, tiny: f64, max: f64) -> (E, E) {
+        let ps = s.clone().exp();
+        let pt = t.clone().exp();
         if self.beta == 0.0 {
-            let v = pt * (t - s);
-            finite_or(v, -pt)
+            let v = pt.clone().mul(t.sub(s));
+            finite_or_elem(v, pt.neg(), max)
         } else if self.beta == 1.0 {
-            let v = ps * (s - t);
-            finite_or(v, ps * (s - t + one))
+            let diff = s.sub(t);
+            let v = ps.clone().mul(diff.clone());
+            finite_or_elem(v, ps.mul(diff.add_scalar(1.0)), max)
         } else {
-            let beta = F::of(self.beta);
-            let tiny = tiny::<F>();
-            let mix = (one - beta) * ps + beta * pt;
-            let (m, dm) = if mix >= tiny {
-                (mix.ln(), (one - beta) * ps / mix)
-            } else {
-                (tiny.ln(), F::zero())
-            };
-            let (kl_t, dkl_t) = finite_or(pt * (t - m), -pt * dm);
-            let (kl_s, dkl_s) = finite_or(ps * (s - m), ps * (s - m + one) - ps * dm);
+            let beta = self.beta;
+            let mix = ps
+                .clone()
+                .mul_scalar(1.0 - beta)
+                .add(pt.clone().mul_scalar(beta));
+            let ok = mix.ge_scalar(tiny);
+            // Where clamped, `mix` is replaced by `tiny` before the division
+            // too, so the unselected branch stays finite.
+            let mix_c = E::select(&ok, mix.clone(), mix.full_like(tiny));
+            let m = E::select(&ok, mix_c.clone().ln(), mix.full_like(tiny.ln()));
+            let dm = E::select(
+                &ok,
+                ps.clone().mul_scalar(1.0 - beta).div(mix_c),
+                mix.full_like(0.0),
+            );
+            let (kl_t, dkl_t) = finite_or_elem(
+                pt.clone().mul(t.sub(m.clone())),
+                pt.neg().mul(dm.clone()),
+                max,
+            );
+            let d_s = ps
+                .clone()
+                .mul(s.clone().sub(m.clone()).add_scalar(1.0))
+                .sub(ps.clone().mul(dm));
+            let (kl_s, dkl_s) = finite_or_elem(ps.mul(s.sub(m)), d_s, max);
             (
-                beta * kl_t + (one - beta) * kl_s,
-                beta * dkl_t + (one - beta) * dkl_s,
+                kl_t.mul_scalar(beta).add(kl_s.mul_scalar(1.0 - beta)),
+                dkl_t.mul_scalar(beta).add(dkl_s.mul_scalar(1.0 - beta)),
             )
         }
     }
+}
+
+/// `(v, d)` where `v` is finite, else `(nan_to_num(v), 0)` with `±max` for
+/// `±∞` (selections only).
+fn finite_or_elem<E: Elem>(v: E, d: E, max: f64) -> (E, E) {
+    let zero = v.full_like(0.0);
+    let finite = v.clone().abs().lt_scalar(f64::INFINITY);
+    let not_nan = v.ge(&v);
+    let pos = v.gt_scalar(0.0);
+    let inf_val = E::select(&pos, v.full_like(max), v.full_like(-max));
+    let replaced = E::select(&not_nan, inf_val, zero.clone());
+    (E::select(&finite, v, replaced), E::select(&finite, d, zero))
 }
 
 /// The smallest positive normal value of `F` (`torch.finfo(dtype).tiny`).
@@ -211,19 +252,6 @@ fn tiny<F: Real>() -> F {
         F::of(f32::MIN_POSITIVE as f64)
     } else {
         F::of(f64::MIN_POSITIVE)
-    }
-}
-
-/// `(v, d)` when `v` is finite, else `(nan_to_num(v), 0)`.
-fn finite_or<F: Real>(v: F, d: F) -> (F, F) {
-    if v.is_finite() {
-        (v, d)
-    } else if v.is_nan() {
-        (F::zero(), F::zero())
-    } else if v > F::zero() {
-        (F::max_value(), F::zero())
-    } else {
-        (-F::max_value(), F::zero())
     }
 }
 
@@ -290,6 +318,46 @@ pub struct DistillConfig {
 }
 
 impl DistillConfig {
+    /// The divisor `D` of [`generalized_jsd_loss`]'s `L = S / D`, from the
+    /// batch size, the vocabulary size, the number of valid rows and whether
+    /// a row mask was given.
+    ///
+    /// # Formula
+    ///
+    /// `num_items_in_batch` when set, else by [`Reduction`]: `BatchMean` →
+    /// `max(n_valid, 1)` with a mask, `max(batch, 1)` without; `Sum` → 1;
+    /// `Mean` → `max(n_valid · vocab, 1)`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] for [`Reduction::None`] (not a scalar reduction).
+    pub fn denominator(
+        &self,
+        batch: usize,
+        vocab: usize,
+        n_valid: usize,
+        masked: bool,
+    ) -> Result<f64, Error> {
+        Ok(match (self.num_items_in_batch, self.reduction) {
+            (Some(n), _) => n,
+            (None, Reduction::BatchMean) => {
+                if masked {
+                    n_valid.max(1) as f64
+                } else {
+                    batch.max(1) as f64
+                }
+            }
+            (None, Reduction::Sum) => 1.0,
+            (None, Reduction::Mean) => (n_valid * vocab).max(1) as f64,
+            (None, Reduction::None) => {
+                return Err(Error::Invalid {
+                    input: "reduction",
+                    rule: "`none` is not a scalar reduction; use generalized_jsd_elementwise",
+                })
+            }
+        })
+    }
+
     /// A validated configuration.
     pub fn new(
         beta: f64,
@@ -495,21 +563,7 @@ pub fn generalized_jsd_loss<F: Real>(
         check_len("grad", g.len(), rows * vocab)?;
     }
     let n_valid = valid.map_or(rows, |v| v.iter().filter(|&&b| b).count());
-    let denom = match (cfg.num_items_in_batch, cfg.reduction) {
-        (Some(n), _) => n,
-        (None, Reduction::BatchMean) => match valid {
-            Some(_) => n_valid.max(1) as f64,
-            None => dims.batch.max(1) as f64,
-        },
-        (None, Reduction::Sum) => 1.0,
-        (None, Reduction::Mean) => (n_valid * vocab).max(1) as f64,
-        (None, Reduction::None) => {
-            return Err(Error::Invalid {
-                input: "reduction",
-                rule: "`none` is not a scalar reduction; use generalized_jsd_elementwise",
-            })
-        }
-    };
+    let denom = cfg.denominator(dims.batch, vocab, n_valid, valid.is_some())?;
     let d = F::of(denom);
     let t = F::of(cfg.temperature.get());
     let mut sum = F::zero();

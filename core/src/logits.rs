@@ -47,7 +47,7 @@
 //! ```
 
 use crate::aggregate::{aggregate, aggregation_weights, AggMode, GlobalNorm};
-use crate::elem::Real;
+use crate::elem::{Elem, Real};
 use crate::error::{check_len, check_param, Error};
 use crate::shape::Dims;
 
@@ -215,9 +215,49 @@ pub fn log_softmax_vjp_row<F: Real>(z: &[F], lse: F, t: F, g: &mut [F]) {
     let total = g.iter().fold(F::zero(), |a, &x| a + x);
     for (gk, &zk) in g.iter_mut().zip(z) {
         let p = (zk / t - lse).exp();
-        let pk_total = if p > F::zero() { p * total } else { F::zero() };
-        *gk = (*gk - pk_total) / t;
+        *gk = log_softmax_vjp_term(*gk, p, total, t.to_f64());
     }
+}
+
+/// One element of [`log_softmax_vjp_row`] (an [`Elem`] kernel): from the
+/// element's cotangent `gₖ`, its probability `pₖ`, the row's `Σⱼ gⱼ` and
+/// the temperature.
+///
+/// # Formula
+///
+/// `(gₖ − pₖ Σⱼ gⱼ) / T`, the product selected to 0 where `pₖ = 0`.
+#[inline]
+pub fn log_softmax_vjp_term<E: Elem>(g: E, p: E, total: E, t: f64) -> E {
+    let live = p.gt_scalar(0.0);
+    let pt = E::select(&live, p.mul(total), g.full_like(0.0));
+    let d = g.clone().sub(pt);
+    if t == 1.0 {
+        d
+    } else {
+        let tt = d.full_like(t);
+        d.div(tt)
+    }
+}
+
+/// One element of the entropy's VJP (an [`Elem`] kernel): `c · ∂H/∂zₖ`
+/// from `pₖ`, `log pₖ`, the row's entropy `H` and its cotangent `c`.
+///
+/// # Formula
+///
+/// `−c · pₖ (log pₖ + H)`, selected to 0 where `pₖ = 0`.
+#[inline]
+pub fn entropy_vjp_term<E: Elem>(p: E, log_p: E, h: E, c: E) -> E {
+    let live = p.gt_scalar(0.0);
+    let zero = p.full_like(0.0);
+    let g = c.mul(p).mul(log_p.add(h)).neg();
+    E::select(&live, g, zero)
+}
+
+/// One element of the VJP of [`sum_pi_squared`] (an [`Elem`] kernel):
+/// `c · 2pₖ (pₖ − Σⱼ pⱼ²)`.
+#[inline]
+pub fn sum_pi_squared_vjp_term<E: Elem>(p: E, s2: E, c: E) -> E {
+    c.mul(p.clone()).mul(p.sub(s2)).mul_scalar(2.0)
 }
 
 /// The VJP of [`log_softmax`]: `grad = ∂L/∂z` from the cotangent `cot =
@@ -406,12 +446,7 @@ fn row_entropy<F: Real>(z: &[F], lse: F) -> F {
 fn row_entropy_vjp<F: Real>(z: &[F], lse: F, h: F, c: F, g: &mut [F]) {
     for (gk, &zk) in g.iter_mut().zip(z) {
         let lp = zk - lse;
-        let p = lp.exp();
-        *gk = if p > F::zero() {
-            -(c * p * (lp + h))
-        } else {
-            F::zero()
-        };
+        *gk = entropy_vjp_term(lp.exp(), lp, h, c);
     }
 }
 
@@ -494,7 +529,6 @@ pub fn sum_pi_squared<F: Real>(
         check_len("cotangent", c.len(), rows)?;
         check_len("grad", g.len(), rows * vocab)?;
     }
-    let two = F::of(2.0);
     for r in 0..rows {
         let z = &logits[r * vocab..(r + 1) * vocab];
         let (_, lse) = row_max_lse(z);
@@ -506,8 +540,7 @@ pub fn sum_pi_squared<F: Real>(
         if let Some((c, g)) = vjp.as_mut() {
             let gr = &mut g[r * vocab..(r + 1) * vocab];
             for (gk, &zk) in gr.iter_mut().zip(z) {
-                let p = (zk - lse).exp();
-                *gk = c[r] * two * p * (p - s2);
+                *gk = sum_pi_squared_vjp_term((zk - lse).exp(), s2, c[r]);
             }
         }
     }

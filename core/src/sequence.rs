@@ -29,7 +29,7 @@
 //! # Ok::<(), posttrain_core::Error>(())
 //! ```
 
-use crate::elem::Real;
+use crate::elem::{Elem, MaskElem, Real};
 use crate::error::{check_len, check_param, Error};
 use crate::shape::Dims;
 
@@ -194,13 +194,44 @@ pub fn reward_penalty_mask(
     Ok(())
 }
 
-/// `torch.lerp(a, b, w)`, exactly as torch evaluates it on CPU.
-fn torch_lerp<F: Real>(a: F, b: F, w: F) -> F {
-    if w < F::of(0.5) {
-        a + w * (b - a)
+/// `torch.lerp(a, b, w)`, exactly as torch evaluates it on CPU (an [`Elem`]
+/// kernel; the weight is one host scalar).
+///
+/// # Formula
+/// `a + w (b − a)` for `w < ½`, else `b − (b − a)(1 − w)`.
+pub fn torch_lerp<E: Elem>(a: E, b: E, w: f64) -> E {
+    if w < 0.5 {
+        let d = b.sub(a.clone());
+        a.add(d.mul_scalar(w))
     } else {
-        b - (b - a) * (F::one() - w)
+        let d = b.clone().sub(a);
+        b.sub(d.mul_scalar(1.0 - w))
     }
+}
+
+/// Where the `q`-quantile of `n` sorted values lies: `(i, j, w)` with the
+/// quantile `lerp(v_i, v_j, w)` ([`torch_lerp`]); `None` for `n = 0`.
+///
+/// # Formula
+/// `ρ = q·(n − 1)` (in `F`), `i = ⌊ρ⌋`, `j = min(⌈ρ⌉, n − 1)`, `w = ρ − i`.
+///
+/// # Errors
+/// [`Error::OutOfRange`] unless `0 ≤ q ≤ 1`.
+pub fn quantile_position<F: Real>(n: usize, q: f64) -> Result<Option<(usize, usize, F)>, Error> {
+    check_param((0.0..=1.0).contains(&q), "quantile", q, "must be in [0, 1]")?;
+    if n == 0 {
+        return Ok(None);
+    }
+    let rank = F::of(q) * F::of_usize(n - 1);
+    // `rank ≥ 0`, so truncation is the floor.
+    let below = rank.to_f64() as usize;
+    let above = if F::of_usize(below) < rank {
+        below + 1
+    } else {
+        below
+    }
+    .min(n - 1);
+    Ok(Some((below, above, rank - F::of_usize(below))))
 }
 
 /// The `q`-quantile of `values` with linear interpolation (`torch.quantile`'s
@@ -226,25 +257,14 @@ fn torch_lerp<F: Real>(a: F, b: F, w: F) -> F {
 ///
 /// [`Error::OutOfRange`] unless `0 ≤ q ≤ 1`.
 pub fn quantile<F: Real>(values: &mut [F], q: f64) -> Result<Option<F>, Error> {
-    check_param((0.0..=1.0).contains(&q), "quantile", q, "must be in [0, 1]")?;
-    if values.is_empty() {
+    let Some((below, above, w)) = quantile_position::<F>(values.len(), q)? else {
         return Ok(None);
-    }
+    };
     if values.iter().any(|v| v.is_nan()) {
         return Ok(Some(F::nan()));
     }
     values.sort_unstable_by(|a, b| a.partial_cmp(b).unwrap_or(core::cmp::Ordering::Equal));
-    let rank = F::of(q) * F::of_usize(values.len() - 1);
-    // `rank ≥ 0`, so truncation is the floor.
-    let below = rank.to_f64() as usize;
-    let above = if F::of_usize(below) < rank {
-        below + 1
-    } else {
-        below
-    }
-    .min(values.len() - 1);
-    let w = rank - F::of_usize(below);
-    Ok(Some(torch_lerp(values[below], values[above], w)))
+    Ok(Some(torch_lerp(values[below], values[above], w.to_f64())))
 }
 
 /// Marks the valid tokens whose entropy is at least the `quantile`-quantile
@@ -396,9 +416,18 @@ pub fn off_policy_sequence_mask<F: Real>(
             }
         }
         let kl = sum / F::of_usize(n.max(1));
-        *k = advantages[r] >= F::zero() || kl <= F::of(threshold);
+        *k = off_policy_keep(advantages[r], kl, threshold);
     }
     Ok(())
+}
+
+/// The off-policy keep rule of [`off_policy_sequence_mask`] for one
+/// sequence (an [`Elem`] kernel).
+///
+/// # Formula
+/// `keep = A ≥ 0 or KL ≤ δ`.
+pub fn off_policy_keep<E: Elem>(advantage: E, kl: E, threshold: f64) -> E::Mask {
+    advantage.ge_scalar(0.0).or(kl.le_scalar(threshold))
 }
 
 /// How PF-PPO turns sequence scores into resampling weights.
@@ -506,27 +535,33 @@ pub fn pf_ppo_sampling_weights<F: Real>(
         hi = hi.max(s);
         lo = lo.min(s);
     }
-    let eps = F::of(1e-8);
     for (r, w) in weights.iter_mut().enumerate() {
-        let s = row_score(r);
-        let raw = match method {
-            PfPpoReweight::Pow(p) => s.abs().powf(p),
-            PfPpoReweight::MaxMin => {
-                if s == hi || s == lo {
-                    F::one()
-                } else {
-                    F::zero()
-                }
-            }
-            PfPpoReweight::MaxRandom => {
-                if s == hi {
-                    F::of(0.4)
-                } else {
-                    F::of(0.1)
-                }
-            }
-        };
-        *w = (raw + eps).max(eps);
+        *w = method.weight(row_score(r), hi, lo);
     }
     Ok(())
+}
+
+impl PfPpoReweight {
+    /// One sequence's weight from its score `s` and the batch's highest and
+    /// lowest scores (an [`Elem`] kernel; see [`pf_ppo_sampling_weights`]).
+    ///
+    /// # Formula
+    /// `pow`: `|s|^p`; `max_min`: `1[s = hi or s = lo]`; `max_random`:
+    /// `0.4` if `s = hi` else `0.1`; then `max(w + 1e-8, 1e-8)`.
+    pub fn weight<E: Elem>(&self, s: E, hi: E, lo: E) -> E {
+        let raw = match *self {
+            PfPpoReweight::Pow(p) => s.abs().powf(p),
+            PfPpoReweight::MaxMin => {
+                // `s ≥ max` is `s = max`, `min ≥ s` is `s = min`.
+                let m = s.ge(&hi).or(lo.ge(&s));
+                E::select(&m, s.full_like(1.0), s.full_like(0.0))
+            }
+            PfPpoReweight::MaxRandom => {
+                let m = s.ge(&hi);
+                E::select(&m, s.full_like(0.4), s.full_like(0.1))
+            }
+        };
+        let eps = raw.full_like(1e-8);
+        raw.add_scalar(1e-8).max(eps)
+    }
 }

@@ -215,45 +215,81 @@ impl MomentConfig {
     }
 
     fn denom<F: Real>(&self, w: F) -> F {
-        let d = w + F::of(self.count_eps);
-        if self.count_floor > 0.0 && d < F::of(self.count_floor) {
-            F::of(self.count_floor)
+        self.denominator(w)
+    }
+
+    /// The mean's denominator `D = max(W + count_eps, count_floor)` from the
+    /// valid weight `W` (an [`Elem`] kernel: the slice drivers call it per
+    /// group, the burn backend on a tensor of group weights).
+    ///
+    /// # Formula
+    /// `D = W + ε`, raised to `count_floor` when `count_floor > 0` and
+    /// `W + ε < count_floor`.
+    pub fn denominator<E: Elem>(&self, w: E) -> E {
+        let d = w.add_scalar(self.count_eps);
+        if self.count_floor > 0.0 {
+            let low = d.lt_scalar(self.count_floor);
+            let floor = d.full_like(self.count_floor);
+            E::select(&low, floor, d)
         } else {
             d
         }
     }
 
+    /// Checks that a group with valid count `w` has a defined variance
+    /// under this config's [`Bessel`] correction.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for [`Bessel::Exact`] with `w ≤ 1`, or
+    /// [`Bessel::Smoothed`] with `w + count_eps = 1`.
+    pub fn check_variance_count(&self, w: f64) -> Result<(), Error> {
+        match self.bessel {
+            Bessel::Exact if w <= 1.0 => Err(Error::Invalid {
+                input: "mask",
+                rule: "an unbiased variance needs at least two valid entries",
+            }),
+            Bessel::Smoothed if w + self.count_eps == 1.0 => Err(Error::Invalid {
+                input: "mask",
+                rule: "a smoothed-Bessel variance with count_eps = 0 needs a count other than 1",
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The factor `scale` of `variance = Σ_V (x − m)² · scale` for a group of
+    /// valid count `w` (an [`Elem`] kernel; validate the count first with
+    /// [`MomentConfig::check_variance_count`]).
+    ///
+    /// # Formula
+    /// `scale = bessel(W) / D` with `D` = [`MomentConfig::denominator`] and
+    /// `bessel` = 1, `W/(W − 1)` or `(W + ε)/(W + ε − 1)`; a group with
+    /// `D = 0` (nothing valid, no count epsilon) has `scale = 0` unless the
+    /// correction is exact.
+    pub fn variance_scale<E: Elem>(&self, w: E) -> E {
+        let d = self.denominator(w.clone());
+        let inv = d.full_like(1.0).div(d.clone());
+        let scale = match self.bessel {
+            Bessel::None => inv,
+            Bessel::Exact => inv.mul(w.clone().div(w.add_scalar(-1.0))),
+            Bessel::Smoothed => {
+                let we = w.add_scalar(self.count_eps);
+                inv.mul(we.clone().div(we.add_scalar(-1.0)))
+            }
+        };
+        if self.bessel == Bessel::Exact {
+            return scale;
+        }
+        // Nothing valid and no count epsilon: the sum of squares is 0, and so
+        // is the variance (rather than 0 · ∞ = NaN).
+        let live = d.gt_scalar(0.0);
+        let zero = d.full_like(0.0);
+        E::select(&live, scale, zero)
+    }
+
     /// `variance = Σ(x − m)² · scale`.
     fn var_scale<F: Real>(&self, w: F) -> Result<F, Error> {
-        let d = self.denom(w);
-        if d == F::zero() && self.bessel != Bessel::Exact {
-            // Nothing valid and no count epsilon: the sum of squares is 0,
-            // and so is the variance (rather than 0 · ∞ = NaN).
-            return Ok(F::zero());
-        }
-        Ok(match self.bessel {
-            Bessel::None => F::one() / d,
-            Bessel::Exact => {
-                if w <= F::one() {
-                    return Err(Error::Invalid {
-                        input: "mask",
-                        rule: "an unbiased variance needs at least two valid entries",
-                    });
-                }
-                F::one() / d * (w / (w - F::one()))
-            }
-            Bessel::Smoothed => {
-                // The count is exact in f64; `1 + 1e-8` is not in f32.
-                let we = w.to_f64() + self.count_eps;
-                if we == 1.0 {
-                    return Err(Error::Invalid {
-                        input: "mask",
-                        rule: "a smoothed-Bessel variance with count_eps = 0 needs a count other than 1",
-                    });
-                }
-                F::one() / d * F::of(we / (we - 1.0))
-            }
-        })
+        self.check_variance_count(w.to_f64())?;
+        Ok(self.variance_scale(w))
     }
 }
 
@@ -591,18 +627,31 @@ impl WhitenConfig {
 
     /// `(r, dr/dv)`.
     fn rsqrt<F: Real>(&self, v: F) -> (F, F) {
+        self.inv_std(v)
+    }
+
+    /// The whitening scale `r` and its derivative `dr/dv` from the variance
+    /// `v` (an [`Elem`] kernel).
+    ///
+    /// # Formula
+    /// `Add(ε)`: `r = (v + ε)^{-½}`; `Floor(ε)`: `r = max(v, ε)^{-½}`.
+    ///
+    /// # Gradient
+    /// `dr/dv = −½ r³` (0 where the floor is active).
+    pub fn inv_std<E: Elem>(&self, v: E) -> (E, E) {
+        let rsqrt = |x: E| x.full_like(1.0).div(x.sqrt());
+        let d_of = |r: E| r.clone().mul(r.clone()).mul(r).mul_scalar(-0.5);
         match self.var_eps {
             VarEps::Add(e) => {
-                let r = F::one() / (v + F::of(e)).sqrt();
-                (r, F::of(-0.5) * r * r * r)
+                let r = rsqrt(v.add_scalar(e));
+                (r.clone(), d_of(r))
             }
             VarEps::Floor(e) => {
-                if v >= F::of(e) {
-                    let r = F::one() / v.sqrt();
-                    (r, F::of(-0.5) * r * r * r)
-                } else {
-                    (F::one() / F::of(e).sqrt(), F::zero())
-                }
+                let above = v.ge_scalar(e);
+                let r_v = rsqrt(v.clone());
+                let r_e = v.full_like(1.0 / e.sqrt());
+                let d = E::select(&above, d_of(r_v.clone()), v.full_like(0.0));
+                (E::select(&above, r_v, r_e), d)
             }
         }
     }

@@ -45,7 +45,7 @@ fn run_stats<F: Real>(op: &str, ctx: &Ctx) -> Option<OpResult> {
 }
 
 /// A 2-D input's dims (a 1-D input is one row).
-fn stats_dims(ctx: &Ctx, name: &str) -> Result<Dims, Fail> {
+pub(crate) fn stats_dims(ctx: &Ctx, name: &str) -> Result<Dims, Fail> {
     let s = ctx.shape(name)?;
     Ok(match s.len() {
         1 => Dims::new(1, s[0]),
@@ -53,7 +53,7 @@ fn stats_dims(ctx: &Ctx, name: &str) -> Result<Dims, Fail> {
     })
 }
 
-fn stats_axis(ctx: &Ctx, key: &str) -> Result<Reduce, Fail> {
+pub(crate) fn stats_axis(ctx: &Ctx, key: &str) -> Result<Reduce, Fail> {
     let axis = match ctx.param(key) {
         None | Some(Value::Null) => None,
         Some(_) => Some(ctx.p_i64(key)?),
@@ -62,7 +62,10 @@ fn stats_axis(ctx: &Ctx, key: &str) -> Result<Reduce, Fail> {
 }
 
 /// The mask as booleans plus, for a float mask, its weights.
-fn stats_mask<F: Real>(ctx: &Ctx, name: &str) -> Result<(Vec<bool>, Option<Vec<F>>), Fail> {
+pub(crate) fn stats_mask<F: Real>(
+    ctx: &Ctx,
+    name: &str,
+) -> Result<(Vec<bool>, Option<Vec<F>>), Fail> {
     let mask = ctx.mask(name)?;
     let weights = if ctx.dtype(name)? != "bool" {
         Some(ctx.f::<F>(name)?)
@@ -113,17 +116,26 @@ fn stats_mean<F: Real>(
     Ok(o)
 }
 
-fn stats_var<F: Real>(ctx: &Ctx, preset: Preset) -> OpResult {
+/// `masked_var`'s parameters: `(input, output, center, config)`.
+pub(crate) fn var_setup(
+    ctx: &Ctx,
+    preset: Preset,
+) -> Result<(&'static str, &'static str, bool, MomentConfig), Fail> {
     let (input, out_name, center) = match preset {
         Preset::Torchtune => ("centered_values", "var", false),
         _ => ("values", "variance", true),
     };
-    let x = ctx.f::<F>(input)?;
-    let mask = ctx.mask("mask")?;
     let mut cfg = MomentConfig::preset(preset);
     if !ctx.p_bool("unbiased")? {
         cfg.bessel = Bessel::None;
     }
+    Ok((input, out_name, center, cfg))
+}
+
+fn stats_var<F: Real>(ctx: &Ctx, preset: Preset) -> OpResult {
+    let (input, out_name, center, cfg) = var_setup(ctx, preset)?;
+    let x = ctx.f::<F>(input)?;
+    let mask = ctx.mask("mask")?;
     let mut o = Outputs::new();
     match ctx.cotangent::<F>(out_name)? {
         Some(cot) => {
@@ -139,14 +151,29 @@ fn stats_var<F: Real>(ctx: &Ctx, preset: Preset) -> OpResult {
     Ok(o)
 }
 
-fn stats_whiten<F: Real>(ctx: &Ctx, preset: Preset) -> OpResult {
+/// A whitening case's parameters.
+pub(crate) struct WhitenSetup {
+    /// The input's name.
+    pub input: &'static str,
+    /// The output's name.
+    pub output: &'static str,
+    /// The config.
+    pub cfg: WhitenConfig,
+    /// The groups.
+    pub reduce: Reduce,
+    /// The mask (all true when the case has none).
+    pub mask: Vec<bool>,
+}
+
+/// Parses a whitening case (verl `masked_whiten`, torchtune `whiten`,
+/// OpenRLHF `masked_normalize`).
+pub(crate) fn whiten_setup(ctx: &Ctx, preset: Preset) -> Result<WhitenSetup, Fail> {
     let (input, mask_name) = match preset {
         Preset::Verl => ("values", "mask"),
         Preset::OpenRlhf => ("tensor", "mask"),
         _ => ("x", "mask"),
     };
-    let x = ctx.f::<F>(input)?;
-    let dims = stats_dims(ctx, input)?;
+    let n = ctx.shape(input)?.iter().product::<usize>();
     let mut cfg = WhitenConfig::preset(preset);
     let mut reduce = Reduce::All;
     let mask = match preset {
@@ -161,7 +188,7 @@ fn stats_whiten<F: Real>(ctx: &Ctx, preset: Preset) -> OpResult {
                 None => {
                     // `x.mean()`, `x.var()`: exact count, unbiased.
                     cfg.moments = MomentConfig::preset(Preset::Trl);
-                    vec![true; x.len()]
+                    vec![true; n]
                 }
             }
         }
@@ -175,13 +202,32 @@ fn stats_whiten<F: Real>(ctx: &Ctx, preset: Preset) -> OpResult {
         }
     };
     cfg.validate()?;
-    let mut out = vec![F::zero(); x.len()];
-    let mut o = Outputs::new();
-    let name = if preset == Preset::OpenRlhf {
+    let output = if preset == Preset::OpenRlhf {
         "normalized"
     } else {
         "whitened"
     };
+    Ok(WhitenSetup {
+        input,
+        output,
+        cfg,
+        reduce,
+        mask,
+    })
+}
+
+fn stats_whiten<F: Real>(ctx: &Ctx, preset: Preset) -> OpResult {
+    let WhitenSetup {
+        input,
+        output: name,
+        cfg,
+        reduce,
+        mask,
+    } = whiten_setup(ctx, preset)?;
+    let x = ctx.f::<F>(input)?;
+    let dims = stats_dims(ctx, input)?;
+    let mut out = vec![F::zero(); x.len()];
+    let mut o = Outputs::new();
     match ctx.cotangent::<F>(name)? {
         Some(cot) => {
             let mut dx = vec![F::zero(); x.len()];
@@ -202,10 +248,9 @@ fn stats_whiten<F: Real>(ctx: &Ctx, preset: Preset) -> OpResult {
     Ok(o)
 }
 
-fn stats_nanstd<F: Real>(ctx: &Ctx) -> OpResult {
-    let x = ctx.f::<F>("tensor")?;
-    let dims = stats_dims(ctx, "tensor")?;
-    let reduce = match ctx.param("dim") {
+/// `nanstd`'s `dim` as a [`Reduce`] of a 2-D tensor.
+pub(crate) fn nanstd_reduce(ctx: &Ctx) -> Result<Reduce, Fail> {
+    Ok(match ctx.param("dim") {
         None | Some(Value::Null) => Reduce::All,
         Some(Value::Array(a)) => {
             let mut v: Vec<i64> = a.iter().filter_map(|x| x.as_i64()).collect();
@@ -224,7 +269,13 @@ fn stats_nanstd<F: Real>(ctx: &Ctx) -> OpResult {
             }
         }
         Some(_) => Reduce::from_axis(Some(ctx.p_i64("dim")?))?,
-    };
+    })
+}
+
+fn stats_nanstd<F: Real>(ctx: &Ctx) -> OpResult {
+    let x = ctx.f::<F>("tensor")?;
+    let dims = stats_dims(ctx, "tensor")?;
+    let reduce = nanstd_reduce(ctx)?;
     let mut out = vec![F::zero(); reduce.out_len(dims)];
     let mut o = Outputs::new();
     match ctx.cotangent::<F>("std")? {

@@ -11,7 +11,7 @@ use posttrain_core::error::check_len;
 use posttrain_core::{Dims, Real};
 
 /// TRL's and OpenRLHF's ignore index.
-const IGNORE_INDEX: i64 = -100;
+pub(crate) const IGNORE_INDEX: i64 = -100;
 
 /// Runs `op` if this family knows it.
 pub fn run<F: Real>(op: &str, ctx: &Ctx) -> Option<OpResult> {
@@ -28,7 +28,7 @@ pub fn run<F: Real>(op: &str, ctx: &Ctx) -> Option<OpResult> {
 }
 
 /// `([batch, seq], vocab)` of a `[batch, seq, vocab]` input.
-fn dims3(ctx: &Ctx, name: &str) -> Result<(Dims, usize), Fail> {
+pub(crate) fn dims3(ctx: &Ctx, name: &str) -> Result<(Dims, usize), Fail> {
     let s = ctx.shape(name)?;
     if s.len() != 3 {
         return Err(Fail::Harness(format!(
@@ -38,7 +38,7 @@ fn dims3(ctx: &Ctx, name: &str) -> Result<(Dims, usize), Fail> {
     Ok((Dims::new(s[0], s[1]), s[2]))
 }
 
-fn reduction(ctx: &Ctx) -> Result<Reduction, Fail> {
+pub(crate) fn reduction(ctx: &Ctx) -> Result<Reduction, Fail> {
     match ctx.p_str("reduction")?.parse() {
         Ok(r) => Ok(r),
         Err(_) => Err(ctx.unsupported("reduction")),
@@ -69,24 +69,33 @@ fn openrlhf_kd<F: Real>(ctx: &Ctx) -> OpResult {
 }
 
 /// TRL `generalized_jsd_loss` (GKD and distillation trainers alike).
-fn trl_jsd_loss<F: Real>(ctx: &Ctx) -> OpResult {
-    let red = reduction(ctx)?;
-    let cfg = DistillConfig::new(
+/// `generalized_jsd_loss`'s config.
+pub(crate) fn jsd_loss_config(ctx: &Ctx) -> Result<DistillConfig, Fail> {
+    Ok(DistillConfig::new(
         ctx.p_f64("beta")?,
         ctx.p_f64("temperature")?,
-        red,
+        reduction(ctx)?,
         ctx.p_opt_f64("num_items_in_batch")?,
-    )?;
+    )?)
+}
+
+/// The row validity `label ≠ −100` when the case has labels.
+pub(crate) fn jsd_valid(ctx: &Ctx, dims: Dims) -> Result<Option<Vec<bool>>, Fail> {
+    if !ctx.has("labels") {
+        return Ok(None);
+    }
+    let labels = ctx.i64("labels")?;
+    check_len("labels", labels.len(), dims.len())?;
+    Ok(Some(labels.iter().map(|&l| l != IGNORE_INDEX).collect()))
+}
+
+fn trl_jsd_loss<F: Real>(ctx: &Ctx) -> OpResult {
+    let cfg = jsd_loss_config(ctx)?;
+    let red = cfg.reduction;
     let (dims, vocab) = dims3(ctx, "student_logits")?;
     let zs = ctx.f::<F>("student_logits")?;
     let zt = ctx.f::<F>("teacher_logits")?;
-    let valid: Option<Vec<bool>> = if ctx.has("labels") {
-        let labels = ctx.i64("labels")?;
-        check_len("labels", labels.len(), dims.len())?;
-        Some(labels.iter().map(|&l| l != IGNORE_INDEX).collect())
-    } else {
-        None
-    };
+    let valid = jsd_valid(ctx, dims)?;
     let mut o = Outputs::new();
     if red == Reduction::None && cfg.num_items_in_batch.is_none() {
         let rows = dims.len();
@@ -247,7 +256,26 @@ fn sliced_jsd<F: Real>(
 
 /// TRL `GKDTrainer.compute_loss`: logits at `t` against labels at `t + 1`,
 /// temperature 1, batch mean over label ≠ −100.
-fn trl_gkd_compute_loss<F: Real>(ctx: &Ctx) -> OpResult {
+/// A sliced JSD case: the config, the logits' dims and vocabulary, the
+/// first position and number of positions, and the per-position validity of
+/// the slice (`[batch, len]`).
+pub(crate) struct SlicedJsd {
+    /// The loss config.
+    pub cfg: DistillConfig,
+    /// `[batch, seq]` of the logits.
+    pub dims: Dims,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// First position of the slice.
+    pub from: usize,
+    /// Number of positions.
+    pub len: usize,
+    /// Validity of the slice's positions.
+    pub valid: Vec<bool>,
+}
+
+/// Parses TRL `GKDTrainer.compute_loss`'s case.
+pub(crate) fn gkd_setup(ctx: &Ctx) -> Result<SlicedJsd, Fail> {
     let cfg = DistillConfig::new(
         ctx.p_f64("beta")?,
         1.0,
@@ -264,13 +292,31 @@ fn trl_gkd_compute_loss<F: Real>(ctx: &Ctx) -> OpResult {
             valid.push(labels[b * dims.seq + t + 1] != IGNORE_INDEX);
         }
     }
-    sliced_jsd::<F>(ctx, &cfg, dims, vocab, 0, len, &valid)
+    Ok(SlicedJsd {
+        cfg,
+        dims,
+        vocab,
+        from: 0,
+        len,
+        valid,
+    })
+}
+
+fn trl_gkd_compute_loss<F: Real>(ctx: &Ctx) -> OpResult {
+    let c = gkd_setup(ctx)?;
+    sliced_jsd::<F>(ctx, &c.cfg, c.dims, c.vocab, c.from, c.len, &c.valid)
 }
 
 /// TRL `DistillationTrainer.compute_loss`: the completion positions of the
 /// logits (`[-C-1, -1)`), batch mean over the completion mask,
 /// `num_items_in_batch = max(buffered, 1)` (one process) when buffered.
 fn trl_distillation_compute_loss<F: Real>(ctx: &Ctx) -> OpResult {
+    let c = distillation_setup(ctx)?;
+    sliced_jsd::<F>(ctx, &c.cfg, c.dims, c.vocab, c.from, c.len, &c.valid)
+}
+
+/// Parses TRL `DistillationTrainer.compute_loss`'s case.
+pub(crate) fn distillation_setup(ctx: &Ctx) -> Result<SlicedJsd, Fail> {
     let num_items = ctx.p_opt_f64("_buffered_num_items")?.map(|n| n.max(1.0));
     let cfg = DistillConfig::new(
         ctx.p_f64("beta")?,
@@ -288,13 +334,12 @@ fn trl_distillation_compute_loss<F: Real>(ctx: &Ctx) -> OpResult {
             rule: "must be [batch, C] with C + 1 ≤ the logits' sequence length",
         }));
     }
-    sliced_jsd::<F>(
-        ctx,
-        &cfg,
+    Ok(SlicedJsd {
+        cfg,
         dims,
         vocab,
-        dims.seq - c_len - 1,
-        c_len,
-        &completion,
-    )
+        from: dims.seq - c_len - 1,
+        len: c_len,
+        valid: completion,
+    })
 }

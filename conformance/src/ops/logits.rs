@@ -59,7 +59,7 @@ fn rows_vocab(ctx: &Ctx, name: &str) -> Result<(usize, usize), Fail> {
     }
 }
 
-fn temperature(ctx: &Ctx, key: Option<&str>) -> Result<Temperature, Fail> {
+pub(crate) fn temperature(ctx: &Ctx, key: Option<&str>) -> Result<Temperature, Fail> {
     match key {
         Some(k) => match ctx.p_opt_f64(k)? {
             Some(t) => Ok(Temperature::new(t)?),
@@ -128,7 +128,7 @@ fn per_row<F: Real>(ctx: &Ctx, out_name: &str, which: Row) -> OpResult {
     Ok(o)
 }
 
-fn logits_dims(ctx: &Ctx) -> Result<(Dims, usize), Fail> {
+pub(crate) fn logits_dims(ctx: &Ctx) -> Result<(Dims, usize), Fail> {
     let s = ctx.shape("logits")?;
     if s.len() != 3 {
         return Err(Fail::Harness("`logits` must be [batch, seq, vocab]".into()));
@@ -136,12 +136,24 @@ fn logits_dims(ctx: &Ctx) -> Result<(Dims, usize), Fail> {
     Ok((Dims::new(s[0], s[1]), s[2]))
 }
 
-fn batch_log_probs<F: Real>(ctx: &Ctx) -> OpResult {
-    let cfg = SequenceLogProbConfig {
+/// torchtune `get_batch_log_probs`'s config.
+pub(crate) fn batch_log_probs_config(ctx: &Ctx) -> Result<SequenceLogProbConfig, Fail> {
+    Ok(SequenceLogProbConfig {
         ignore_index: ctx.p_i64("label_pad_token_id")?,
         average: ctx.p_bool("return_average_logprobs")?,
         shift_labels: true,
-    };
+    })
+}
+
+/// verl `compute_entropy_loss`'s aggregation mode.
+pub(crate) fn entropy_loss_mode(ctx: &Ctx) -> Result<AggMode, Fail> {
+    ctx.p_str("loss_agg_mode")?
+        .parse()
+        .map_err(|_| ctx.unsupported("loss_agg_mode"))
+}
+
+fn batch_log_probs<F: Real>(ctx: &Ctx) -> OpResult {
+    let cfg = batch_log_probs_config(ctx)?;
     let (dims, vocab) = logits_dims(ctx)?;
     let logits = ctx.f::<F>("logits")?;
     let labels = ctx.i64("labels")?;
@@ -168,10 +180,7 @@ fn batch_log_probs<F: Real>(ctx: &Ctx) -> OpResult {
 }
 
 fn verl_entropy_loss<F: Real>(ctx: &Ctx) -> OpResult {
-    let mode: AggMode = match ctx.p_str("loss_agg_mode")?.parse() {
-        Ok(m) => m,
-        Err(_) => return Err(ctx.unsupported("loss_agg_mode")),
-    };
+    let mode = entropy_loss_mode(ctx)?;
     let (dims, vocab) = logits_dims(ctx)?;
     let logits = ctx.f::<F>("logits")?;
     let mask = ctx.mask("response_mask")?;

@@ -22,7 +22,7 @@ pub fn run<F: Real>(op: &str, ctx: &Ctx) -> Option<OpResult> {
     }
 }
 
-fn int_list(ctx: &Ctx, key: &str) -> Result<Vec<i64>, Fail> {
+pub(crate) fn int_list(ctx: &Ctx, key: &str) -> Result<Vec<i64>, Fail> {
     let as_int = |v: &Value| v.as_i64().ok_or_else(|| ctx.unsupported(key));
     match ctx.param(key) {
         Some(Value::Array(a)) => a.iter().map(as_int).collect(),
