@@ -643,6 +643,13 @@ mod imp {
         if let Some(w) = &batch.pair_weight {
             constant("pair_weight", w)?;
         }
+        if batch.sft.is_some() {
+            return Err(Error::Invalid {
+                input: "sft",
+                rule: "the fused DPO path takes no SFT term (its gradient flows to other \
+                       inputs); use preference::paired_loss for losses with an SFT term",
+            });
+        }
         let (c, r) = (batch.policy_chosen.clone(), batch.policy_rejected.clone());
         let inner = PairTensors {
             policy_chosen: c.clone().inner(),
@@ -650,6 +657,7 @@ mod imp {
             reference: batch.reference.map(|(a, b)| (a.inner(), b.inner())),
             lengths: batch.lengths.map(|(a, b)| (a.inner(), b.inner())),
             pair_weight: inner_opt(batch.pair_weight),
+            sft: None,
         };
         let paired = plain_paired_loss(cfg, terms, inner)?;
         let loss = if c.is_autodiff() || r.is_autodiff() {

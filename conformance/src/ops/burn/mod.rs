@@ -17,6 +17,7 @@ mod preference;
 mod rollout;
 mod sequence;
 mod sequence_mean;
+mod stats;
 mod value;
 
 /// A family's entry point: runs `op` on the device if the family knows it.
@@ -33,6 +34,7 @@ const FAMILIES: &[Family] = &[
     rollout::run,
     distill::run,
     sequence::run,
+    stats::run,
     grpo::run,
     sequence_mean::run,
 ];

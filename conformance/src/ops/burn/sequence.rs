@@ -1,5 +1,5 @@
-//! Sequence masks, PF-PPO weights and (through [`stats`]) the masked
-//! statistics on burn tensors: handlers for the `burn-*` backends.
+//! Sequence masks and PF-PPO weights on burn tensors: handlers for the
+//! `burn-*` backends.
 
 use super::f2;
 use crate::case::{Ctx, OpResult, Outputs};
@@ -9,14 +9,8 @@ use posttrain_burn::{mask2, tensor1, to_vec, to_vec_bool, Device};
 use posttrain_core::sequence::{PfPpoReweight, RewardPenaltyConfig};
 use serde_json::Value;
 
-#[path = "stats.rs"]
-mod stats;
-
 /// Runs `op` if this family owns it.
 pub fn run(op: &str, ctx: &Ctx, d: &Device) -> Option<OpResult> {
-    if let Some(r) = stats::run(op, ctx, d) {
-        return Some(r);
-    }
     Some(match op {
         "verl.get_response_mask" => response_mask(ctx, d),
         "torchtune.truncate_sequence_at_first_stop_token" => truncate(ctx, d),
