@@ -758,8 +758,7 @@ fn backend_names_parse_to_typed_errors() {
 fn backend_under_test() {
     let want = match std::env::var(posttrain_burn::BACKEND_ENV) {
         Ok(v) if !v.trim().is_empty() => v.parse::<BackendKind>().expect("POSTTRAIN_BACKEND"),
-        _ => BackendKind::under_test()
-            .unwrap_or_else(|| posttrain_burn::compiled_backends()[0]),
+        _ => BackendKind::under_test().unwrap_or_else(|| posttrain_burn::compiled_backends()[0]),
     };
     let d = dev();
     println!(
@@ -771,7 +770,7 @@ fn backend_under_test() {
     assert_eq!(posttrain_burn::selected_backend().unwrap(), want);
     if let Some(t) = BackendKind::under_test() {
         assert!(t.is_compiled());
-        if std::env::var(posttrain_burn::BACKEND_ENV).map_or(true, |v| v.trim().is_empty()) {
+        if !matches!(std::env::var(posttrain_burn::BACKEND_ENV), Ok(v) if !v.trim().is_empty()) {
             assert_eq!(want, t, "the test-* feature picks the backend");
         }
     }
