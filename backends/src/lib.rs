@@ -54,8 +54,12 @@
 //! | `autodiff` | burn's autodiff wrapper | `device()?.autodiff()` |
 //!
 //! `cargo test` at the workspace root builds the ndarray path only; the GPU
-//! and libtorch backends are opt-in
-//! (`cargo test -p posttrain-burn --no-default-features --features wgpu`).
+//! and libtorch backends are opt-in. The test aliases `test-ndarray`,
+//! `test-wgpu`, `test-tch` (burn's style) run the one test body on that
+//! backend: [`device()`] follows the alias, and the test
+//! `backend_under_test` prints and asserts which backend ran
+//! (`cargo test -p posttrain-burn --no-default-features --features test-wgpu`;
+//! tch needs a libtorch, see the README's "Backends").
 //!
 //! ## Device selection
 //!
@@ -63,8 +67,12 @@
 //! the backend at run time. [`device()`] returns the device of the most
 //! capable backend compiled in (tch, then wgpu/vulkan/metal, then ndarray);
 //! the environment variable `POSTTRAIN_BACKEND=ndarray|wgpu|tch` overrides
-//! the choice, and an unknown name or a backend that was not compiled in is a
-//! [`DeviceError`], not a panic.
+//! the choice (a `test-*` feature picks its backend when the variable is
+//! unset), and an unknown name or a backend that was not compiled in is a
+//! [`DeviceError`], not a panic. On libtorch the device is CUDA 0 when
+//! libtorch sees a GPU, else the CPU; `POSTTRAIN_TCH_DEVICE=auto|cpu|cuda|cuda:N`
+//! overrides it ([`TchDevice`]; a CUDA index libtorch does not see is
+//! [`DeviceError::NoCuda`]).
 //!
 //! ## Example
 //!
@@ -106,6 +114,9 @@ pub mod stats;
 mod util;
 pub mod value;
 
-pub use device::{compiled_backends, device, device_for, BackendKind, DeviceError};
+pub use device::{
+    compiled_backends, device, device_for, selected_backend, tch_cuda_count, tch_device,
+    BackendKind, DeviceError, TchDevice, BACKEND_ENV, TCH_DEVICE_ENV,
+};
 pub use elem::{ElemMask, ElemTensor};
 pub use util::{mask2, tensor1, tensor2, tensor3, to_vec, to_vec_bool};

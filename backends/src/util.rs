@@ -68,8 +68,18 @@ pub fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f64> {
 /// # Panics
 ///
 /// If the backend cannot read the tensor back (a device failure).
+///
+/// Backends store booleans differently (ndarray natively, wgpu as `u32`,
+/// libtorch as `bool`), so the mask is read back through its integer form.
 pub fn to_vec_bool<const D: usize>(t: Tensor<D, Bool>) -> Vec<bool> {
-    t.into_data().try_to_vec::<bool>().expect("mask read-back")
+    t.int()
+        .into_data()
+        .convert::<i64>()
+        .try_to_vec::<i64>()
+        .expect("mask read-back")
+        .into_iter()
+        .map(|v| v != 0)
+        .collect()
 }
 
 /// Checks that `t` has shape `want`; the error names `input`.

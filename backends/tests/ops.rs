@@ -749,3 +749,61 @@ fn backend_names_parse_to_typed_errors() {
     }
     assert!(!posttrain_burn::compiled_backends().is_empty());
 }
+
+/// Which backend this test run uses: printed (`--nocapture` / `--show-output`)
+/// and asserted against the configuration — `POSTTRAIN_BACKEND` when set,
+/// else the `test-*` feature — so a run meant for wgpu or tch cannot
+/// silently test ndarray. The device must also compute (a read-back).
+#[test]
+fn backend_under_test() {
+    let want = match std::env::var(posttrain_burn::BACKEND_ENV) {
+        Ok(v) if !v.trim().is_empty() => v.parse::<BackendKind>().expect("POSTTRAIN_BACKEND"),
+        _ => BackendKind::under_test().unwrap_or_else(|| posttrain_burn::compiled_backends()[0]),
+    };
+    let d = dev();
+    println!(
+        "posttrain-burn tests run on backend `{}` ({d:?}); test feature: {:?}",
+        BackendKind::of(&d).map_or("?", BackendKind::name),
+        BackendKind::under_test().map(BackendKind::name)
+    );
+    assert_eq!(BackendKind::of(&d), Some(want), "device {d:?}");
+    assert_eq!(posttrain_burn::selected_backend().unwrap(), want);
+    if let Some(t) = BackendKind::under_test() {
+        assert!(t.is_compiled());
+        if !matches!(std::env::var(posttrain_burn::BACKEND_ENV), Ok(v) if !v.trim().is_empty()) {
+            assert_eq!(want, t, "the test-* feature picks the backend");
+        }
+    }
+    let x = tensor2(&[1.5, -2.0, 0.25, 4.0], [2, 2], &d).unwrap();
+    assert_eq!(to_vec(x.mul_scalar(2.0)), vec![3.0, -4.0, 0.5, 8.0]);
+}
+
+#[test]
+fn tch_device_names_parse_to_typed_errors() {
+    use posttrain_burn::TchDevice;
+    assert_eq!("auto".parse::<TchDevice>().unwrap(), TchDevice::Auto);
+    assert_eq!("CPU".parse::<TchDevice>().unwrap(), TchDevice::Cpu);
+    assert_eq!("cuda".parse::<TchDevice>().unwrap(), TchDevice::Cuda(0));
+    assert_eq!("cuda:3".parse::<TchDevice>().unwrap(), TchDevice::Cuda(3));
+    for bad in ["cuda:", "cuda:x", "tpu"] {
+        assert!(matches!(
+            bad.parse::<TchDevice>(),
+            Err(DeviceError::UnknownTchDevice(_))
+        ));
+    }
+    let n = posttrain_burn::tch_cuda_count();
+    match posttrain_burn::tch_device(TchDevice::Cuda(n)) {
+        Err(DeviceError::NoCuda { index, available }) => {
+            assert_eq!((index, available), (n, n));
+        }
+        Err(DeviceError::NotCompiled(BackendKind::Tch)) => {
+            assert!(!BackendKind::Tch.is_compiled());
+        }
+        other => panic!("CUDA {n} of {n}: {other:?}"),
+    }
+    if BackendKind::Tch.is_compiled() {
+        let cpu = posttrain_burn::tch_device(TchDevice::Cpu).unwrap();
+        assert_eq!(BackendKind::of(&cpu), Some(BackendKind::Tch));
+        assert!(format!("{cpu:?}").contains("Cpu"), "{cpu:?}");
+    }
+}
