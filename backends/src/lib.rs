@@ -26,9 +26,18 @@
 //! |---|---|---|
 //! | [`kl`] | per-token KL estimates, aggregated KL loss | [`posttrain_core::kl`] |
 //! | [`aggregate`] | aggregation weights and the aggregated loss | [`posttrain_core::aggregate`] |
-//! | [`policy`] | token-level policy losses (PPO, DPPO, SAPO, GPG, DRO, CISPO, GSPO) with verl's metrics | [`posttrain_core::policy::token`] |
-//! | [`logits`] | selective log-softmax, entropy (max-shifted, stable) | [`posttrain_core::logits`] |
-//! | [`preference`] | DPO family on sequence log-probabilities | [`posttrain_core::preference::paired`] |
+//! | [`policy`] | token-level policy losses (verl's registry: PPO, DPPO, SAPO, GPG, DRO, CISPO, GSPO, clip-cov, KL-cov, geo-mean) with verl's metrics; OpenRLHF's clipped policy loss | [`posttrain_core::policy::token`], [`posttrain_core::policy::ppo`] |
+//! | [`grpo`] | TRL GRPO/DAPO/Dr. GRPO/GSPO/GMPO/RLOO/VESPO losses, torchtune GRPO losses (tokens, logits, hidden states) | [`posttrain_core::policy::grpo`], [`posttrain_core::policy::sequence_mean`] |
+//! | [`rollout`] | rollout importance weights, rejection masks, bypass-mode loss, TRL's vLLM IS ratio | [`posttrain_core::policy::rollout`] |
+//! | [`value`] | clipped value losses, torchtune's joint policy + value PPO loss | [`posttrain_core::value`] |
+//! | [`advantage`] | group advantages (GRPO, Dr. GRPO, RLOO, GPG, OPO, pass@k, GDPO, REINFORCE++, ReMax, OTB), GAE and returns, KL-penalised rewards, score at EOS, the KL controller | [`posttrain_core::advantage`], [`posttrain_core::kl`] |
+//! | [`preference`] | DPO family (paired, AOT, SFT terms; from sequence log-probs or logits), reward-model, KTO, BCO, PRM, CPO, ORPO losses | [`posttrain_core::preference`] |
+//! | [`logits`] | selective/top-k log-softmax, entropy, Σπ², sequence log-probs, entropy loss (max-shifted, stable) | [`posttrain_core::logits`] |
+//! | [`distill`] | generalized JSD (elementwise, loss, from log-probs), KD loss | [`posttrain_core::distill`] |
+//! | [`sequence`] | response masks, stop-token truncation, reward-penalty, high-entropy and off-policy masks, PF-PPO weights | [`posttrain_core::sequence`] |
+//! | [`stats`] | masked sum/mean/variance/whitening, nan-std/max/min | [`posttrain_core::stats`] |
+//! | [`fused`] | the hot ops with the core's closed-form backward registered as a custom burn autodiff op (feature `autodiff`) | — |
+//! | [`precision`] | f16/bf16 evaluation and its tolerances | — |
 //!
 //! Every op takes its `[batch, seq]` inputs as `Tensor<2>` plus a
 //! `Tensor<2, Bool>` mask (`[batch, seq, vocab]` `Tensor<3>` logits for

@@ -354,31 +354,6 @@ fn policy_loss_matches_core() {
     }
 }
 
-#[test]
-fn policy_loss_refuses_cross_token_variants() {
-    let d = Dims::new(1, 2);
-    let x = vec![-1.0, -1.0];
-    let mask = vec![true, true];
-    for mode in [
-        PolicyLossMode::ClipCov,
-        PolicyLossMode::KlCov,
-        PolicyLossMode::GeoMean,
-    ] {
-        let loss = PolicyLoss::from_verl(mode, &VerlPolicyParams::default()).unwrap();
-        let r = policy_loss(
-            &loss,
-            AggMode::TokenMean,
-            &GlobalNorm::default(),
-            t2(&x, d),
-            t2(&x, d),
-            t2(&x, d),
-            &m2(&mask, d),
-            None,
-        );
-        assert!(matches!(r, Err(Error::Invalid { .. })), "{mode:?}");
-    }
-}
-
 // ---------------------------------------------------------------------------
 // logits
 // ---------------------------------------------------------------------------
@@ -587,14 +562,12 @@ fn paired_loss_matches_core() {
 }
 
 #[test]
-fn paired_loss_refuses_sorted_and_sft_terms() {
+fn paired_loss_refuses_sft_without_inputs_and_empty_batches() {
     let dv = dev();
     let cfg = PairedConfig::preset(Preset::Trl, 0.1).unwrap();
-    for kind in [PairedLoss::Aot, PairedLoss::AotUnpaired, PairedLoss::Sft] {
-        let b = PairTensors::new(tensor1(&[-1.0], &dv), tensor1(&[-2.0], &dv));
-        let r = paired_loss(&cfg, &[LossTerm::new(kind)], b);
-        assert!(matches!(r, Err(Error::Invalid { .. })), "{kind:?}");
-    }
+    let b = PairTensors::new(tensor1(&[-1.0], &dv), tensor1(&[-2.0], &dv));
+    let r = paired_loss(&cfg, &[LossTerm::new(PairedLoss::Sft)], b);
+    assert!(matches!(r, Err(Error::Invalid { .. })), "{r:?}");
     let b = PairTensors::new(tensor1(&[], &dv), tensor1(&[], &dv));
     assert!(matches!(
         paired_loss(&cfg, &[LossTerm::new(PairedLoss::Sigmoid)], b),

@@ -120,7 +120,7 @@ fn in_repo_vectors_are_a_verbatim_copy_of_shared() {
 /// `POSTTRAIN_CONFORMANCE_BURN=ndarray,wgpu` narrows the backends (default:
 /// every burn backend compiled in).
 #[cfg(feature = "burn")]
-const BURN_ALLOW_SKIPS: bool = true; // set to false once every family is ported: 0 skipped
+const BURN_ALLOW_SKIPS: bool = false; // every family is ported: 0 skipped
 
 #[cfg(feature = "burn")]
 #[test]
