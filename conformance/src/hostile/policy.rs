@@ -325,7 +325,9 @@ fn verl_policy(u: &mut Unstructured) -> ArbResult<()> {
         // weight, KL-cov's selection) have a gradient that is by design not
         // the derivative of the value: no finite-difference check there.
         // (A log-ratio clamp narrower than the probe's step: see `grpo`.)
+        // (as is a SAPO gate σ(τ·(r − 1)) with τ ≫ 1/h.)
         grads: if !matches!(loss, PolicyLoss::Ppo(c) if c.log_ratio_clamp.is_some_and(|k| k < 1e-3))
+            && !matches!(loss, PolicyLoss::SoftGate { tau_pos, tau_neg } if tau_pos.max(tau_neg) > 1e3)
             && matches!(
                 loss,
                 PolicyLoss::Ppo(_)
@@ -678,6 +680,9 @@ fn grpo(u: &mut Unstructured) -> ArbResult<()> {
             || case.cfg.level == ImportanceSamplingLevel::SequenceToken
             || !case.with_old
             || case.cfg.log_ratio_clamp.is_some_and(|c| c < 1e-3)
+            // SAPO's gate σ(τ·(r − 1)) is as sharp: a step for τ ≫ 1/h.
+            || (lt == GrpoLossType::Sapo
+                && case.cfg.sapo_temperature_pos.max(case.cfg.sapo_temperature_neg) > 1e3)
         {
             vec![(1, 13 + n)]
         } else {
