@@ -89,7 +89,13 @@ fn device_support_and_cast() {
 /// Runs the tensor log-softmax and entropy (with cotangents) and the core's
 /// f64 drivers on the same (rounded) logits; returns the max relative error
 /// of the tensors vs the core, and the core's outputs.
-fn logits_vs_core(z: &[f64], rows: usize, vocab: usize, ids: &[i64], cot: &[f64]) -> (f64, Vec<f64>) {
+fn logits_vs_core(
+    z: &[f64],
+    rows: usize,
+    vocab: usize,
+    ids: &[i64],
+    cot: &[f64],
+) -> (f64, Vec<f64>) {
     let dev = device().expect("device");
     let zt = tensor3(z, [1, rows, vocab], &dev).unwrap();
     let targets = Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), [1, rows]), &dev);
@@ -102,10 +108,26 @@ fn logits_vs_core(z: &[f64], rows: usize, vocab: usize, ids: &[i64], cot: &[f64]
     )
     .unwrap();
     let (h, gh) = posttrain_burn::logits::entropy_from_logits(zt, Some(ct)).unwrap();
-    let got: Vec<f64> = [to_vec(lp), to_vec(g.unwrap()), to_vec(h), to_vec(gh.unwrap())].concat();
+    let got: Vec<f64> = [
+        to_vec(lp),
+        to_vec(g.unwrap()),
+        to_vec(h),
+        to_vec(gh.unwrap()),
+    ]
+    .concat();
 
     let (mut lp, mut g) = (vec![0.0; rows], vec![0.0; rows * vocab]);
-    gather_log_softmax(z, rows, vocab, Temperature::ONE, 1, ids, &mut lp, Some((cot, &mut g))).unwrap();
+    gather_log_softmax(
+        z,
+        rows,
+        vocab,
+        Temperature::ONE,
+        1,
+        ids,
+        &mut lp,
+        Some((cot, &mut g)),
+    )
+    .unwrap();
     let (mut h, mut gh) = (vec![0.0; rows], vec![0.0; rows * vocab]);
     entropy_from_logits(z, rows, vocab, &mut h, Some((cot, &mut gh))).unwrap();
     let want: Vec<f64> = [lp, g, h, gh].concat();
@@ -126,14 +148,21 @@ fn logits_vs_core(z: &[f64], rows: usize, vocab: usize, ids: &[i64], cot: &[f64]
 fn log_softmax_and_entropy_on_half_precision_logits() {
     let (rows, vocab) = (8, 4096);
     let mut r = Rng::new(9);
-    let z: Vec<f64> = (0..rows * vocab).map(|_| (2.0 * r.normal()) as f32 as f64).collect();
+    let z: Vec<f64> = (0..rows * vocab)
+        .map(|_| (2.0 * r.normal()) as f32 as f64)
+        .collect();
     let ids: Vec<i64> = (0..rows as i64).map(|i| (i * 977) % vocab as i64).collect();
-    let cot: Vec<f64> = (0..rows).map(|_| (r.unif() * 2.0 - 1.0) as f32 as f64).collect();
+    let cot: Vec<f64> = (0..rows)
+        .map(|_| (r.unif() * 2.0 - 1.0) as f32 as f64)
+        .collect();
     let (_, exact) = logits_vs_core(&z, rows, vocab, &ids, &cot);
     for f in Reduced::ALL {
         let zr = f.round_slice(&z);
         let (err, want) = logits_vs_core(&zr, rows, vocab, &ids, &cot);
-        assert!(err < 1e-5, "{f}: f32 on rounded logits is off by {err:e} rel");
+        assert!(
+            err < 1e-5,
+            "{f}: f32 on rounded logits is off by {err:e} rel"
+        );
         let tol = f.tolerance();
         let moved = exact
             .iter()

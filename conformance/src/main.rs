@@ -158,7 +158,10 @@ fn report(args: &[String]) -> ExitCode {
         }
     }
     if paths.is_empty() {
-        paths.push(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/vectors")));
+        paths.push(PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/vectors"
+        )));
     }
     let files = match collect_files(&paths) {
         Ok(f) => f,

@@ -421,7 +421,9 @@ fn every_family_is_bitwise_deterministic_f32() {
 #[cfg(feature = "burn")]
 mod burn_backends {
     use posttrain_conformance::case::Outputs;
-    use posttrain_conformance::report::{run_on, synth, variants, with_cotangents, RunOutcome, Scale};
+    use posttrain_conformance::report::{
+        run_on, synth, variants, with_cotangents, RunOutcome, Scale,
+    };
     use posttrain_conformance::vector::{collect_files, Case, VectorFile};
     use posttrain_conformance::Backend;
     use std::collections::BTreeMap;
@@ -441,7 +443,9 @@ mod burn_backends {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("vectors");
         let mut out = Vec::new();
         for p in collect_files(&[dir]).expect("vectors") {
-            if p.file_name().is_some_and(|f| f.to_string_lossy().starts_with("edge.")) {
+            if p.file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with("edge."))
+            {
                 continue;
             }
             let file = VectorFile::load(&p).expect("file");
@@ -473,11 +477,7 @@ mod burn_backends {
                 _ => None,
             })
             .collect();
-        assert!(
-            !reference.is_empty(),
-            "no op ran on {}",
-            backend.name()
-        );
+        assert!(!reference.is_empty(), "no op ran on {}", backend.name());
         for threads in [1, 2, 8] {
             std::thread::scope(|s| {
                 let handles: Vec<_> = (0..threads)

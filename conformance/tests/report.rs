@@ -74,7 +74,8 @@ fn comparison_detects_errors() {
     .expect("file");
     let template = &file.cases[0];
     let case = synth(&file.op, template, Scale::Small, 7).expect("synth");
-    let RunOutcome::Done(first) = posttrain_conformance::report::run_on(Backend::CoreF64, &file.op, &case)
+    let RunOutcome::Done(first) =
+        posttrain_conformance::report::run_on(Backend::CoreF64, &file.op, &case)
     else {
         panic!("core-f64 must run the synthesised case")
     };
@@ -89,12 +90,18 @@ fn comparison_detects_errors() {
     else {
         panic!("core-f64 with VJP")
     };
-    assert!(!reference.grads.is_empty(), "the VJP must produce gradients");
+    assert!(
+        !reference.grads.is_empty(),
+        "the VJP must produce gradients"
+    );
     // Realistic shape: [8, 64] tokens at small scale.
     assert_eq!(case.inputs["log_prob"].shape, vec![9, 66]);
     let mut bumped = reference.clone();
     let g = bumped.grads.values_mut().next().expect("a gradient");
-    let i = g.iter().position(|x| x.abs() > 1e-6).expect("a nonzero gradient");
+    let i = g
+        .iter()
+        .position(|x| x.abs() > 1e-6)
+        .expect("a nonzero gradient");
     g[i] *= 1.0 + 1e-3;
     let s = compare(&bumped, &reference, &BTreeSet::new(), "bumped");
     assert!(s.max_rel > DEFAULT_REL, "a 1e-3 bump must be seen: {s:?}");
