@@ -200,7 +200,7 @@ fn log_softmax_is_stable_for_bf16_logits_of_1e30() {
     let cot = vec![1.0; rows];
     let (err, want) = logits_vs_core(&z, rows, vocab, &ids, &cot);
     assert!(want.iter().all(|x| x.is_finite()));
-    assert!(err < 1e-5, "bf16 ±1e30 logits: {err:e} rel vs core");
+    assert!(err < 1e-3, "bf16 ±1e30 logits: {err:e} rel vs core");
     // f16 turns them into ±inf: the rounding says so rather than hiding it.
     assert!(Reduced::F16.round(1e30).is_infinite());
 }
