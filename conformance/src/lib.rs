@@ -128,7 +128,8 @@ impl Backend {
         Ok(out)
     }
 
-    fn run(self, op: &str, ctx: &Ctx) -> Option<OpResult> {
+    /// Runs `op` on this backend (`None` when no handler knows the op).
+    pub fn run(self, op: &str, ctx: &Ctx) -> Option<OpResult> {
         match self {
             Backend::CoreF64 => ops::dispatch::<f64>(op, ctx),
             Backend::CoreF32 => ops::dispatch::<f32>(op, ctx),

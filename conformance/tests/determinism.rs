@@ -411,3 +411,117 @@ fn every_family_is_bitwise_deterministic_f32() {
         check_all(&ops, threads, 2);
     }
 }
+
+/// The burn backends: every op a burn backend implements, on a synthesised
+/// small-scale case (the cross-backend report's generator), gives
+/// bitwise-identical values and gradients across repeated runs and when run
+/// concurrently from 1, 2 and 8 threads. burn-ndarray is built without its
+/// `multi-threads` (rayon) feature, so this also covers "across thread
+/// counts": the only threads are the callers'.
+#[cfg(feature = "burn")]
+mod burn_backends {
+    use posttrain_conformance::case::Outputs;
+    use posttrain_conformance::report::{
+        run_on, synth, variants, with_cotangents, RunOutcome, Scale,
+    };
+    use posttrain_conformance::vector::{collect_files, Case, VectorFile};
+    use posttrain_conformance::Backend;
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    /// Every value and gradient as raw bits, by name.
+    fn fingerprint(o: &Outputs) -> Vec<(String, Vec<u64>)> {
+        o.values
+            .iter()
+            .chain(o.grads.iter())
+            .map(|(k, v)| (k.clone(), v.iter().map(|x| x.to_bits()).collect()))
+            .collect()
+    }
+
+    /// One synthesised case (with its VJP) per op, the first variant.
+    fn cases() -> Vec<(String, Case)> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("vectors");
+        let mut out = Vec::new();
+        for p in collect_files(&[dir]).expect("vectors") {
+            if p.file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with("edge."))
+            {
+                continue;
+            }
+            let file = VectorFile::load(&p).expect("file");
+            let Some(template) = variants(&file).into_iter().next() else {
+                continue;
+            };
+            let Ok(case) = synth(&file.op, template, Scale::Small, 11) else {
+                continue;
+            };
+            let RunOutcome::Done(o) = run_on(Backend::CoreF64, &file.op, &case) else {
+                continue;
+            };
+            let lens: BTreeMap<String, usize> =
+                o.values.iter().map(|(k, v)| (k.clone(), v.len())).collect();
+            out.push((file.op.clone(), with_cotangents(case, template, &lens, 11)));
+        }
+        out
+    }
+
+    fn check(backend: Backend) {
+        let cases = cases();
+        assert!(cases.len() >= 100, "only {} ops synthesised", cases.len());
+        // The reference run of every op this backend implements.
+        let reference: Vec<(usize, Vec<(String, Vec<u64>)>)> = cases
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (op, c))| match run_on(backend, op, c) {
+                RunOutcome::Done(o) => Some((i, fingerprint(&o))),
+                _ => None,
+            })
+            .collect();
+        assert!(!reference.is_empty(), "no op ran on {}", backend.name());
+        for threads in [1, 2, 8] {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..threads)
+                    .map(|_| {
+                        s.spawn(|| {
+                            reference
+                                .iter()
+                                .map(|(i, _)| {
+                                    let (op, c) = &cases[*i];
+                                    match run_on(backend, op, c) {
+                                        RunOutcome::Done(o) => fingerprint(&o),
+                                        other => panic!("{op}: second run {other:?}"),
+                                    }
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                for h in handles {
+                    let got = h.join().expect("thread");
+                    for ((i, want), got) in reference.iter().zip(got) {
+                        assert!(
+                            *want == got,
+                            "{} on {}: not bitwise deterministic with {threads} threads",
+                            cases[*i].0,
+                            backend.name()
+                        );
+                    }
+                }
+            });
+        }
+        eprintln!(
+            "{}: {} ops bitwise deterministic across runs and 1/2/8 threads",
+            backend.name(),
+            reference.len()
+        );
+    }
+
+    #[test]
+    fn every_op_on_every_burn_backend_is_bitwise_deterministic() {
+        for &b in Backend::ALL {
+            if b.burn_kind().is_some() {
+                check(b);
+            }
+        }
+    }
+}
