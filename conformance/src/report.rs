@@ -203,6 +203,9 @@ pub const BOUNDS: &[Bound] = &[
     b("trl.nanstd", 1e-2, NORM),
     b("openrlhf.compute_entropy", 1e-2, SOFTMAX),
     b("trl.entropy_from_logits", 1e-2, SOFTMAX),
+    // measured 1.1e-5 (gradient entries of the PRM's log-softmax over the
+    // reward-token columns, `softmax − onehot` cancelling)
+    b("openrlhf.prm_loss", 1e-4, SOFTMAX),
     b("verl.entropy_from_logits", 1e-2, SOFTMAX),
     b("verl.compute_entropy_loss", 1e-2, SOFTMAX),
     b("trl.distillation_compute_loss", 1e-2, SOFTMAX),
@@ -217,6 +220,8 @@ pub const BOUNDS: &[Bound] = &[
     b("trl.kto_loss", 1e-1, LOGRATIO),
     b("trl.cpo_batch_loss_metrics", 1e-1, LOGRATIO),
     b("trl.orpo_batch_loss_metrics", 1e-1, LOGRATIO),
+    // measured 1.2e-5 on bf16-rounded inputs (wgpu): log-odds of sequence log-probs
+    b("trl.odds_ratio_loss", 1e-4, LOGRATIO),
 ];
 
 /// How large the synthesised inputs are.
