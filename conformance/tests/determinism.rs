@@ -478,6 +478,7 @@ mod burn_backends {
             })
             .collect();
         assert!(!reference.is_empty(), "no op ran on {}", backend.name());
+        let mut not_bitwise = BTreeMap::<String, f64>::new();
         for threads in [1, 2, 8] {
             std::thread::scope(|s| {
                 let handles: Vec<_> = (0..threads)
@@ -499,21 +500,64 @@ mod burn_backends {
                 for h in handles {
                     let got = h.join().expect("thread");
                     for ((i, want), got) in reference.iter().zip(got) {
+                        if *want == got {
+                            continue;
+                        }
+                        let op = &cases[*i].0;
+                        // wgpu schedules its reductions on the device (cubecl
+                        // may combine partial sums in any order, and kernels
+                        // submitted from several threads interleave): bitwise
+                        // identity is not promised there. The spread must stay
+                        // at f32 rounding; it is printed (and the report's
+                        // repeatability column records it).
+                        let spread = spread(want, &got);
                         assert!(
-                            *want == got,
-                            "{} on {}: not bitwise deterministic with {threads} threads",
-                            cases[*i].0,
+                            backend.name() == "burn-wgpu" && spread <= 1e-5,
+                            "{op} on {}: not bitwise deterministic with {threads} threads \
+                             (max rel spread {spread:e})",
                             backend.name()
                         );
+                        eprintln!(
+                            "{}: {op} not bitwise identical with {threads} threads; \
+                             max rel spread {spread:e} (≤ 1e-5)",
+                            backend.name()
+                        );
+                        let worst = not_bitwise.entry(op.clone()).or_default();
+                        *worst = worst.max(spread);
                     }
                 }
             });
         }
         eprintln!(
-            "{}: {} ops bitwise deterministic across runs and 1/2/8 threads",
+            "{}: {} of {} ops bitwise deterministic across runs and 1/2/8 threads{}",
             backend.name(),
-            reference.len()
+            reference.len() - not_bitwise.len(),
+            reference.len(),
+            if not_bitwise.is_empty() {
+                String::new()
+            } else {
+                format!("; within f32 rounding: {not_bitwise:?}")
+            }
         );
+    }
+
+    /// The largest relative difference between two fingerprints' values.
+    fn spread(a: &[(String, Vec<u64>)], b: &[(String, Vec<u64>)]) -> f64 {
+        let mut worst = 0.0f64;
+        assert_eq!(a.len(), b.len(), "different outputs");
+        for ((na, xa), (nb, xb)) in a.iter().zip(b) {
+            assert_eq!((na, xa.len()), (nb, xb.len()), "different outputs");
+            for (&x, &y) in xa.iter().zip(xb) {
+                let (x, y) = (f64::from_bits(x), f64::from_bits(y));
+                let d = if x == y || (x.is_nan() && y.is_nan()) {
+                    0.0
+                } else {
+                    (x - y).abs() / x.abs().max(1e-3)
+                };
+                worst = worst.max(if d.is_nan() { f64::INFINITY } else { d });
+            }
+        }
+        worst
     }
 
     #[test]
