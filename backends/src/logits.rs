@@ -36,7 +36,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor};
 use posttrain_core::aggregate::{AggMode, GlobalNorm};
 use posttrain_core::logits::{
     entropy_vjp_term, log_softmax_vjp_term, sum_pi_squared_vjp_term, SequenceLogProbConfig,
@@ -79,14 +79,26 @@ pub(crate) fn log_softmax_vjp(lp: Tensor<3>, g: Tensor<3>, t: f64) -> Tensor<3> 
     log_softmax_vjp_term(ElemTensor(g), ElemTensor(lp.exp()), ElemTensor(total), t).0
 }
 
-/// `1[k = id]` over the vocabulary for `[b, s]` ids, as a `[b, s, v]` mask
-/// (by comparison with an iota: burn's one_hot needs ≥ 2 classes).
-fn one_hot(ids: Tensor<2, Int>, v: usize) -> Tensor<3, Bool> {
-    let [b, s] = ids.dims();
-    let iota = Tensor::<1, Int>::arange(0..v as i64, &ids.device())
-        .reshape([1, 1, v])
-        .expand([b, s, v]);
-    iota.equal(ids.unsqueeze_dim::<3>(2).expand([b, s, v]))
+/// The VJP of `z ↦ log softmax(z/T)` for a cotangent that is *sparse* over
+/// the vocabulary: `c[b, s, i]` at the ids `idx[b, s, i]`, 0 elsewhere
+/// (repeated ids add up).
+///
+/// The core's [`log_softmax_vjp_term`] `(g − p·Σⱼgⱼ)/T` taken in its two
+/// parts: the dense `−p·Σⱼgⱼ/T` over the whole row (`pₖ = 0` terms selected
+/// to 0, as the core does) and the sparse `g/T`, added at the ids by a
+/// scatter — so no `[b, s, v]` one-hot mask or dense `g` is ever built.
+pub(crate) fn sparse_log_softmax_vjp(
+    lp: Tensor<3>,
+    idx: Tensor<3, Int>,
+    c: Tensor<3>,
+    t: f64,
+) -> Tensor<3> {
+    let dims = lp.dims();
+    let total = c.clone().sum_dim(2).expand(dims);
+    let p = lp.exp();
+    let live = p.clone().greater_elem(0.0);
+    let dense = keep(p * total, &live).div_scalar(-t);
+    dense.scatter(2, idx, c.div_scalar(t), IndexingUpdateOp::Add)
 }
 
 /// [`Error::Invalid`] if any id lies outside `[0, vocab)` (one boolean read
@@ -160,13 +172,9 @@ pub fn selective_log_softmax(
     check_ids(&targets, v, "targets")?;
     let t = temperature.get();
     let lp = log_softmax_t(logits, t);
-    let idx = targets.clone().unsqueeze_dim::<3>(2);
-    let out = lp.clone().gather(2, idx).squeeze_dim::<2>(2);
-    let grad = cotangent.map(|c| {
-        let c = c.unsqueeze_dim::<3>(2).expand([b, s, v]);
-        let g = keep(c, &one_hot(targets, v));
-        log_softmax_vjp(lp, g, t)
-    });
+    let idx = targets.unsqueeze_dim::<3>(2);
+    let out = lp.clone().gather(2, idx.clone()).squeeze_dim::<2>(2);
+    let grad = cotangent.map(|c| sparse_log_softmax_vjp(lp, idx, c.unsqueeze_dim::<3>(2), t));
     Ok((out, grad))
 }
 
@@ -291,15 +299,7 @@ pub fn gather_log_softmax(
     let t = temperature.get();
     let lp = log_softmax_t(logits, t);
     let out = lp.clone().gather(2, targets.clone());
-    let grad = cotangent.map(|c| {
-        let mut g = lp.zeros_like();
-        for i in 0..k {
-            let id = targets.clone().narrow(2, i, 1).squeeze_dim::<2>(2);
-            let ci = c.clone().narrow(2, i, 1).expand([b, s, v]);
-            g = g + keep(ci, &one_hot(id, v));
-        }
-        log_softmax_vjp(lp, g, t)
-    });
+    let grad = cotangent.map(|c| sparse_log_softmax_vjp(lp, targets, c, t));
     Ok((out, grad))
 }
 
@@ -403,10 +403,9 @@ pub fn sequence_log_probs(
     let out = keep(sum / denom.clone(), &n.greater_elem(0.0)).reshape([b]);
     let grad = cotangent.map(|c| {
         let w = (c.reshape([b, 1]) / denom).expand([b, n_pos]);
-        let w = keep(w, &valid).unsqueeze_dim::<3>(2).expand([b, n_pos, v]);
-        let g = keep(w, &one_hot(safe, v));
+        let w = keep(w, &valid).unsqueeze_dim::<3>(2);
         let g = keep(
-            log_softmax_vjp(lp, g, 1.0),
+            sparse_log_softmax_vjp(lp, safe.unsqueeze_dim::<3>(2), w, 1.0),
             &valid.unsqueeze_dim::<3>(2).expand([b, n_pos, v]),
         );
         if shift == 0 {
