@@ -8,12 +8,14 @@
 //!    demonstrations (150 steps): it learns the template perfectly, but many
 //!    single-digit facts are still wrong (`5+5=8`), so about a third of the
 //!    held-out answers are right.
-//! 2. **GRPO alone.** For each of 64 training prompts per step it samples a
-//!    group of 4 completions at temperature 1, scores them with the
-//!    rule-based R1-Zero reward (accuracy + 0.2 · format), turns each group's
-//!    rewards into z-scores (the advantage), and takes a policy-gradient step
-//!    on verl's clipped PPO objective (token-mean). No SFT data is used any
-//!    more: the model only learns from which of its own samples were right.
+//! 2. **GRPO alone** (600 steps, learning rate 5e-4 decaying linearly to 0 as
+//!    in TRL). For each of 64 training prompts per step it samples a group of
+//!    4 completions at temperature 1, scores them with the rule-based R1-Zero
+//!    reward (accuracy + 0.2 · format), turns each group's rewards into
+//!    z-scores (the advantage), and takes a policy-gradient step on verl's
+//!    clipped PPO objective (token-mean). No SFT data is used any more: the
+//!    model only learns from which of its own samples were right. Measured
+//!    on one core of the 2-core dev VM: 34.0 % → 94.8 % held-out in 314 s.
 //!    Many distinct prompts per step matter more than large groups: each
 //!    wrong digit fact is rare in any one batch, and it is corrected only
 //!    when a sample happens to get it right.
@@ -57,7 +59,7 @@ fn run() -> Result<(), TrainError> {
     let args = Args::from_env();
     let seed: u64 = args.get("seed", 7)?;
     let sft_steps: usize = args.get("sft-steps", 150)?;
-    let grpo_steps: usize = args.get("grpo-steps", 450)?;
+    let grpo_steps: usize = args.get("grpo-steps", 600)?;
     let eval_every: usize = args.get("eval-every", 50)?;
     let out: String = args.get("out", "target/examples/grpo_arithmetic".to_string())?;
     if args.has("fresh") {
@@ -158,7 +160,18 @@ fn run() -> Result<(), TrainError> {
     log.phase("grpo", grpo_steps as u64);
     log.bar().set_position(grpo_done as u64);
     let mut last = cold_eval;
+    let peak_lr = grpo.config().optimizer.learning_rate;
+    let schedule = args.get("lr-schedule", "linear".to_string())?;
+    if schedule != "linear" && schedule != "constant" {
+        return Err(TrainError::Config(format!(
+            "--lr-schedule {schedule}: expected linear or constant"
+        )));
+    }
     while grpo_done < grpo_steps {
+        // TRL's default schedule: linear decay from the peak to 0 over the run.
+        if schedule == "linear" {
+            grpo.set_learning_rate(peak_lr * (1.0 - grpo_done as f64 / grpo_steps as f64))?;
+        }
         let problems: Vec<_> = (0..grpo.config().prompts_per_step)
             .map(|_| task.train[rng.below(task.train.len())])
             .collect();
@@ -187,6 +200,8 @@ fn run() -> Result<(), TrainError> {
                 ("clipfrac", stats.clipfrac),
                 ("groups_kept", stats.groups_kept as f64),
                 ("completion_len", stats.completion_len),
+                ("generate_seconds", stats.generate_seconds),
+                ("learn_seconds", stats.learn_seconds),
             ],
         )?;
         log.bar().set_message(format!(

@@ -12,9 +12,10 @@
 //!    only dilute the batch (DAPO's dynamic sampling, without refill);
 //!    `mask_truncated_completions` zeroes the loss mask of completions cut at
 //!    `max_new_tokens` (TRL's option of that name).
-//! 4. The old policy's log-probs `log π_old` (the sampling model, recomputed
-//!    in one forward pass) and, when `beta > 0`, the reference model's
-//!    `log π_ref`.
+//! 4. The old policy's log-probs `log π_old`: the values of the first
+//!    update's forward pass (before any update the model *is* the sampler;
+//!    TRL detaches them likewise), and, when `beta > 0`, the reference
+//!    model's `log π_ref`.
 //! 5. KL in the reward (`use_kl_loss = false`): each row's score becomes
 //!    `r − β Σ_t kl_t` (verl `apply_kl_penalty` on outcome rewards).
 //! 6. Advantages from the group scores by `adv_estimator` (verl names):
@@ -196,6 +197,10 @@ pub struct GrpoStepStats {
     pub completion_len: f64,
     /// Share of completions cut at `max_new_tokens`.
     pub truncated: f64,
+    /// Wall time of sampling (0 for [`GrpoTrainer::learn`]).
+    pub generate_seconds: f64,
+    /// Wall time of the updates (log-probs, losses, backward, optimizer).
+    pub learn_seconds: f64,
 }
 
 /// A GRPO trainer (see the [module docs](self)).
@@ -249,6 +254,22 @@ impl<M: Policy> GrpoTrainer<M> {
         &self.config
     }
 
+    /// Sets the learning rate of the next updates (for a schedule, e.g.
+    /// the linear decay to 0 that TRL's trainers use by default).
+    ///
+    /// # Errors
+    ///
+    /// [`TrainError::Config`] for a negative or non-finite rate.
+    pub fn set_learning_rate(&mut self, lr: f64) -> Result<(), TrainError> {
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(TrainError::config(format!(
+                "learning rate {lr} must be finite and ≥ 0"
+            )));
+        }
+        self.config.optimizer.learning_rate = lr;
+        Ok(())
+    }
+
     /// One GRPO step on `prompts` (equal lengths); `reward(i, completion)`
     /// scores a completion (EOS stripped) of `prompts[i]`.
     ///
@@ -268,12 +289,16 @@ impl<M: Policy> GrpoTrainer<M> {
             .iter()
             .flat_map(|q| std::iter::repeat_n(q.clone(), g))
             .collect();
+        let started = std::time::Instant::now();
         let sampler = self.model.valid();
         let rollout = generate(&sampler, &expanded, &self.config.sampling, rng, &inner)?;
+        let generate_seconds = started.elapsed().as_secs_f64();
         let rewards: Vec<f64> = (0..rollout.len())
             .map(|i| reward(i / g, rollout.completion(i)))
             .collect();
-        self.learn(&rollout, &rewards)
+        let mut stats = self.learn(&rollout, &rewards)?;
+        stats.generate_seconds = generate_seconds;
+        Ok(stats)
     }
 
     /// The learning half of [`step`](Self::step), for rollouts sampled
@@ -307,7 +332,6 @@ impl<M: Policy> GrpoTrainer<M> {
                 rewards[i]
             )));
         }
-        let sampler = self.model.valid();
         let n_groups = rollout.len() / g;
         let mut keep = vec![true; rollout.len()];
         let mut std_sum = 0.0;
@@ -337,7 +361,10 @@ impl<M: Policy> GrpoTrainer<M> {
                 / rollout.len() as f64,
             truncated: rollout.finished.iter().filter(|f| !**f).count() as f64
                 / rollout.len() as f64,
+            generate_seconds: 0.0,
+            learn_seconds: 0.0,
         };
+        let started = std::time::Instant::now();
         self.steps += 1;
         if kept_groups == 0 {
             return Ok(stats);
@@ -359,7 +386,13 @@ impl<M: Policy> GrpoTrainer<M> {
                     .expand(mask.dims());
             mask = mask.bool_and(f);
         }
-        let old = completion_log_probs(&sampler, &batch, t, &inner)?;
+        // The first update's forward pass also gives `log π_old`: before any
+        // update the model *is* the sampling policy (TRL detaches it likewise).
+        let mut first = Some(completion_log_probs(&self.model, &batch, t, &self.device)?);
+        let old = first
+            .as_ref()
+            .map(|lp| lp.clone().inner())
+            .expect("just computed");
         let reference = match &self.reference {
             Some(r) => Some(completion_log_probs(r, &batch, t, &inner)?),
             None => None,
@@ -379,7 +412,10 @@ impl<M: Policy> GrpoTrainer<M> {
         let advantages = self.advantages(&p, &scores, &batch, &mask, &inner)?;
         let kl_in_loss = self.config.use_kl_loss && self.config.beta > 0.0;
         for _ in 0..self.config.num_iterations {
-            let log_prob = completion_log_probs(&self.model, &batch, t, &self.device)?;
+            let log_prob = match first.take() {
+                Some(lp) => lp,
+                None => completion_log_probs(&self.model, &batch, t, &self.device)?,
+            };
             let kl = match (&reference, kl_in_loss) {
                 (Some(r), true) => Some(KlPenalty {
                     config: p.kl,
@@ -410,6 +446,7 @@ impl<M: Policy> GrpoTrainer<M> {
                 self.config.optimizer.learning_rate,
             );
         }
+        stats.learn_seconds = started.elapsed().as_secs_f64();
         Ok(stats)
     }
 

@@ -25,7 +25,10 @@
 //! | [`tasks`] | built-in tasks: verifiable arithmetic with the R1-Zero reward, a preference task |
 //! | [`sft`] | supervised fine-tuning on completions (masked cross-entropy) |
 //! | [`grpo`] | GRPO and its family (any group advantage, any TRL loss type and aggregation) |
+//! | [`ppo`] | PPO for RLHF: actor, critic, frozen reference, KL-in-reward with a fixed or adaptive β, GAE, clipped policy and value losses |
 //! | [`dpo`] | DPO and its family (every paired loss of the core, SimPO, ORPO, KTO) on preference pairs |
+//! | [`rejection`] | rejection-sampling fine-tuning: best-of-n by a reward, then SFT on the winners (OpenRLHF `rs`, RFT) |
+//! | [`distill`] | distillation: generalized JSD / forward / reverse KL or KD loss from a teacher, off- or on-policy (TRL GKD) |
 //! | [`reward`] | reward models: Bradley–Terry on preference pairs, with margins and centering |
 //! | [`checkpoint`] | model weights (burn-store), optimizer state, loop state |
 //! | [`report`] | metrics as JSONL, a progress bar, SVG plots, the examples' last JSON line |
@@ -44,10 +47,13 @@ pub use burn;
 pub use posttrain_burn;
 
 pub mod checkpoint;
+pub mod distill;
 pub mod dpo;
 pub mod generate;
 pub mod grpo;
 pub mod model;
+pub mod ppo;
+pub mod rejection;
 pub mod report;
 pub mod reward;
 pub mod sft;

@@ -242,31 +242,104 @@ impl Policy for TinyLm {
         self.max_len
     }
 
-    /// Decodes with burn's autoregressive cache: each call runs the layers'
-    /// projections and feed-forward on the new position only.
+    /// Decodes with a key/value cache: the first call runs the whole
+    /// prefix and keeps every layer's keys and values; each later call
+    /// (the same rows, one token longer) runs only the new position through
+    /// the blocks and attends over the cached keys and values — the same
+    /// arithmetic as [`logits`](Policy::logits) at that position, at
+    /// `O(d²)` instead of `O(seq · d²)` per token. A call that does not
+    /// extend the cached rows by exactly one token starts over.
     fn next_token_logits(&self, tokens: Tensor<2, Int>, state: &mut DecodeState) -> Tensor<2> {
         let [b, s] = tokens.dims();
         let device = tokens.device();
+        let fresh = match state.0.as_ref().and_then(|c| c.downcast_ref::<KvCache>()) {
+            Some(c) => c.len + 1 != s || c.rows != b,
+            None => true,
+        };
+        if fresh {
+            state.0 = Some(Box::new(KvCache {
+                k: Vec::new(),
+                v: Vec::new(),
+                len: 0,
+                rows: b,
+            }));
+        }
         let cache = state
             .0
-            .get_or_insert_with(|| Box::new(self.blocks.new_autoregressive_cache()))
-            .downcast_mut::<burn::nn::transformer::TransformerEncoderAutoregressiveCache>()
-            .expect("a TinyLm decode state");
-        let positions = Tensor::<1, Int>::arange(0..s as i64, &device)
+            .as_mut()
+            .and_then(|c| c.downcast_mut::<KvCache>())
+            .expect("a TinyLm decode state was just set");
+        let start = cache.len;
+        let n = s - start;
+        let new_tokens = tokens.slice([0..b, start..s]);
+        let positions = Tensor::<1, Int>::arange(start as i64..s as i64, &device)
             .unsqueeze_dim::<2>(0)
-            .expand([b, s]);
-        let x = self.token_embedding.forward(tokens) + self.position_embedding.forward(positions);
-        let causal = generate_autoregressive_mask(b, s, &device);
-        let h = self.blocks.forward_autoregressive_inference(
-            TransformerEncoderInput::new(x).mask_attn(causal),
-            cache,
-        );
+            .expand([b, n]);
+        let mut x =
+            self.token_embedding.forward(new_tokens) + self.position_embedding.forward(positions);
+        for (i, layer) in self.blocks.layers.iter().enumerate() {
+            x = cached_block(layer, x, cache, i, start);
+        }
+        cache.len = s;
         let d = self.d_model;
-        let last = h.slice([0..b, s - 1..s, 0..d]);
+        let last = x.slice([0..b, n - 1..n, 0..d]);
         self.lm_head
             .forward(self.final_norm.forward(last))
             .reshape([b, self.vocab_size])
     }
+}
+
+/// Every layer's keys and values, `[rows, heads, len, d_k]`.
+struct KvCache {
+    k: Vec<Tensor<4>>,
+    v: Vec<Tensor<4>>,
+    len: usize,
+    rows: usize,
+}
+
+/// One pre-norm block on the new positions `x` (`[b, n, d]`, absolute
+/// positions `start..start + n`), attending over the cached keys/values
+/// plus the new ones (causally within the new ones); appends to the cache.
+fn cached_block(
+    layer: &burn::nn::transformer::TransformerEncoderLayer,
+    x: Tensor<3>,
+    cache: &mut KvCache,
+    i: usize,
+    start: usize,
+) -> Tensor<3> {
+    let mha = &layer.mha;
+    let [b, n, d] = x.dims();
+    let (h, dk) = (mha.n_heads, mha.d_k);
+    let heads = |t: Tensor<3>| t.reshape([b, n, h, dk]).swap_dims(1, 2);
+    let normed = layer.norm_2.forward(x.clone());
+    let q = heads(mha.query.forward(normed.clone()));
+    let mut k = heads(mha.key.forward(normed.clone()));
+    let mut v = heads(mha.value.forward(normed));
+    if i < cache.k.len() {
+        k = Tensor::cat(vec![cache.k[i].clone(), k], 2);
+        v = Tensor::cat(vec![cache.v[i].clone(), v], 2);
+        cache.k[i] = k.clone();
+        cache.v[i] = v.clone();
+    } else {
+        cache.k.push(k.clone());
+        cache.v.push(v.clone());
+    }
+    let total = start + n;
+    let mut scores = q.matmul(k.swap_dims(2, 3)).div_scalar((dk as f64).sqrt());
+    if n > 1 {
+        // New position start + r may not see keys beyond start + r.
+        let future =
+            Tensor::<2, burn::tensor::Bool>::tril_mask([n, total], start as i64, &x.device());
+        scores = scores.mask_fill(
+            future.reshape([1, 1, n, total]).expand([b, h, n, total]),
+            mha.min_float,
+        );
+    }
+    let weights = burn::tensor::activation::softmax(scores, 3);
+    let context = weights.matmul(v).swap_dims(1, 2).reshape([b, n, d]);
+    let x = x + mha.output.forward(context);
+    let normed = layer.norm_1.forward(x.clone());
+    x + layer.pwff.forward(normed)
 }
 
 /// A backbone with a scalar head per position: PPO's critic `V(s_t)`.

@@ -253,7 +253,7 @@ impl Arithmetic {
     ///
     /// # Errors
     ///
-    /// Those of [`generate`](crate::generate::generate).
+    /// Those of [`generate`].
     pub fn evaluate<P: Policy>(
         &self,
         model: &P,
