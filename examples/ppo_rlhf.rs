@@ -21,7 +21,7 @@
 //!    one completion for each of 64 training prompts at temperature 1, scores
 //!    it with the reward model (score at the EOS token), subtracts `β·kl_t`
 //!    per token (k1: the KL to the SFT reference is *in the reward*), with β
-//!    from verl's adaptive controller (start 1.0, horizon 1000) steering the
+//!    from verl's adaptive controller (start 2.0, horizon 1000) steering the
 //!    per-token KL towards `--target-kl` (0.05), runs GAE (γ = 1, λ = 0.95,
 //!    whitened advantages) and 4 epochs × 2 mini-batches of the clipped
 //!    policy and value losses (separate AdamW for actor and critic).
@@ -257,7 +257,7 @@ fn run() -> Result<(), TrainError> {
     cfg.prompts_per_step = args.get("prompts-per-step", 64)?;
     cfg.num_ppo_epochs = args.get("ppo-epochs", 4)?;
     cfg.num_mini_batches = args.get("mini-batches", 2)?;
-    cfg.kl_coef = args.get("kl-coef", 1.0)?;
+    cfg.kl_coef = args.get("kl-coef", 2.0)?;
     cfg.adaptive_kl = !args.has("fixed-kl");
     cfg.target_kl = args.get("target-kl", 0.05)?;
     cfg.kl_horizon = args.get("kl-horizon", 1000.0)?;
