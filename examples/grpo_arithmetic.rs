@@ -239,8 +239,19 @@ fn run() -> Result<(), TrainError> {
     let shown = &heldout[..heldout.len().min(args.get("show", 6)?)];
     let prompts: Vec<Vec<u32>> = shown.iter().map(|&p| task.prompt(p)).collect();
     let greedy = SamplingConfig::greedy(task.max_completion_len());
-    let r = generate(&final_model, &prompts, &greedy, &mut Rng::new(0), &inner)?;
+    let r = if prompts.is_empty() {
+        None
+    } else {
+        Some(generate(
+            &final_model,
+            &prompts,
+            &greedy,
+            &mut Rng::new(0),
+            &inner,
+        )?)
+    };
     for (i, &p) in shown.iter().enumerate() {
+        let r = r.as_ref().expect("prompts are not empty");
         let text = task.tokenizer.decode(r.completion(i));
         let ok = if task.score(p, r.completion(i)).accuracy == 1.0 {
             "ok "
