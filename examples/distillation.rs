@@ -89,14 +89,7 @@ fn run() -> Result<(), TrainError> {
         task.test.len(),
         heldout.len()
     );
-    let demo = |rng: &mut Rng, n: usize| -> Vec<Example> {
-        (0..n)
-            .map(|_| {
-                let p = task.train[rng.below(task.train.len())];
-                (task.prompt(p), task.demonstration(p))
-            })
-            .collect()
-    };
+    let demo = |rng: &mut Rng, n: usize| -> Vec<Example> { task.demonstration_batch(n, rng) };
 
     // 1. The teacher: SFT on demonstrations, or the saved one.
     let mut sft = SftTrainer::new(
@@ -154,11 +147,8 @@ fn run() -> Result<(), TrainError> {
 
     let state = ckpt.load_state()?.unwrap_or(json!({}));
     let mut done = state["steps"].as_u64().unwrap_or(0) as usize;
-    if let Some(s) = state["rng"].as_array() {
-        let s: Vec<u64> = s.iter().filter_map(|x| x.as_u64()).collect();
-        if let [a, b, c, d] = s[..] {
-            rng = Rng::from_state([a, b, c, d]);
-        }
+    if let Some(saved) = Rng::from_json(&state["rng"]) {
+        rng = saved;
     }
     let start_eval = task.evaluate(&distill.model().valid(), heldout, &inner)?;
     let start_acc = state["student_start_accuracy"]

@@ -127,11 +127,8 @@ fn run() -> Result<(), TrainError> {
     let sft_done = state["sft_done"].as_bool().unwrap_or(false);
     let mut dpo_done = state["dpo_steps"].as_u64().unwrap_or(0) as usize;
     let mut rm_done = state["rm_steps"].as_u64().unwrap_or(0) as usize;
-    if let Some(s) = state["rng"].as_array() {
-        let s: Vec<u64> = s.iter().filter_map(|x| x.as_u64()).collect();
-        if let [a, b, c, d] = s[..] {
-            rng = Rng::from_state([a, b, c, d]);
-        }
+    if let Some(saved) = Rng::from_json(&state["rng"]) {
+        rng = saved;
     }
     let save_state = |dpo: usize, rm: usize, rng: &Rng| {
         ckpt.save_state(

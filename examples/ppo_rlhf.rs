@@ -159,11 +159,8 @@ fn run() -> Result<(), TrainError> {
     let mut rm_done = state["rm_steps"].as_u64().unwrap_or(0) as usize;
     let mut ppo_done = state["ppo_steps"].as_u64().unwrap_or(0) as usize;
     let mut start = state["start"].as_f64();
-    if let Some(s) = state["rng"].as_array() {
-        let s: Vec<u64> = s.iter().filter_map(|x| x.as_u64()).collect();
-        if let [a, b, c, d] = s[..] {
-            rng = Rng::from_state([a, b, c, d]);
-        }
+    if let Some(saved) = Rng::from_json(&state["rng"]) {
+        rng = saved;
     }
     let save_state = |rm: usize, ppo: usize, start: Option<f64>, rng: &Rng| {
         ckpt.save_state(&json!({"sft_done": true, "rm_steps": rm, "ppo_steps": ppo, "start": start, "rng": rng.state()}))

@@ -85,11 +85,8 @@ fn run() -> Result<(), TrainError> {
     let state = ckpt.load_state()?.unwrap_or(json!({}));
     let done_sft = state["sft_done"].as_bool().unwrap_or(false);
     let mut rounds_done = state["rounds"].as_u64().unwrap_or(0) as usize;
-    if let Some(s) = state["rng"].as_array() {
-        let s: Vec<u64> = s.iter().filter_map(|x| x.as_u64()).collect();
-        if let [a, b, c, d] = s[..] {
-            rng = Rng::from_state([a, b, c, d]);
-        }
+    if let Some(saved) = Rng::from_json(&state["rng"]) {
+        rng = saved;
     }
 
     // 1. Cold start: a short SFT on demonstrations.
@@ -106,12 +103,7 @@ fn run() -> Result<(), TrainError> {
     } else {
         log.phase("sft", sft_steps as u64);
         for step in 0..sft_steps {
-            let batch: Vec<_> = (0..sft.config().batch_size)
-                .map(|_| {
-                    let p = task.train[rng.below(task.train.len())];
-                    (task.prompt(p), task.demonstration(p))
-                })
-                .collect();
+            let batch = task.demonstration_batch(sft.config().batch_size, &mut rng);
             let loss = sft.step(&batch)?;
             log.log("sft", step, &[("loss", loss)])?;
             log.bar().set_message(format!("loss {loss:.3}"));

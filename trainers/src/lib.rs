@@ -174,6 +174,18 @@ impl Rng {
     pub fn from_state(s: [u64; 4]) -> Self {
         Rng { s }
     }
+
+    /// A generator from a [`state`](Self::state) saved as a JSON array of
+    /// four integers (as `serde_json::json!(rng.state())` writes it, e.g. in
+    /// a checkpoint's loop state); `None` for anything else.
+    pub fn from_json(v: &serde_json::Value) -> Option<Self> {
+        let s: Vec<u64> = v
+            .as_array()?
+            .iter()
+            .map(|x| x.as_u64())
+            .collect::<Option<_>>()?;
+        Some(Rng::from_state(s.try_into().ok()?))
+    }
 }
 
 /// AdamW settings shared by the trainers (TRL's `learning_rate`,

@@ -219,6 +219,17 @@ impl Arithmetic {
         ids
     }
 
+    /// `n` (prompt, demonstration) pairs of training problems drawn
+    /// uniformly with replacement: an SFT batch.
+    pub fn demonstration_batch(&self, n: usize, rng: &mut Rng) -> Vec<(Vec<u32>, Vec<u32>)> {
+        (0..n)
+            .map(|_| {
+                let p = self.train[rng.below(self.train.len())];
+                (self.prompt(p), self.demonstration(p))
+            })
+            .collect()
+    }
+
     /// Prompt length in tokens.
     pub fn prompt_len(&self) -> usize {
         2 * self.width + 2
