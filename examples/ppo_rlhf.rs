@@ -180,12 +180,7 @@ fn run() -> Result<(), TrainError> {
     } else {
         log.phase("sft", sft_steps as u64);
         for step in 0..sft_steps {
-            let batch: Vec<_> = (0..batch_size)
-                .map(|_| {
-                    let d = &task.train[rng.below(task.train.len())];
-                    (task.prompt(d), task.demonstration(d))
-                })
-                .collect();
+            let batch = task.demonstration_batch(batch_size, &mut rng);
             let loss = sft.step(&batch)?;
             log.log("sft", step, &[("loss", loss)])?;
             log.bar().set_message(format!("loss {loss:.3}"));

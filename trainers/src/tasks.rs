@@ -430,6 +430,17 @@ impl Sorting {
         self.completion(&d)
     }
 
+    /// `n` (prompt, sorted demonstration) pairs of training prompts drawn
+    /// uniformly with replacement: an SFT batch.
+    pub fn demonstration_batch(&self, n: usize, rng: &mut Rng) -> Vec<(Vec<u32>, Vec<u32>)> {
+        (0..n)
+            .map(|_| {
+                let d = &self.train[rng.below(self.train.len())];
+                (self.prompt(d), self.demonstration(d))
+            })
+            .collect()
+    }
+
     /// The ground-truth quality of `completion` (token ids; a trailing EOS is
     /// ignored) for the prompt `digits`, in `[0, 1]`.
     ///
