@@ -281,13 +281,13 @@ pub fn masked_sum<F: Real>(x: &[F], mask: &[bool]) -> F {
 }
 
 /// Batch-level counts the weights depend on.
-struct AggTotals {
+pub(crate) struct AggTotals {
     valid_tokens: usize,
     valid_rows: usize,
 }
 
 impl AggTotals {
-    fn of(mask: &[bool], dims: Dims) -> Self {
+    pub(crate) fn of(mask: &[bool], dims: Dims) -> Self {
         let valid_tokens = mask.iter().filter(|&&m| m).count();
         let valid_rows = mask
             .chunks(dims.seq.max(1))
@@ -299,7 +299,7 @@ impl AggTotals {
         }
     }
 
-    fn row_weight(&self, mode: AggMode, norm: &GlobalNorm, seq: usize, n: usize) -> f64 {
+    pub(crate) fn row_weight(&self, mode: AggMode, norm: &GlobalNorm, seq: usize, n: usize) -> f64 {
         if n == 0 {
             return 0.0;
         }

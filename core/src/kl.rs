@@ -166,6 +166,7 @@ impl KlConfig {
     /// k1: `1`; abs: `sign(x)`; k2: `x`; k3: `1 − e^{−x}`; straight-through: `x`.
     /// Zero wherever a clamp is active (not for straight-through, whose
     /// surrogate `x²/2` is never clamped).
+    #[inline(always)]
     pub fn estimate<E: Elem>(&self, log_prob: E, ref_log_prob: E) -> (E, E) {
         let x = log_prob.sub(ref_log_prob);
         let (value, grad) = match self.estimator {

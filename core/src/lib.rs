@@ -45,6 +45,8 @@
 //! * `std` (default) — implies `alloc`; implements `std` conveniences.
 //! * `alloc` — allocating convenience wrappers; the hot API never needs it.
 //! * `serde` — `Serialize`/`Deserialize` for configs and option enums.
+//! * `parallel` — implies `std`; [`fused::parallel`], the fused kernels spread
+//!   over threads.
 //!
 //! With `default-features = false` the crate is `no_std` and allocation-free;
 //! math goes through `num-traits`' `libm` backend.
@@ -88,6 +90,7 @@ pub mod aggregate;
 pub mod distill;
 pub mod elem;
 pub mod error;
+pub mod fused;
 pub mod kl;
 pub mod logits;
 pub mod policy;

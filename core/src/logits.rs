@@ -140,7 +140,7 @@ pub fn scaled_max_lse<F: Real>(row: &[F], t: F) -> (F, F) {
     (m, m + s.ln())
 }
 
-fn check_rows<F: Real>(logits: &[F], rows: usize, vocab: usize) -> Result<(), Error> {
+pub(crate) fn check_rows<F: Real>(logits: &[F], rows: usize, vocab: usize) -> Result<(), Error> {
     check_len("logits", logits.len(), rows * vocab)?;
     if vocab == 0 && rows > 0 {
         return Err(Error::Empty {
@@ -150,7 +150,7 @@ fn check_rows<F: Real>(logits: &[F], rows: usize, vocab: usize) -> Result<(), Er
     Ok(())
 }
 
-fn check_ids(ids: &[i64], vocab: usize, input: &'static str) -> Result<(), Error> {
+pub(crate) fn check_ids(ids: &[i64], vocab: usize, input: &'static str) -> Result<(), Error> {
     if ids.iter().any(|&t| t < 0 || t as usize >= vocab) {
         return Err(Error::Invalid {
             input,
@@ -432,6 +432,21 @@ pub fn gather_log_softmax<F: Real>(
 fn row_entropy<F: Real>(z: &[F], lse: F) -> F {
     z.iter().fold(F::zero(), |a, &zk| {
         let lp = zk - lse;
+        let p = lp.exp();
+        if p > F::zero() {
+            a - p * lp
+        } else {
+            a
+        }
+    })
+}
+
+/// The entropy of `softmax(z / t)` given its `lse`, as [`row_entropy`] on
+/// `z / t` (the fused kernels' fallback for rows holding `+inf` or NaN).
+#[inline]
+pub(crate) fn reference_row_entropy<F: Real>(z: &[F], lse: F, t: F) -> F {
+    z.iter().fold(F::zero(), |a, &zk| {
+        let lp = zk / t - lse;
         let p = lp.exp();
         if p > F::zero() {
             a - p * lp

@@ -174,6 +174,7 @@ pub struct SurrogateToken<E: Elem> {
 /// assert_eq!(t.grad, 0.0);
 /// assert!(t.clipped);
 /// ```
+#[inline(always)]
 pub fn ppo_clipped_surrogate<E: Elem>(
     cfg: &ClipConfig,
     log_prob: E,

@@ -556,23 +556,15 @@ impl PolicyLoss {
     /// let t = PolicyLoss::LogProb.token(-0.5f64, -0.4, 2.0);
     /// assert_eq!((t.loss, t.grad), (1.0, -2.0));
     /// ```
+    #[inline(always)]
     pub fn token<E: Elem>(&self, log_prob: E, old_log_prob: E, advantage: E) -> PolicyToken<E> {
         match *self {
-            PolicyLoss::Ppo(ref c) | PolicyLoss::ClipCov { clip: ref c, .. } => {
-                // verl's clip_cov reports the unclamped log-ratio.
-                let clamp = match self {
-                    PolicyLoss::Ppo(_) => c.log_ratio_clamp,
-                    _ => None,
-                };
-                let kl = neg_log_ratio(&log_prob, &old_log_prob, clamp);
-                let t = ppo_clipped_surrogate(c, log_prob, old_log_prob, advantage);
-                PolicyToken {
-                    loss: t.loss,
-                    grad: t.grad,
-                    clipped: t.clipped,
-                    clipped_lower: t.dual_clipped,
-                    kl,
-                }
+            PolicyLoss::Ppo(ref c) => {
+                clipped_token(c, c.log_ratio_clamp, log_prob, old_log_prob, advantage)
+            }
+            // verl's clip_cov reports the unclamped log-ratio.
+            PolicyLoss::ClipCov { clip: ref c, .. } => {
+                clipped_token(c, None, log_prob, old_log_prob, advantage)
             }
             PolicyLoss::DivergenceTv(c) => {
                 divergence_masked_token(&c, false, log_prob, old_log_prob, advantage)
@@ -652,11 +644,34 @@ pub struct PolicyToken<E: Elem> {
     pub kl: E,
 }
 
+/// [`PolicyLoss::Ppo`]'s token: [`ppo_clipped_surrogate`] with verl's
+/// metrics, the approximate-KL term `−x` clamped to `kl_clamp`.
+#[inline(always)]
+pub(crate) fn clipped_token<E: Elem>(
+    c: &ClipConfig,
+    kl_clamp: Option<f64>,
+    log_prob: E,
+    old_log_prob: E,
+    advantage: E,
+) -> PolicyToken<E> {
+    let kl = neg_log_ratio(&log_prob, &old_log_prob, kl_clamp);
+    let t = ppo_clipped_surrogate(c, log_prob, old_log_prob, advantage);
+    PolicyToken {
+        loss: t.loss,
+        grad: t.grad,
+        clipped: t.clipped,
+        clipped_lower: t.dual_clipped,
+        kl,
+    }
+}
+
+#[inline(always)]
 fn never<E: Elem>(like: &E) -> E::Mask {
     let z = like.full_like(0.0);
     z.gt(&z)
 }
 
+#[inline(always)]
 fn neg_log_ratio<E: Elem>(log_prob: &E, old: &E, clamp: Option<f64>) -> E {
     let x = log_prob.clone().sub(old.clone());
     match clamp {
@@ -666,6 +681,7 @@ fn neg_log_ratio<E: Elem>(log_prob: &E, old: &E, clamp: Option<f64>) -> E {
 }
 
 /// `(x clamped, live)`: the clamped log-ratio and where the clamp is inactive.
+#[inline(always)]
 fn clamped_log_ratio<E: Elem>(x: E, k: f64) -> (E, E::Mask) {
     let live = x.ge_scalar(-k).and(x.le_scalar(k));
     (x.clamp(-k, k), live)
@@ -692,6 +708,7 @@ fn clamped_log_ratio<E: Elem>(x: E, k: f64) -> (E, E::Mask) {
 ///
 /// verl `compute_policy_loss_dppo_tv` / `_dppo_kl`; metrics `clipped` =
 /// outside the region, `clipped_lower` = inside with `r > c`.
+#[inline(always)]
 pub fn divergence_masked_token<E: Elem>(
     cfg: &DivergenceConfig,
     binary_kl: bool,
@@ -806,6 +823,7 @@ pub fn sequence_ratio_surrogate<E: Elem>(
 /// # Peers
 ///
 /// verl `compute_policy_loss_sapo`.
+#[inline(always)]
 pub fn soft_gated_token<E: Elem>(
     tau_pos: f64,
     tau_neg: f64,
@@ -845,6 +863,7 @@ pub fn soft_gated_token<E: Elem>(
 /// # Peers
 ///
 /// verl `gpg` and `compute_policy_loss_reinforce`; `kl = log π_old − log π`.
+#[inline(always)]
 pub fn log_prob_token<E: Elem>(log_prob: E, old_log_prob: E, advantage: E) -> PolicyToken<E> {
     let kl = old_log_prob.sub(log_prob.clone());
     let neg_a = advantage.neg();
@@ -859,6 +878,7 @@ pub fn log_prob_token<E: Elem>(log_prob: E, old_log_prob: E, advantage: E) -> Po
 }
 
 /// KL-Cov's base term `−A·r` and, with [`kl_cov_penalty`], its penalized term.
+#[inline(always)]
 fn kl_cov_base<E: Elem>(x: &E, advantage: &E, clamp: Option<f64>) -> (E, E) {
     let (xc, live) = match clamp {
         Some(k) => {
@@ -957,6 +977,7 @@ pub fn geometric_clipped_log_ratio<E: Elem>(
 /// # Peers
 ///
 /// verl `compute_policy_loss_dro` (no clamp).
+#[inline(always)]
 pub fn quadratic_penalty_token<E: Elem>(
     beta: f64,
     log_prob: E,
@@ -997,6 +1018,7 @@ pub fn quadratic_penalty_token<E: Elem>(
 ///
 /// verl `compute_policy_loss_cispo`; `clipped` = `r ≠ c` (either side).
 /// TRL's `cispo` loss type is a different formula (see [`super::grpo`]).
+#[inline(always)]
 pub fn clipped_weight_token<E: Elem>(
     eps_low: f64,
     eps_high: f64,

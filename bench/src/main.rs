@@ -1,0 +1,794 @@
+//! `posttrain-bench`: posttrain's fused kernels against the peers' own
+//! PyTorch functions, measured side by side in one run.
+//!
+//! ```text
+//! cargo run --release -p posttrain-bench -- [--quick] [--threads N] [--python PATH] [--no-peers] [--only W,W]
+//! ```
+//!
+//! For each workload this binary times posttrain (the core's fused kernels on
+//! `--threads` threads, and the burn ndarray path where the issue asks for
+//! it), then runs `bench/peers.py WORKLOAD` in a Python subprocess — the
+//! released `trl` and `verl` functions under torch eager, on the same number
+//! of threads — and prints `peer time ÷ our time` (> 1: posttrain is faster).
+//! It also measures this machine's memory bandwidth with a STREAM-style copy
+//! (`copy_from_slice` of a 1 GiB array, counted as read + write bytes, best of
+//! 5, all threads) and reports the bandwidth-bound workloads as a fraction of
+//! it, counting the bytes the fused kernels must move:
+//!
+//! | workload | bytes moved per step |
+//! |---|---|
+//! | logprobs (forward + backward) | logits read twice (forward, backward) + gradient written: 12 B per logit |
+//! | token loss (forward + gradient) | `log π`, `log π_old`, `log π_ref`, `A` (4 B each), mask (1 B) read, gradient (4 B) written: 21 B per token |
+//!
+//! Timing: the median of `reps` steps after `warmup` steps (posttrain:
+//! warm-up 2, reps 10, 5 for the logits workloads; the peers the same through
+//! `peers.py`). The last line is one JSON object with every ratio (see
+//! `docs/PERFORMANCE.md`).
+//!
+//! Python: `--python` (default `$POSTTRAIN_BENCH_PYTHON`, else `python3`) must
+//! import torch, trl and verl; `.ci/run` builds such a venv. `--no-peers`
+//! measures posttrain alone (ratios `null`).
+
+use std::io::BufRead;
+use std::process::Command;
+use std::time::Instant;
+
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use posttrain_core::advantage::{
+    gae_advantages_returns, group_zscore_advantages, GaeConfig, GroupNormConfig,
+};
+use posttrain_core::aggregate::{AggMode, GlobalNorm};
+use posttrain_core::fused::{parallel, KlPenalty, TokenLoss};
+use posttrain_core::kl::{KlConfig, KlEstimator};
+use posttrain_core::logits::Temperature;
+use posttrain_core::policy::token::{PolicyBatch, PolicyLoss, PolicyLossMode, VerlPolicyParams};
+use posttrain_core::preference::paired::{
+    paired_loss, LossTerm, PairBatch, PairGrads, PairedConfig, PairedLoss,
+};
+use posttrain_core::{Dims, Preset};
+use serde_json::{json, Map, Value};
+
+// ---------------------------------------------------------------------------
+// Command line
+// ---------------------------------------------------------------------------
+
+struct Args {
+    quick: bool,
+    threads: usize,
+    python: String,
+    peers: bool,
+    only: Option<Vec<String>>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        quick: false,
+        threads: parallel::default_threads(),
+        python: std::env::var("POSTTRAIN_BENCH_PYTHON").unwrap_or_else(|_| "python3".into()),
+        peers: true,
+        only: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--quick" => a.quick = true,
+            "--no-peers" => a.peers = false,
+            "--threads" => a.threads = it.next().and_then(|v| v.parse().ok()).expect("--threads N"),
+            "--python" => a.python = it.next().expect("--python PATH"),
+            "--only" => {
+                a.only = Some(
+                    it.next()
+                        .expect("--only W,W")
+                        .split(',')
+                        .map(String::from)
+                        .collect(),
+                )
+            }
+            "-h" | "--help" => {
+                println!("usage: posttrain-bench [--quick] [--threads N] [--python PATH] [--no-peers] [--only logprobs,token_loss,advantages,gae,dpo,dpo_logits]");
+                std::process::exit(0);
+            }
+            other => {
+                eprintln!("posttrain-bench: unknown argument {other:?} (see --help)");
+                std::process::exit(2);
+            }
+        }
+    }
+    a
+}
+
+// ---------------------------------------------------------------------------
+// Timing, inputs, bandwidth
+// ---------------------------------------------------------------------------
+
+/// `(median, min)` seconds of `reps` calls after `warmup` calls.
+fn time(warmup: usize, reps: usize, mut f: impl FnMut()) -> (f64, f64) {
+    for _ in 0..warmup {
+        f();
+    }
+    let mut t: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(|a, b| a.total_cmp(b));
+    (t[t.len() / 2], t[0])
+}
+
+/// splitmix64 → uniform / normal floats (fixed seeds: every run sees the same inputs).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn unif(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f64 {
+        let (u, v) = (self.unif().max(1e-300), self.unif());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Best-of-5 copy bandwidth in bytes/s (read + write), `threads` threads.
+fn copy_bandwidth(threads: usize, bytes: usize) -> f64 {
+    let n = bytes / 4;
+    let src = vec![1.0f32; n];
+    let mut dst = vec![0.0f32; n];
+    let per = n.div_ceil(threads);
+    let mut best = f64::INFINITY;
+    for _ in 0..6 {
+        let s = Instant::now();
+        std::thread::scope(|sc| {
+            for (d, s) in dst.chunks_mut(per).zip(src.chunks(per)) {
+                sc.spawn(move || d.copy_from_slice(s));
+            }
+        });
+        best = best.min(s.elapsed().as_secs_f64());
+    }
+    assert_eq!(dst[n - 1], 1.0);
+    2.0 * (n * 4) as f64 / best
+}
+
+// ---------------------------------------------------------------------------
+// Peers
+// ---------------------------------------------------------------------------
+
+/// One line of `peers.py`.
+#[derive(Clone, Debug)]
+struct PeerTime {
+    imp: String,
+    median: f64,
+    line: Value,
+}
+
+fn run_peers(a: &Args, workload: &str, shape: &[usize]) -> Result<Vec<PeerTime>, String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/peers.py");
+    let shape_s: Vec<String> = shape.iter().map(|v| v.to_string()).collect();
+    let out = Command::new(&a.python)
+        .arg(script)
+        .arg(workload)
+        .args([
+            "--shape",
+            &shape_s.join(","),
+            "--threads",
+            &a.threads.to_string(),
+        ])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", a.python))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(6).collect();
+        return Err(format!(
+            "peers.py {workload} failed ({}): {}",
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        ));
+    }
+    let mut v = vec![];
+    for line in out.stdout.lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        if let Ok(j) = serde_json::from_str::<Value>(&line) {
+            if let (Some(imp), Some(m)) = (j["impl"].as_str(), j["median_s"].as_f64()) {
+                v.push(PeerTime {
+                    imp: imp.to_string(),
+                    median: m,
+                    line: j.clone(),
+                });
+            }
+        }
+    }
+    if v.is_empty() {
+        return Err(format!("peers.py {workload} printed no timing"));
+    }
+    Ok(v)
+}
+
+/// The first peer line whose implementation name contains `key`.
+fn pick<'a>(peers: &'a [PeerTime], key: &str) -> Option<&'a PeerTime> {
+    peers.iter().find(|p| p.imp.contains(key))
+}
+
+// ---------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------
+
+struct Report {
+    rows: Vec<[String; 5]>,
+    json: Map<String, Value>,
+    peers_used: Map<String, Value>,
+}
+
+impl Report {
+    fn row(&mut self, workload: &str, shape: &[usize], what: &str, secs: f64, note: String) {
+        let shape = format!("{shape:?}");
+        self.rows.push([
+            workload.into(),
+            shape,
+            what.into(),
+            format!("{:.3} ms", secs * 1e3),
+            note,
+        ]);
+    }
+    fn set(&mut self, key: &str, v: Option<f64>) {
+        self.json.insert(
+            key.into(),
+            v.map_or(Value::Null, |x| json!((x * 1000.0).round() / 1000.0)),
+        );
+    }
+    /// Adds the peer rows of a workload and returns `peer ÷ ours` for the headline peer.
+    fn peers(
+        &mut self,
+        a: &Args,
+        workload: &str,
+        shape: &[usize],
+        ours: f64,
+        headline: &str,
+    ) -> Option<f64> {
+        if !a.peers {
+            return None;
+        }
+        match run_peers(a, workload, shape) {
+            Ok(ps) => {
+                for p in &ps {
+                    self.row(
+                        workload,
+                        shape,
+                        &format!("peer: {}", p.imp),
+                        p.median,
+                        format!("ours {:.2}× faster", p.median / ours),
+                    );
+                    self.peers_used
+                        .insert(format!("{workload} {shape:?} {}", p.imp), p.line.clone());
+                }
+                let h = pick(&ps, headline);
+                if h.is_none() {
+                    eprintln!("posttrain-bench: no peer line of {workload} matches {headline:?}");
+                }
+                h.map(|p| p.median / ours)
+            }
+            Err(e) => {
+                eprintln!("posttrain-bench: {e}");
+                self.row(workload, shape, "peer: unavailable", f64::NAN, e);
+                None
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Workloads
+// ---------------------------------------------------------------------------
+
+/// Workload 1: log-probs of the labels + entropy from logits, forward + backward.
+fn logprobs(a: &Args, r: &mut Report, shape: [usize; 3], bw: f64) {
+    let [b, s, v] = shape;
+    let rows = b * s;
+    let mut rng = Rng(1);
+    let z: Vec<f32> = (0..rows * v).map(|_| (2.0 * rng.normal()) as f32).collect();
+    let ids: Vec<i64> = (0..rows).map(|_| rng.below(v) as i64).collect();
+    let c_lp: Vec<f32> = (0..rows).map(|_| rng.normal() as f32).collect();
+    let c_h: Vec<f32> = (0..rows).map(|_| rng.normal() as f32).collect();
+    let (mut lp, mut h, mut lse) = (vec![0.0f32; rows], vec![0.0f32; rows], vec![0.0f32; rows]);
+    let mut g = vec![0.0f32; rows * v];
+    let t = Temperature::ONE;
+    let reps = if a.quick { 3 } else { 5 };
+    let (ours, _) = time(1, reps, || {
+        parallel::log_probs_entropy(&z, rows, v, t, &ids, &mut lp, &mut h, &mut lse, a.threads)
+            .expect("forward");
+        parallel::log_probs_entropy_backward(
+            &z,
+            rows,
+            v,
+            t,
+            &ids,
+            &lse,
+            &h,
+            &c_lp,
+            Some(&c_h),
+            &mut g,
+            a.threads,
+        )
+        .expect("backward");
+    });
+    let bytes = 12.0 * (rows * v) as f64;
+    let frac = bytes / ours / bw;
+    r.row(
+        "logprobs",
+        &shape,
+        "posttrain fused (core, f32)",
+        ours,
+        format!("{:.0}% of copy bandwidth", 100.0 * frac),
+    );
+    r.set("logprobs_bw_fraction", Some(frac));
+    let burn = burn_logprobs(&z, &ids, &c_lp, &c_h, shape, reps);
+    r.row(
+        "logprobs",
+        &shape,
+        "posttrain-burn fused, ndarray",
+        burn,
+        String::new(),
+    );
+    let vs = r.peers(a, "logprobs", &shape, ours, "torch.F.cross_entropy+");
+    r.set("logprobs_vs_torch", vs);
+    r.set(
+        "burn_ndarray_logprobs_vs_torch",
+        vs.map(|x| x * ours / burn),
+    );
+    drop(g);
+}
+
+fn burn_logprobs(
+    z: &[f32],
+    ids: &[i64],
+    c_lp: &[f32],
+    c_h: &[f32],
+    shape: [usize; 3],
+    reps: usize,
+) -> f64 {
+    use posttrain_burn::fused;
+    let [b, s, v] = shape;
+    let dev: Device = posttrain_burn::device().expect("burn device").autodiff();
+    let inner = dev.clone().inner();
+    let zt: Tensor<3> =
+        Tensor::from_data(TensorData::new(z.to_vec(), [b, s, v]), &inner).autodiff();
+    let it: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids.to_vec(), [b, s]), &inner);
+    let cl: Tensor<2> =
+        Tensor::from_data(TensorData::new(c_lp.to_vec(), [b, s]), &inner).autodiff();
+    let ch: Tensor<2> = Tensor::from_data(TensorData::new(c_h.to_vec(), [b, s]), &inner).autodiff();
+    let (med, _) = time(1, reps, || {
+        let x = zt.clone().require_grad();
+        let lp = fused::selective_log_softmax(x.clone(), it.clone().autodiff(), Temperature::ONE)
+            .expect("log-softmax");
+        let h = fused::entropy(x.clone()).expect("entropy");
+        let loss = (lp * cl.clone()).sum() + (h * ch.clone()).sum();
+        let grads = loss.backward();
+        let gx = x.grad(&grads).expect("grad");
+        let _ = gx.into_data();
+    });
+    med
+}
+
+fn token_inputs(
+    b: usize,
+    t: usize,
+    seed: u64,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<bool>) {
+    let mut rng = Rng(seed);
+    let n = b * t;
+    let (mut lp, mut old, mut rf, mut adv, mut mask) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for _ in 0..b {
+        let len = t / 4 + rng.below(t - t / 4 + 1);
+        let a = rng.normal() as f32;
+        for j in 0..t {
+            let x = -(2.0 * rng.normal().abs()) as f32;
+            lp.push(x);
+            old.push(x + (0.3 * (2.0 * rng.unif() - 1.0)) as f32);
+            rf.push(x + (0.3 * (2.0 * rng.unif() - 1.0)) as f32);
+            adv.push(a);
+            mask.push(j < len);
+        }
+    }
+    (lp, old, rf, adv, mask)
+}
+
+fn verl_actor_loss() -> TokenLoss {
+    let params = VerlPolicyParams {
+        clip_ratio_low: Some(0.2),
+        clip_ratio_high: Some(0.28),
+        ..VerlPolicyParams::default()
+    };
+    TokenLoss {
+        loss: PolicyLoss::from_verl(PolicyLossMode::Vanilla, &params).expect("vanilla"),
+        agg: AggMode::SeqMeanTokenMean,
+        norm: GlobalNorm::default(),
+        kl: Some(KlPenalty {
+            estimator: KlConfig::preset(KlEstimator::K3, Preset::Verl),
+            coef: 0.001,
+        }),
+    }
+}
+
+/// Workload 2: PPO/GRPO token loss (clip + k3 KL + seq-mean-token-mean), forward + gradient.
+fn token_loss(a: &Args, r: &mut Report, shape: [usize; 2], bw: f64, headline: bool) {
+    let [b, t] = shape;
+    let (lp, old, rf, adv, mask) = token_inputs(b, t, 2);
+    let cfg = verl_actor_loss();
+    let batch = PolicyBatch {
+        dims: Dims::new(b, t),
+        log_prob: &lp,
+        old_log_prob: &old,
+        advantages: &adv,
+        mask: &mask,
+        is_weights: None,
+    };
+    let mut g = vec![0.0f32; b * t];
+    let reps = if a.quick { 5 } else { 20 };
+    let (ours, _) = time(3, reps, || {
+        parallel::token_loss(&cfg, &batch, Some(&rf), Some((1.0, &mut g)), a.threads)
+            .expect("token loss");
+    });
+    let bytes = 21.0 * (b * t) as f64;
+    let frac = bytes / ours / bw;
+    r.row(
+        "token_loss",
+        &shape,
+        "posttrain fused (core, f32)",
+        ours,
+        format!("{:.0}% of copy bandwidth", 100.0 * frac),
+    );
+    let burn = burn_token_loss(&lp, &old, &rf, &adv, &mask, shape, reps);
+    r.row(
+        "token_loss",
+        &shape,
+        "posttrain-burn fused, ndarray",
+        burn,
+        String::new(),
+    );
+    let vs = r.peers(a, "token_loss", &shape, ours, "verl");
+    if headline {
+        r.set("token_loss_vs_torch", vs);
+        r.set("token_loss_bw_fraction", Some(frac));
+        r.set(
+            "burn_ndarray_token_loss_vs_torch",
+            vs.map(|x| x * ours / burn),
+        );
+    } else {
+        let k = format!("token_loss_{b}x{t}");
+        r.set(&format!("{k}_vs_torch"), vs);
+        r.set(&format!("{k}_bw_fraction"), Some(frac));
+        r.set(
+            &format!("burn_ndarray_{k}_vs_torch"),
+            vs.map(|x| x * ours / burn),
+        );
+    }
+}
+
+fn burn_token_loss(
+    lp: &[f32],
+    old: &[f32],
+    rf: &[f32],
+    adv: &[f32],
+    mask: &[bool],
+    shape: [usize; 2],
+    reps: usize,
+) -> f64 {
+    use posttrain_burn::fused;
+    let [b, t] = shape;
+    let dev: Device = posttrain_burn::device().expect("burn device").autodiff();
+    let inner = dev.clone().inner();
+    let t2 = |v: &[f32]| -> Tensor<2> {
+        Tensor::from_data(TensorData::new(v.to_vec(), [b, t]), &inner).autodiff()
+    };
+    let (x0, o, f, ad) = (t2(lp), t2(old), t2(rf), t2(adv));
+    let m: Tensor<2, Bool> = Tensor::from_data(TensorData::new(mask.to_vec(), [b, t]), &inner);
+    let m = m.autodiff();
+    let cfg = verl_actor_loss();
+    let kl = cfg.kl.expect("kl");
+    let (med, _) = time(2, reps, || {
+        let x = x0.clone().require_grad();
+        let out = fused::policy_loss_with_kl(
+            &cfg.loss,
+            cfg.agg,
+            &cfg.norm,
+            x.clone(),
+            o.clone(),
+            ad.clone(),
+            &m,
+            None,
+            Some(fused::KlPenalty {
+                config: kl.estimator,
+                coef: kl.coef,
+                ref_log_prob: f.clone(),
+            }),
+        )
+        .expect("fused policy loss");
+        let grads = out.loss.backward();
+        let _ = x.grad(&grads).expect("grad").into_data();
+    });
+    med
+}
+
+/// Workload 3a: GRPO group advantages (verl's outcome advantage: z-score per group, ε = 1e-6).
+fn advantages(a: &Args, r: &mut Report, shape: [usize; 2]) {
+    let [n, group] = shape;
+    let mut rng = Rng(3);
+    let scores: Vec<f32> = (0..n)
+        .map(|_| if rng.unif() < 0.4 { 1.0 } else { 0.0 })
+        .collect();
+    let index: Vec<i64> = (0..n).map(|i| (i / group) as i64).collect();
+    let cfg = GroupNormConfig::preset(Preset::Verl);
+    let mut perm = vec![0usize; n];
+    let mut out = vec![0.0f32; n];
+    let (ours, _) = time(3, if a.quick { 10 } else { 50 }, || {
+        group_zscore_advantages(&cfg, &scores, &index, &mut perm, &mut out).expect("advantages");
+    });
+    r.row(
+        "advantages",
+        &shape,
+        "posttrain (core, f32)",
+        ours,
+        String::new(),
+    );
+    let vs = r.peers(
+        a,
+        "advantages",
+        &[n, group],
+        ours,
+        "verl.compute_grpo_outcome_advantage",
+    );
+    r.set("advantages_vs_torch", vs);
+}
+
+/// Workload 3b: GAE (verl preset: γ = 1, λ = 0.95, whitened) on `[B, T]`.
+fn gae(a: &Args, r: &mut Report, shape: [usize; 2]) {
+    let [b, t] = shape;
+    let mut rng = Rng(4);
+    let mut rewards = vec![0.0f32; b * t];
+    let mut values = vec![0.0f32; b * t];
+    let mut mask = vec![false; b * t];
+    for row in 0..b {
+        let len = t / 4 + rng.below(t - t / 4 + 1);
+        for j in 0..t {
+            values[row * t + j] = rng.normal() as f32;
+            mask[row * t + j] = j < len;
+        }
+        rewards[row * t + len - 1] = if rng.unif() < 0.5 { 1.0 } else { 0.0 };
+    }
+    let cfg = GaeConfig::preset(Preset::Verl, 1.0, 0.95).expect("gae");
+    let (mut adv, mut ret) = (vec![0.0f32; b * t], vec![0.0f32; b * t]);
+    let (ours, _) = time(2, if a.quick { 5 } else { 20 }, || {
+        gae_advantages_returns(
+            &cfg,
+            Dims::new(b, t),
+            &rewards,
+            &values,
+            &mask,
+            &mut adv,
+            &mut ret,
+        )
+        .expect("gae");
+    });
+    r.row("gae", &shape, "posttrain (core, f32)", ours, String::new());
+    let vs = r.peers(a, "gae", &shape, ours, "verl");
+    r.set("gae_vs_torch", vs);
+}
+
+/// Workload 4a: DPO (sigmoid, β = 0.1) from sequence log-probs, loss + gradient.
+fn dpo(a: &Args, r: &mut Report, n: usize) {
+    let mut rng = Rng(5);
+    let mut v = || {
+        (0..n)
+            .map(|_| (-50.0 + 10.0 * rng.normal()) as f32)
+            .collect::<Vec<f32>>()
+    };
+    let (pc, pr, rc, rr) = (v(), v(), v(), v());
+    let cfg = PairedConfig::preset(Preset::Trl, 0.1).expect("dpo");
+    let terms = [LossTerm::new(PairedLoss::Sigmoid)];
+    let (mut gc, mut gr) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let mut order = vec![0usize; n];
+    let mut batch = PairBatch::new(&pc[..], &pr[..]);
+    batch.reference_chosen = Some(&rc);
+    batch.reference_rejected = Some(&rr);
+    let (ours, _) = time(3, if a.quick { 10 } else { 50 }, || {
+        paired_loss(
+            &cfg,
+            &terms,
+            &batch,
+            None,
+            Some(PairGrads::of_mean(1.0, &mut gc, &mut gr)),
+            &mut order,
+        )
+        .expect("dpo");
+    });
+    r.row("dpo", &[n], "posttrain (core, f32)", ours, String::new());
+    let vs = r.peers(a, "dpo", &[n], ours, "trl.DPOTrainer");
+    r.set("dpo_vs_torch", vs);
+}
+
+/// Workload 4b: DPO from logits `[2N, T, V]` (chosen rows first): fused
+/// log-probs, masked per-sequence sums, the DPO loss, and the gradient back
+/// to the logits through the fused backward.
+fn dpo_logits(a: &Args, r: &mut Report, shape: [usize; 3]) {
+    let [b2, s, v] = shape;
+    let (rows, pairs) = (b2 * s, b2 / 2);
+    let mut rng = Rng(6);
+    let z: Vec<f32> = (0..rows * v).map(|_| (2.0 * rng.normal()) as f32).collect();
+    let ids: Vec<i64> = (0..rows).map(|_| rng.below(v) as i64).collect();
+    let mask: Vec<bool> = (0..b2)
+        .flat_map(|_| {
+            let len = s / 2 + rng.below(s / 2 + 1);
+            (0..s).map(move |j| j < len)
+        })
+        .collect();
+    let refs: Vec<f32> = (0..b2)
+        .map(|_| (-(s as f64) * 2.0 + rng.normal()) as f32)
+        .collect();
+    let cfg = PairedConfig::preset(Preset::Trl, 0.1).expect("dpo");
+    let terms = [LossTerm::new(PairedLoss::Sigmoid)];
+    let t = Temperature::ONE;
+    let (mut lp, mut h, mut lse) = (vec![0.0f32; rows], vec![0.0f32; rows], vec![0.0f32; rows]);
+    let mut g = vec![0.0f32; rows * v];
+    let mut seq = vec![0.0f32; b2];
+    let (mut gc, mut gr) = (vec![0.0f32; pairs], vec![0.0f32; pairs]);
+    let mut order = vec![0usize; pairs];
+    let mut d_lp = vec![0.0f32; rows];
+    let reps = if a.quick { 3 } else { 5 };
+    let (ours, _) = time(1, reps, || {
+        parallel::log_probs_entropy(&z, rows, v, t, &ids, &mut lp, &mut h, &mut lse, a.threads)
+            .expect("forward");
+        for (k, sq) in seq.iter_mut().enumerate() {
+            *sq = (k * s..(k + 1) * s)
+                .filter(|&i| mask[i])
+                .map(|i| lp[i])
+                .sum();
+        }
+        let mut batch = PairBatch::new(&seq[..pairs], &seq[pairs..]);
+        batch.reference_chosen = Some(&refs[..pairs]);
+        batch.reference_rejected = Some(&refs[pairs..]);
+        paired_loss(
+            &cfg,
+            &terms,
+            &batch,
+            None,
+            Some(PairGrads::of_mean(1.0, &mut gc, &mut gr)),
+            &mut order,
+        )
+        .expect("dpo");
+        for k in 0..b2 {
+            let gk = if k < pairs { gc[k] } else { gr[k - pairs] };
+            for i in k * s..(k + 1) * s {
+                d_lp[i] = if mask[i] { gk } else { 0.0 };
+            }
+        }
+        parallel::log_probs_entropy_backward(
+            &z, rows, v, t, &ids, &lse, &h, &d_lp, None, &mut g, a.threads,
+        )
+        .expect("backward");
+    });
+    r.row(
+        "dpo_logits",
+        &shape,
+        "posttrain fused (core, f32)",
+        ours,
+        String::new(),
+    );
+    let vs = r.peers(
+        a,
+        "dpo_logits",
+        &shape,
+        ours,
+        "trl.selective_log_softmax+masked sum+trl.DPOTrainer",
+    );
+    r.set("dpo_logits_vs_torch", vs);
+}
+
+fn main() {
+    let a = args();
+    let wanted = |w: &str| a.only.as_ref().is_none_or(|o| o.iter().any(|x| x == w));
+    let q = a.quick;
+    println!(
+        "posttrain-bench: {} threads{}, peers {}",
+        a.threads,
+        if q { ", quick shapes" } else { "" },
+        if a.peers { a.python.as_str() } else { "off" }
+    );
+    let bw = copy_bandwidth(a.threads, if q { 64 << 20 } else { 1 << 30 });
+    println!(
+        "copy bandwidth: {:.1} GB/s (read + write, {} threads)",
+        bw / 1e9,
+        a.threads
+    );
+    let mut r = Report {
+        rows: vec![],
+        json: Map::new(),
+        peers_used: Map::new(),
+    };
+    r.json.insert("threads".into(), json!(a.threads));
+    r.json
+        .insert("copy_gb_per_s".into(), json!((bw / 1e8).round() / 10.0));
+    if wanted("logprobs") {
+        logprobs(
+            &a,
+            &mut r,
+            if q { [2, 64, 4096] } else { [8, 512, 32000] },
+            bw,
+        );
+    }
+    if wanted("token_loss") {
+        token_loss(&a, &mut r, if q { [8, 256] } else { [64, 1024] }, bw, false);
+        token_loss(
+            &a,
+            &mut r,
+            if q { [16, 512] } else { [256, 4096] },
+            bw,
+            true,
+        );
+    }
+    if wanted("advantages") {
+        advantages(&a, &mut r, if q { [512, 8] } else { [4096, 8] });
+    }
+    if wanted("gae") {
+        gae(&a, &mut r, if q { [16, 128] } else { [256, 1024] });
+    }
+    if wanted("dpo") {
+        dpo(&a, &mut r, if q { 256 } else { 4096 });
+    }
+    if wanted("dpo_logits") {
+        dpo_logits(&a, &mut r, if q { [4, 64, 4096] } else { [8, 512, 32000] });
+    }
+    let w = [10, 16, 52, 12, 28];
+    println!();
+    println!(
+        "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {}",
+        "workload",
+        "shape",
+        "implementation",
+        "time",
+        "",
+        w0 = w[0],
+        w1 = w[1],
+        w2 = w[2],
+        w3 = w[3]
+    );
+    for row in &r.rows {
+        println!(
+            "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {}",
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            w0 = w[0],
+            w1 = w[1],
+            w2 = w[2],
+            w3 = w[3]
+        );
+    }
+    r.json
+        .insert("peers".into(), Value::Object(r.peers_used.clone()));
+    let mut j = r.json;
+    let peers = j.remove("peers").unwrap_or(Value::Null);
+    if std::env::var_os("POSTTRAIN_BENCH_PEER_LINES").is_some() {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&peers).unwrap_or_default()
+        );
+    }
+    println!("{}", Value::Object(j));
+}

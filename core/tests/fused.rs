@@ -1,0 +1,598 @@
+//! The fused kernels against the reference drivers they replace.
+
+use posttrain_core::aggregate::{aggregate, AggMode, GlobalNorm};
+use posttrain_core::fused::{
+    log_probs_entropy, log_probs_entropy_backward, token_loss, KlPenalty, TokenLoss,
+};
+use posttrain_core::kl::{KlConfig, KlEstimator};
+use posttrain_core::logits::{entropy_from_logits, gather_log_softmax, Temperature};
+use posttrain_core::policy::token::{
+    policy_loss, PolicyBatch, PolicyLoss, PolicyLossMode, VerlPolicyParams,
+};
+use posttrain_core::{Dims, Error, Preset, Real};
+
+/// xorshift64*: a tiny seeded generator for the inputs.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn unif(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f64 {
+        let (u, v) = (self.unif().max(1e-300), self.unif());
+        (-2.0 * u.ln()).sqrt() * (2.0 * core::f64::consts::PI * v).cos()
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[test]
+fn exp_branch_free_f32_is_within_two_ulp_of_libm() {
+    let ulp = |a: f32, b: f32| (a.to_bits() as i64 - b.to_bits() as i64).abs();
+    let mut worst = 0;
+    let mut x = -104.0f32;
+    while x <= 89.0 {
+        let fast = x.exp_branch_free();
+        let libm = x.exp();
+        if libm < f32::MIN_POSITIVE {
+            assert!((fast - libm).abs() <= 1e-44, "x = {x}: {fast} vs {libm}");
+        } else {
+            worst = worst.max(ulp(fast, libm));
+            assert!(ulp(fast, libm) <= 2, "x = {x}: {fast} vs {libm}");
+        }
+        x += 1.0 / 4096.0;
+    }
+    eprintln!("worst ulp distance: {worst}");
+    assert_eq!(f32::INFINITY.exp_branch_free(), f32::INFINITY);
+    assert_eq!(f32::NEG_INFINITY.exp_branch_free(), 0.0);
+    assert_eq!(88.8f32.exp_branch_free(), f32::INFINITY);
+    assert_eq!((-104.0f32).exp_branch_free(), 0.0);
+    assert!(f32::NAN.exp_branch_free().is_nan());
+    assert_eq!(0.0f32.exp_branch_free(), 1.0);
+}
+
+fn close(a: f64, b: f64, rel: f64) -> bool {
+    (a - b).abs() <= rel * (1.0 + a.abs().max(b.abs()))
+}
+
+struct TokenCase<F> {
+    dims: Dims,
+    lp: Vec<F>,
+    old: Vec<F>,
+    refp: Vec<F>,
+    adv: Vec<F>,
+    isw: Vec<F>,
+    mask: Vec<bool>,
+}
+
+fn token_case<F: Real>(rng: &mut Rng, batch: usize, seq: usize) -> TokenCase<F> {
+    let dims = Dims::new(batch, seq);
+    let n = dims.len();
+    let mut c = TokenCase {
+        dims,
+        lp: vec![],
+        old: vec![],
+        refp: vec![],
+        adv: vec![],
+        isw: vec![],
+        mask: vec![],
+    };
+    for r in 0..batch {
+        let a = rng.normal();
+        // prefix-valid rows with holes; some rows fully masked
+        let len = if rng.below(7) == 0 {
+            0
+        } else {
+            1 + rng.below(seq)
+        };
+        for j in 0..seq {
+            let valid = j < len && rng.below(10) != 0;
+            let x = -(rng.normal().abs() * 2.0);
+            c.mask.push(valid);
+            if valid {
+                c.lp.push(F::of(x));
+                c.old.push(F::of(x + 0.3 * rng.normal()));
+                c.refp.push(F::of(x + 0.3 * rng.normal()));
+                c.adv.push(F::of(a + 0.1 * (r as f64)));
+                c.isw.push(F::of(0.5 + rng.unif()));
+            } else {
+                // padding holds garbage: it must never reach a value or gradient
+                let junk = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 1e30];
+                c.lp.push(F::of(junk[rng.below(4)]));
+                c.old.push(F::of(junk[rng.below(4)]));
+                c.refp.push(F::of(junk[rng.below(4)]));
+                c.adv.push(F::of(junk[rng.below(4)]));
+                c.isw.push(F::of(junk[rng.below(4)]));
+            }
+        }
+    }
+    assert_eq!(c.lp.len(), n);
+    c
+}
+
+fn token_local_losses() -> Vec<PolicyLoss> {
+    let p = VerlPolicyParams {
+        clip_ratio_low: Some(0.2),
+        clip_ratio_high: Some(0.28),
+        dro_beta: Some(0.1),
+        ..VerlPolicyParams::default()
+    };
+    [
+        "vanilla", "dppo_tv", "dppo_kl", "sapo", "gpg", "dro", "cispo",
+    ]
+    .iter()
+    .map(|m| PolicyLoss::from_verl(m.parse::<PolicyLossMode>().unwrap(), &p).unwrap())
+    .collect()
+}
+
+/// The reference chain: policy_loss + KL estimate + aggregate.
+fn reference<F: Real>(
+    cfg: &TokenLoss,
+    batch: &PolicyBatch<'_, F>,
+    refp: &[F],
+) -> (f64, f64, f64, [f64; 3], Vec<f64>) {
+    let n = batch.dims.len();
+    let mut scratch = vec![F::zero(); PolicyLoss::scratch_len(batch.dims)];
+    let mut g = vec![F::zero(); n];
+    let out = policy_loss(
+        &cfg.loss,
+        cfg.agg,
+        &cfg.norm,
+        batch,
+        &mut scratch,
+        Some((F::one(), &mut g)),
+    )
+    .unwrap();
+    let mut grad: Vec<f64> = g.iter().map(|v| v.to_f64()).collect();
+    let mut kl_loss = 0.0;
+    if let Some(k) = &cfg.kl {
+        let mut est = vec![F::zero(); n];
+        let mut dk = vec![F::zero(); n];
+        let ones = vec![F::one(); n];
+        k.estimator
+            .estimate_slices(batch.log_prob, refp, &mut est, Some((&ones, &mut dk)))
+            .unwrap();
+        let mut w = vec![F::zero(); n];
+        kl_loss = aggregate(
+            cfg.agg,
+            &cfg.norm,
+            batch.dims,
+            &est,
+            batch.mask,
+            Some(&mut w),
+        )
+        .unwrap()
+        .to_f64();
+        for i in 0..n {
+            if batch.mask[i] {
+                grad[i] += k.coef * (w[i] * dk[i]).to_f64();
+            }
+        }
+    }
+    let coef = cfg.kl.map_or(0.0, |k| k.coef);
+    let pl = out.loss.to_f64();
+    (
+        pl + coef * kl_loss,
+        pl,
+        kl_loss,
+        [
+            out.clipfrac.to_f64(),
+            out.clipfrac_lower.to_f64(),
+            out.approx_kl.to_f64(),
+        ],
+        grad,
+    )
+}
+
+fn check_token_loss<F: Real>(rel: f64, seed: u64) {
+    let mut rng = Rng(seed);
+    let kls = [
+        None,
+        Some(KlPenalty {
+            estimator: KlConfig::preset(KlEstimator::K3, Preset::Verl),
+            coef: 0.001,
+        }),
+        Some(KlPenalty {
+            estimator: KlConfig::new(KlEstimator::K1),
+            coef: 0.1,
+        }),
+        Some(KlPenalty {
+            estimator: KlConfig::new(KlEstimator::Abs),
+            coef: 0.05,
+        }),
+        Some(KlPenalty {
+            estimator: KlConfig::parse_verl("k2+").unwrap(),
+            coef: 0.2,
+        }),
+    ];
+    let mut cases = 0;
+    for loss in token_local_losses() {
+        for agg in AggMode::ALL {
+            for kl in kls {
+                let (b, t) = (1 + rng.below(6), 1 + rng.below(40));
+                let c = token_case::<F>(&mut rng, b, t);
+                let with_is = rng.below(2) == 0;
+                let batch = PolicyBatch {
+                    dims: c.dims,
+                    log_prob: &c.lp,
+                    old_log_prob: &c.old,
+                    advantages: &c.adv,
+                    mask: &c.mask,
+                    is_weights: with_is.then_some(&c.isw[..]),
+                };
+                let cfg = TokenLoss {
+                    loss,
+                    agg,
+                    norm: GlobalNorm::default(),
+                    kl,
+                };
+                let (l, pl, kll, metrics, g_ref) = reference(&cfg, &batch, &c.refp);
+                let mut g = vec![F::zero(); c.dims.len()];
+                let out =
+                    token_loss(&cfg, &batch, Some(&c.refp), Some((F::one(), &mut g))).unwrap();
+                let what = format!("{loss:?} {agg:?} {kl:?} is={with_is}");
+                assert!(
+                    close(out.loss.to_f64(), l, rel),
+                    "{what}: loss {} vs {l}",
+                    out.loss
+                );
+                assert!(close(out.policy.loss.to_f64(), pl, rel), "{what}: pg");
+                assert!(close(out.kl_loss.to_f64(), kll, rel), "{what}: kl");
+                let got = [
+                    out.policy.clipfrac.to_f64(),
+                    out.policy.clipfrac_lower.to_f64(),
+                    out.policy.approx_kl.to_f64(),
+                ];
+                for k in 0..3 {
+                    assert!(
+                        close(got[k], metrics[k], rel),
+                        "{what}: metric {k}: {got:?} vs {metrics:?}"
+                    );
+                }
+                let scale = g_ref.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+                for i in 0..g.len() {
+                    let gi = g[i].to_f64();
+                    assert!(gi.is_finite(), "{what}: grad[{i}] = {gi}");
+                    assert!(
+                        (gi - g_ref[i]).abs() <= rel * (scale + 1e-30) * 4.0,
+                        "{what}: grad[{i}] {gi} vs {}",
+                        g_ref[i]
+                    );
+                    if !c.mask[i] {
+                        assert_eq!(gi, 0.0);
+                    }
+                }
+                cases += 1;
+            }
+        }
+    }
+    assert_eq!(cases, 7 * 5 * 5);
+}
+
+#[test]
+fn token_loss_matches_the_reference_chain_f64() {
+    check_token_loss::<f64>(1e-12, 0x9e37_79b9_7f4a_7c15);
+}
+
+#[test]
+fn token_loss_matches_the_reference_chain_f32() {
+    check_token_loss::<f32>(1e-5, 0x1234_5678_9abc_def1);
+}
+
+#[test]
+fn token_loss_refuses_cross_token_variants_and_bad_input() {
+    let dims = Dims::new(1, 2);
+    let batch = PolicyBatch {
+        dims,
+        log_prob: &[-1.0f64, -2.0],
+        old_log_prob: &[-1.0, -2.0],
+        advantages: &[1.0, 1.0],
+        mask: &[true, true],
+        is_weights: None,
+    };
+    let mut cfg = TokenLoss {
+        loss: PolicyLoss::from_verl(PolicyLossMode::Gspo, &VerlPolicyParams::default()).unwrap(),
+        agg: AggMode::TokenMean,
+        norm: GlobalNorm::default(),
+        kl: None,
+    };
+    assert!(matches!(
+        token_loss(&cfg, &batch, None, None),
+        Err(Error::Invalid { input: "loss", .. })
+    ));
+    cfg.loss = token_local_losses()[0];
+    cfg.kl = Some(KlPenalty {
+        estimator: KlConfig::new(KlEstimator::K3),
+        coef: 0.1,
+    });
+    assert!(matches!(
+        token_loss(&cfg, &batch, None, None),
+        Err(Error::Invalid {
+            input: "ref_log_prob",
+            ..
+        })
+    ));
+    let mut g = [0.0; 3];
+    assert!(matches!(
+        token_loss(&cfg, &batch, Some(&[0.0, 0.0]), Some((1.0, &mut g))),
+        Err(Error::ShapeMismatch { input: "grad", .. })
+    ));
+    cfg.kl.as_mut().unwrap().coef = f64::NAN;
+    assert!(matches!(
+        token_loss(&cfg, &batch, Some(&[0.0, 0.0]), None),
+        Err(Error::OutOfRange {
+            param: "kl_loss_coef",
+            ..
+        })
+    ));
+}
+
+fn logits_case<F: Real>(rng: &mut Rng, rows: usize, vocab: usize) -> (Vec<F>, Vec<i64>) {
+    let mut z = Vec::with_capacity(rows * vocab);
+    for r in 0..rows {
+        let kind = r % 7;
+        for k in 0..vocab {
+            let v = match kind {
+                // ±1e30 rows with one maximum (ties at 1e30: see the test below)
+                3 if k == 0 => 1e30,
+                3 => [-1e30, 0.0][rng.below(2)],
+                // −inf entries (masked vocabulary)
+                4 if k % 3 == 0 => f64::NEG_INFINITY,
+                // a +inf or NaN: the reference's IEEE answer
+                5 if k == vocab / 2 => [f64::INFINITY, f64::NAN][rng.below(2)],
+                6 => 30.0 * rng.normal(),
+                _ => 3.0 * rng.normal(),
+            };
+            z.push(F::of(v));
+        }
+    }
+    let mut t: Vec<i64> = (0..rows).map(|_| rng.below(vocab) as i64).collect();
+    // the −inf rows' target must be a finite entry for a finite answer; keep one −inf target too
+    for (r, id) in t.iter_mut().enumerate() {
+        if r % 7 == 4 && r % 2 == 0 {
+            *id = 1.min(vocab as i64 - 1);
+        }
+    }
+    (z, t)
+}
+
+#[test]
+fn entropy_of_tied_huge_logits_is_exact() {
+    // k logits tied at 1e30: the entropy is ln k. The reference kernel (and
+    // every peer: lse − Σ p·z) loses ln k to rounding next to 1e30 and says 0;
+    // the online form measures everything from the max and keeps it.
+    let z = [
+        1e30f64, 1e30, -1e30, 1e30, 0.0, 1e30, 1e30, 1e30, 1e30, 1e30,
+    ];
+    let (mut lp, mut h, mut lse) = ([0.0; 1], [0.0; 1], [0.0; 1]);
+    log_probs_entropy(&z, 1, 10, Temperature::ONE, &[0], &mut lp, &mut h, &mut lse).unwrap();
+    assert!((h[0] - 8f64.ln()).abs() < 1e-12, "{}", h[0]);
+    let mut h_ref = [0.0];
+    entropy_from_logits(&z, 1, 10, &mut h_ref, None).unwrap();
+    assert_eq!(h_ref[0], 0.0);
+}
+
+fn same(a: f64, b: f64, rel: f64) -> bool {
+    (a.is_nan() && b.is_nan()) || a == b || close(a, b, rel)
+}
+
+fn check_logits<F: Real>(rel: f64, seed: u64) {
+    let mut rng = Rng(seed);
+    for &(rows, vocab) in &[(1, 1), (3, 7), (14, 8), (15, 33), (21, 100), (7, 1000)] {
+        for temp in [1.0, 0.7] {
+            let t = Temperature::new(temp).unwrap();
+            let (z, ids) = logits_case::<F>(&mut rng, rows, vocab);
+            let (mut lp, mut h, mut lse) = (
+                vec![F::zero(); rows],
+                vec![F::zero(); rows],
+                vec![F::zero(); rows],
+            );
+            log_probs_entropy(&z, rows, vocab, t, &ids, &mut lp, &mut h, &mut lse).unwrap();
+            let mut lp_ref = vec![F::zero(); rows];
+            gather_log_softmax(&z, rows, vocab, t, 1, &ids, &mut lp_ref, None).unwrap();
+            // the reference entropy has no temperature: feed it z / T
+            let zt: Vec<F> = z.iter().map(|&v| v / F::of(temp)).collect();
+            let mut h_ref = vec![F::zero(); rows];
+            entropy_from_logits(&zt, rows, vocab, &mut h_ref, None).unwrap();
+            for r in 0..rows {
+                let what = format!("rows {rows} vocab {vocab} T {temp} row {r}");
+                assert!(
+                    same(lp[r].to_f64(), lp_ref[r].to_f64(), rel),
+                    "{what}: logp {} vs {}",
+                    lp[r],
+                    lp_ref[r]
+                );
+                assert!(
+                    same(h[r].to_f64(), h_ref[r].to_f64(), rel),
+                    "{what}: H {} vs {}",
+                    h[r],
+                    h_ref[r]
+                );
+            }
+            // backward vs the two reference VJPs
+            let c_lp: Vec<F> = (0..rows).map(|_| F::of(rng.normal())).collect();
+            let c_h: Vec<F> = (0..rows).map(|_| F::of(rng.normal())).collect();
+            let mut g = vec![F::zero(); rows * vocab];
+            log_probs_entropy_backward(
+                &z,
+                rows,
+                vocab,
+                t,
+                &ids,
+                &lse,
+                &h,
+                &c_lp,
+                Some(&c_h),
+                &mut g,
+            )
+            .unwrap();
+            let mut g1 = vec![F::zero(); rows * vocab];
+            gather_log_softmax(
+                &z,
+                rows,
+                vocab,
+                t,
+                1,
+                &ids,
+                &mut lp_ref,
+                Some((&c_lp, &mut g1)),
+            )
+            .unwrap();
+            let mut g2 = vec![F::zero(); rows * vocab];
+            entropy_from_logits(&zt, rows, vocab, &mut h_ref, Some((&c_h, &mut g2))).unwrap();
+            for r in 0..rows {
+                let row = r * vocab..(r + 1) * vocab;
+                let want: Vec<f64> = row
+                    .clone()
+                    .map(|i| g1[i].to_f64() + g2[i].to_f64() / temp)
+                    .collect();
+                let scale = want
+                    .iter()
+                    .filter(|v| v.is_finite())
+                    .fold(0.0f64, |a, v| a.max(v.abs()));
+                for (k, i) in row.enumerate() {
+                    let (a, b) = (g[i].to_f64(), want[k]);
+                    let ok = (a.is_nan() && b.is_nan())
+                        || a == b
+                        || (a - b).abs() <= rel * 4.0 * (scale + 1e-30);
+                    assert!(
+                        ok,
+                        "rows {rows} vocab {vocab} T {temp} row {r} k {k}: grad {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn log_probs_entropy_matches_the_reference_kernels_f64() {
+    check_logits::<f64>(1e-12, 7);
+}
+
+#[test]
+fn log_probs_entropy_matches_the_reference_kernels_f32() {
+    check_logits::<f32>(2e-5, 11);
+}
+
+#[test]
+fn log_probs_entropy_rejects_bad_shapes_and_ids() {
+    let z = [0.0f32; 8];
+    let (mut a, mut b, mut c) = ([0.0f32; 2], [0.0f32; 2], [0.0f32; 2]);
+    let t = Temperature::ONE;
+    assert!(matches!(
+        log_probs_entropy(&z, 2, 4, t, &[0, 4], &mut a, &mut b, &mut c),
+        Err(Error::Invalid {
+            input: "targets",
+            ..
+        })
+    ));
+    assert!(matches!(
+        log_probs_entropy(&z, 2, 4, t, &[0], &mut a, &mut b, &mut c),
+        Err(Error::ShapeMismatch {
+            input: "targets",
+            ..
+        })
+    ));
+    assert!(matches!(
+        log_probs_entropy(&z, 3, 4, t, &[0, 0, 0], &mut a, &mut b, &mut c),
+        Err(Error::ShapeMismatch {
+            input: "logits",
+            ..
+        })
+    ));
+    let mut g = [0.0f32; 7];
+    assert!(matches!(
+        log_probs_entropy_backward(&z, 2, 4, t, &[0, 1], &c, &b, &a, None, &mut g),
+        Err(Error::ShapeMismatch { input: "grad", .. })
+    ));
+}
+
+#[cfg(feature = "parallel")]
+#[test]
+fn parallel_drivers_are_bitwise_identical_for_every_thread_count() {
+    use posttrain_core::fused::parallel;
+    let mut rng = Rng(99);
+    let c = token_case::<f32>(&mut rng, 37, 129);
+    let batch = PolicyBatch {
+        dims: c.dims,
+        log_prob: &c.lp,
+        old_log_prob: &c.old,
+        advantages: &c.adv,
+        mask: &c.mask,
+        is_weights: Some(&c.isw),
+    };
+    let cfg = TokenLoss {
+        loss: token_local_losses()[0],
+        agg: AggMode::SeqMeanTokenMean,
+        norm: GlobalNorm::default(),
+        kl: Some(KlPenalty {
+            estimator: KlConfig::preset(KlEstimator::K3, Preset::Verl),
+            coef: 0.001,
+        }),
+    };
+    let mut g0 = vec![0.0f32; c.dims.len()];
+    let o0 = token_loss(&cfg, &batch, Some(&c.refp), Some((1.0, &mut g0))).unwrap();
+    for threads in [1, 2, 3, 8, 64] {
+        let mut g = vec![0.0f32; c.dims.len()];
+        let o = parallel::token_loss(&cfg, &batch, Some(&c.refp), Some((1.0, &mut g)), threads)
+            .unwrap();
+        assert_eq!(o, o0, "threads {threads}");
+        assert!(
+            g.iter().zip(&g0).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "threads {threads}"
+        );
+    }
+    let (rows, vocab) = (29, 301);
+    let (z, ids) = logits_case::<f32>(&mut rng, rows, vocab);
+    let t = Temperature::ONE;
+    let (mut lp0, mut h0, mut l0) = (vec![0.0f32; rows], vec![0.0f32; rows], vec![0.0f32; rows]);
+    log_probs_entropy(&z, rows, vocab, t, &ids, &mut lp0, &mut h0, &mut l0).unwrap();
+    let c_lp: Vec<f32> = (0..rows).map(|_| rng.normal() as f32).collect();
+    let mut g0 = vec![0.0f32; rows * vocab];
+    log_probs_entropy_backward(
+        &z,
+        rows,
+        vocab,
+        t,
+        &ids,
+        &l0,
+        &h0,
+        &c_lp,
+        Some(&c_lp),
+        &mut g0,
+    )
+    .unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for threads in [1, 2, 3, 8, 64] {
+        let (mut lp, mut h, mut l) = (vec![0.0f32; rows], vec![0.0f32; rows], vec![0.0f32; rows]);
+        parallel::log_probs_entropy(&z, rows, vocab, t, &ids, &mut lp, &mut h, &mut l, threads)
+            .unwrap();
+        assert_eq!(
+            (bits(&lp), bits(&h), bits(&l)),
+            (bits(&lp0), bits(&h0), bits(&l0))
+        );
+        let mut g = vec![0.0f32; rows * vocab];
+        parallel::log_probs_entropy_backward(
+            &z,
+            rows,
+            vocab,
+            t,
+            &ids,
+            &l,
+            &h,
+            &c_lp,
+            Some(&c_lp),
+            &mut g,
+            threads,
+        )
+        .unwrap();
+        assert_eq!(bits(&g), bits(&g0), "threads {threads}");
+    }
+}
