@@ -2,7 +2,7 @@
 //! PyTorch functions, measured side by side in one run.
 //!
 //! ```text
-//! cargo run --release -p posttrain-bench -- [--quick] [--threads N] [--python PATH] [--no-peers] [--only W,W]
+//! cargo run --release -p posttrain-bench -- [--quick] [--threads N] [--python PATH] [--no-peers] [--no-simd] [--only W,W]
 //! ```
 //!
 //! For each workload this binary times posttrain (the core's fused kernels on
@@ -73,6 +73,8 @@ fn args() -> Args {
         match x.as_str() {
             "--quick" => a.quick = true,
             "--no-peers" => a.peers = false,
+            // The fused loops on the build's baseline instruction set only (SSE2 on x86-64).
+            "--no-simd" => posttrain_core::fused::use_simd_extensions(false),
             "--threads" => a.threads = it.next().and_then(|v| v.parse().ok()).expect("--threads N"),
             "--python" => a.python = it.next().expect("--python PATH"),
             "--only" => {
@@ -85,7 +87,7 @@ fn args() -> Args {
                 )
             }
             "-h" | "--help" => {
-                println!("usage: posttrain-bench [--quick] [--threads N] [--python PATH] [--no-peers] [--only logprobs,token_loss,advantages,gae,dpo,dpo_logits]");
+                println!("usage: posttrain-bench [--quick] [--threads N] [--python PATH] [--no-peers] [--no-simd] [--only logprobs,token_loss,advantages,gae,dpo,dpo_logits]");
                 std::process::exit(0);
             }
             other => {
@@ -378,11 +380,10 @@ fn burn_logprobs(
     med
 }
 
-fn token_inputs(
-    b: usize,
-    t: usize,
-    seed: u64,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<bool>) {
+/// `(log π, log π_old, log π_ref, A, mask)` of a `[b, t]` batch.
+type TokenInputs = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<bool>);
+
+fn token_inputs(b: usize, t: usize, seed: u64) -> TokenInputs {
     let mut rng = Rng(seed);
     let n = b * t;
     let (mut lp, mut old, mut rf, mut adv, mut mask) = (
@@ -752,15 +753,14 @@ fn main() {
     if wanted("dpo_logits") {
         dpo_logits(&a, &mut r, if q { [4, 64, 4096] } else { [8, 512, 32000] });
     }
-    let w = [10, 16, 52, 12, 28];
+    let w = [10, 16, 52, 12];
     println!();
     println!(
-        "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {}",
+        "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}",
         "workload",
         "shape",
         "implementation",
         "time",
-        "",
         w0 = w[0],
         w1 = w[1],
         w2 = w[2],

@@ -456,7 +456,7 @@ fn exp_f32_branch_free(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5; // Cephes: 5.0000001201e-1, which is 0.5 in f32
     let er = p * (r * r) + r + 1.0;
     // 2ⁿ = 2^{n₁}·2^{n₂}, each factor a normal float.
     let n1 = n_bits >> 1;

@@ -75,6 +75,9 @@
 //! # Ok::<(), posttrain_core::Error>(())
 //! ```
 
+// Index loops over fixed-size arrays are what the vectoriser handles best.
+#![allow(clippy::needless_range_loop)]
+
 use crate::aggregate::{AggMode, AggTotals, GlobalNorm};
 use crate::elem::{Elem, MaskElem, Real};
 use crate::error::{check_len, check_param, Error};
@@ -85,8 +88,8 @@ use crate::logits::{
 };
 use crate::policy::token::{
     clipped_token, clipped_weight_token, divergence_masked_token, log_prob_token,
-    quadratic_penalty_token, soft_gated_token, PolicyBatch, PolicyLoss, PolicyLossOutput,
-    PolicyToken,
+    quadratic_penalty_token, soft_gated_token, DivergenceConfig, PolicyBatch, PolicyLoss,
+    PolicyLossOutput, PolicyToken,
 };
 use crate::policy::ClipConfig;
 
@@ -578,6 +581,139 @@ impl<F: Real> Elem for Fast<F> {
     }
 }
 
+#[cfg(feature = "std")]
+static SIMD_OFF: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Lets the fused loops use the CPU's vector extensions beyond the build's
+/// baseline (`true`, the default) or keeps them on the baseline (`false`).
+///
+/// On x86-64 with `std`, the loops are compiled twice — for the baseline
+/// (SSE2, what a default build targets) and for AVX2 + FMA — and the second
+/// runs when the CPU has both (checked at run time). Results are **bitwise
+/// identical** either way: the same operations in the same order (no fused
+/// multiply-add is formed), only wider (tested). This switch exists to
+/// measure the difference and to rule it out.
+#[cfg(feature = "std")]
+pub fn use_simd_extensions(enabled: bool) {
+    SIMD_OFF.store(!enabled, core::sync::atomic::Ordering::Relaxed);
+}
+
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[inline]
+fn simd_extensions() -> bool {
+    !SIMD_OFF.load(core::sync::atomic::Ordering::Relaxed)
+        && std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+}
+
+/// A token-local policy kernel as a type: its call is always inlined into
+/// the loop (closures are not, once the loop is compiled for AVX2).
+trait TokenKernel<F: Real> {
+    fn token(&self, x: Fast<F>, old: Fast<F>, adv: Fast<F>) -> PolicyToken<Fast<F>>;
+}
+
+/// A KL estimator as a type (see [`TokenKernel`]).
+trait KlKernel<F: Real> {
+    fn estimate(&self, x: Fast<F>, reference: Fast<F>) -> (Fast<F>, Fast<F>);
+}
+
+macro_rules! token_kernel {
+    ($name:ident { $($field:ident: $ty:ty),* }, |$s:ident, $x:ident, $o:ident, $a:ident| $body:expr) => {
+        #[derive(Clone, Copy)]
+        struct $name {
+            $($field: $ty),*
+        }
+        impl<F: Real> TokenKernel<F> for $name {
+            #[allow(unused_braces)]
+            #[inline(always)]
+            fn token(&self, $x: Fast<F>, $o: Fast<F>, $a: Fast<F>) -> PolicyToken<Fast<F>> {
+                let $s = self;
+                $body
+            }
+        }
+    };
+}
+
+token_kernel!(
+    PpoKernel {
+        clip: ClipConfig,
+        clamp: f64,
+        dual: f64
+    },
+    |s, x, o, a| {
+        // Literal `Some`s: the kernel's matches on them fold away.
+        let c = ClipConfig {
+            log_ratio_clamp: Some(s.clamp),
+            dual_clip: Some(s.dual),
+            ..s.clip
+        };
+        clipped_token(&c, Some(s.clamp), x, o, a)
+    }
+);
+token_kernel!(
+    DivergenceKernel {
+        cfg: DivergenceConfig,
+        binary_kl: bool
+    },
+    |s, x, o, a| { divergence_masked_token(&s.cfg, s.binary_kl, x, o, a) }
+);
+token_kernel!(
+    SoftGateKernel {
+        tau_pos: f64,
+        tau_neg: f64
+    },
+    |s, x, o, a| { soft_gated_token(s.tau_pos, s.tau_neg, x, o, a) }
+);
+token_kernel!(LogProbKernel {}, |_s, x, o, a| log_prob_token(x, o, a));
+token_kernel!(QuadraticKernel { beta: f64 }, |s, x, o, a| {
+    quadratic_penalty_token(s.beta, x, o, a)
+});
+token_kernel!(
+    ClippedWeightKernel {
+        eps_low: f64,
+        eps_high: f64
+    },
+    |s, x, o, a| { clipped_weight_token(s.eps_low, s.eps_high, x, o, a) }
+);
+
+/// A KL estimator with its variant (`EST`: 0 k1, 1 abs, 2 k2, 3 k3) and
+/// straight-through flag as constants and its clamps as numbers.
+#[derive(Clone, Copy)]
+struct KlOf<const EST: u8, const ST: bool> {
+    lr: f64,
+    vc: f64,
+}
+
+impl<F: Real, const EST: u8, const ST: bool> KlKernel<F> for KlOf<EST, ST> {
+    #[inline(always)]
+    fn estimate(&self, x: Fast<F>, reference: Fast<F>) -> (Fast<F>, Fast<F>) {
+        let estimator = match EST {
+            0 => KlEstimator::K1,
+            1 => KlEstimator::Abs,
+            2 => KlEstimator::K2,
+            _ => KlEstimator::K3,
+        };
+        KlConfig {
+            estimator,
+            straight_through: ST,
+            log_ratio_clamp: Some(self.lr),
+            value_clamp: Some(self.vc),
+        }
+        .estimate(x, reference)
+    }
+}
+
+/// No KL term: a constant 0.
+#[derive(Clone, Copy)]
+struct NoKl;
+
+impl<F: Real> KlKernel<F> for NoKl {
+    #[inline(always)]
+    fn estimate(&self, x: Fast<F>, _reference: Fast<F>) -> (Fast<F>, Fast<F>) {
+        (x.full_like(0.0), x.full_like(0.0))
+    }
+}
+
 /// An optional clamp or cap as a number: `None` is `+∞`. With a clamp at
 /// `±∞` the kernels compute the same numbers as without one (the clamp is the
 /// identity, its "inactive" mask all true; a dual clip at `∞` never binds) —
@@ -620,10 +756,8 @@ struct RowInputs<'a, F> {
     rlp: Option<&'a [F]>,
 }
 
-/// One block of tokens: the per-token kernels, every result stored into the
-/// block buffers. A separate function whose slices are arguments (so the
-/// compiler knows the outputs alias nothing) with a straight-line body
-/// (every store unconditional, every branch a selection): it vectorises.
+/// [`token_block_body`] compiled for the best instruction set the CPU has
+/// (see [`use_simd_extensions`]).
 #[allow(clippy::too_many_arguments)]
 #[inline(never)]
 fn token_block<F: Real, K, L>(
@@ -644,8 +778,79 @@ fn token_block<F: Real, K, L>(
     db: &mut [F],
     gb: &mut [F],
 ) where
-    K: Fn(Fast<F>, Fast<F>, Fast<F>) -> PolicyToken<Fast<F>>,
-    L: Fn(Fast<F>, Fast<F>) -> (Fast<F>, Fast<F>),
+    K: TokenKernel<F>,
+    L: KlKernel<F>,
+{
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if simd_extensions() {
+        #[allow(unsafe_code)]
+        // SAFETY: `simd_extensions()` checked that this CPU has AVX2 and FMA.
+        return unsafe {
+            token_block_avx2(
+                k, kl, lp, old, adv, isw, rlp, mask, scale_pol, scale_kl, lb, kb, mb, cb, db, gb,
+            )
+        };
+    }
+    token_block_body(
+        k, kl, lp, old, adv, isw, rlp, mask, scale_pol, scale_kl, lb, kb, mb, cb, db, gb,
+    )
+}
+
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+fn token_block_avx2<F: Real, K, L>(
+    k: &K,
+    kl: &L,
+    lp: &[F],
+    old: &[F],
+    adv: &[F],
+    isw: &[F],
+    rlp: &[F],
+    mask: &[bool],
+    scale_pol: F,
+    scale_kl: F,
+    lb: &mut [F],
+    kb: &mut [F],
+    mb: &mut [F],
+    cb: &mut [F],
+    db: &mut [F],
+    gb: &mut [F],
+) where
+    K: TokenKernel<F>,
+    L: KlKernel<F>,
+{
+    token_block_body(
+        k, kl, lp, old, adv, isw, rlp, mask, scale_pol, scale_kl, lb, kb, mb, cb, db, gb,
+    )
+}
+
+/// One block of tokens: the per-token kernels, every result stored into the
+/// block buffers. A separate function whose slices are arguments (so the
+/// compiler knows the outputs alias nothing) with a straight-line body
+/// (every store unconditional, every branch a selection): it vectorises.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn token_block_body<F: Real, K, L>(
+    k: &K,
+    kl: &L,
+    lp: &[F],
+    old: &[F],
+    adv: &[F],
+    isw: &[F],
+    rlp: &[F],
+    mask: &[bool],
+    scale_pol: F,
+    scale_kl: F,
+    lb: &mut [F],
+    kb: &mut [F],
+    mb: &mut [F],
+    cb: &mut [F],
+    db: &mut [F],
+    gb: &mut [F],
+) where
+    K: TokenKernel<F>,
+    L: KlKernel<F>,
 {
     let len = mask.len();
     let (lp, old, adv, isw, rlp) = (
@@ -670,9 +875,9 @@ fn token_block<F: Real, K, L>(
         // selected away.
         let pick = |v: F| if m { v } else { zero };
         let x = pick(lp[j]);
-        let t = k(Fast(x), Fast(pick(old[j])), Fast(pick(adv[j])));
+        let t = k.token(Fast(x), Fast(pick(old[j])), Fast(pick(adv[j])));
         let w = pick(isw[j]);
-        let (kv, kg) = kl(Fast(x), Fast(pick(rlp[j])));
+        let (kv, kg) = kl.estimate(Fast(x), Fast(pick(rlp[j])));
         lb[j] = pick(t.loss.0 * w);
         kb[j] = pick(kv.0);
         mb[j] = pick(t.kl.0);
@@ -696,8 +901,8 @@ fn token_loss_row_with<F: Real, K, L>(
     mut grad: Option<&mut [F]>,
     out: &mut RowTotals,
 ) where
-    K: Fn(Fast<F>, Fast<F>, Fast<F>) -> PolicyToken<Fast<F>>,
-    L: Fn(Fast<F>, Fast<F>) -> (Fast<F>, Fast<F>),
+    K: TokenKernel<F>,
+    L: KlKernel<F>,
 {
     let zero = F::zero();
     let ones = [F::one(); BLOCK];
@@ -801,42 +1006,25 @@ fn token_loss_row<F: Real>(
         }};
     }
     macro_rules! run {
-        ($loss:expr) => {{
-            // The estimator is rebuilt with literal variants (`K3`, `Some(…)`,
-            // `true`/`false`) so every `match` in it folds away: a branch on a
-            // run-time option inside the loop body stops the vectoriser. An
-            // absent clamp is the clamp at ±∞ (the same numbers; see `sure`).
+        ($kernel:expr) => {{
+            // The estimator's variant and flag become types, its clamps plain
+            // numbers (`sure`), so no `match` on a run-time option is left in
+            // the loop body (one stops the vectoriser).
             match cfg.kl.map(|k| k.estimator) {
                 Some(e) => {
                     let (lr, vc) = (sure(e.log_ratio_clamp), sure(e.value_clamp));
-                    macro_rules! est {
-                        ($est:expr, $st:expr) => {
-                            run_kl!($loss, move |x: Fast<F>, r: Fast<F>| {
-                                KlConfig {
-                                    estimator: $est,
-                                    straight_through: $st,
-                                    log_ratio_clamp: Some(lr),
-                                    value_clamp: Some(vc),
-                                }
-                                .estimate(x, r)
-                            })
-                        };
-                    }
                     match (e.estimator, e.straight_through) {
-                        (KlEstimator::K1, false) => est!(KlEstimator::K1, false),
-                        (KlEstimator::Abs, false) => est!(KlEstimator::Abs, false),
-                        (KlEstimator::K2, false) => est!(KlEstimator::K2, false),
-                        (KlEstimator::K3, false) => est!(KlEstimator::K3, false),
-                        (KlEstimator::K1, true) => est!(KlEstimator::K1, true),
-                        (KlEstimator::Abs, true) => est!(KlEstimator::Abs, true),
-                        (KlEstimator::K2, true) => est!(KlEstimator::K2, true),
-                        (KlEstimator::K3, true) => est!(KlEstimator::K3, true),
+                        (KlEstimator::K1, false) => run_kl!($kernel, KlOf::<0, false> { lr, vc }),
+                        (KlEstimator::Abs, false) => run_kl!($kernel, KlOf::<1, false> { lr, vc }),
+                        (KlEstimator::K2, false) => run_kl!($kernel, KlOf::<2, false> { lr, vc }),
+                        (KlEstimator::K3, false) => run_kl!($kernel, KlOf::<3, false> { lr, vc }),
+                        (KlEstimator::K1, true) => run_kl!($kernel, KlOf::<0, true> { lr, vc }),
+                        (KlEstimator::Abs, true) => run_kl!($kernel, KlOf::<1, true> { lr, vc }),
+                        (KlEstimator::K2, true) => run_kl!($kernel, KlOf::<2, true> { lr, vc }),
+                        (KlEstimator::K3, true) => run_kl!($kernel, KlOf::<3, true> { lr, vc }),
                     }
                 }
-                None => run_kl!($loss, |x: Fast<F>, _r: Fast<F>| (
-                    x.full_like(0.0),
-                    x.full_like(0.0)
-                )),
+                None => run_kl!($kernel, NoKl),
             }
         }};
     }
@@ -844,32 +1032,24 @@ fn token_loss_row<F: Real>(
     // directly (the match is outside the loop; `PolicyLoss::token`'s own
     // match inside it stops the vectoriser).
     match cfg.loss {
-        PolicyLoss::Ppo(c) => {
-            let (k, d) = (sure(c.log_ratio_clamp), sure(c.dual_clip));
-            run!(move |x, o, a| {
-                let c = ClipConfig {
-                    log_ratio_clamp: Some(k),
-                    dual_clip: Some(d),
-                    ..c
-                };
-                clipped_token(&c, Some(k), x, o, a)
-            })
-        }
-        PolicyLoss::DivergenceTv(c) => {
-            run!(move |x, o, a| divergence_masked_token(&c, false, x, o, a))
-        }
-        PolicyLoss::DivergenceKl(c) => {
-            run!(move |x, o, a| divergence_masked_token(&c, true, x, o, a))
-        }
-        PolicyLoss::SoftGate { tau_pos, tau_neg } => {
-            run!(move |x, o, a| soft_gated_token(tau_pos, tau_neg, x, o, a))
-        }
-        PolicyLoss::LogProb => run!(log_prob_token),
-        PolicyLoss::QuadraticPenalty { beta } => {
-            run!(move |x, o, a| quadratic_penalty_token(beta, x, o, a))
-        }
+        PolicyLoss::Ppo(c) => run!(PpoKernel {
+            clip: c,
+            clamp: sure(c.log_ratio_clamp),
+            dual: sure(c.dual_clip),
+        }),
+        PolicyLoss::DivergenceTv(c) => run!(DivergenceKernel {
+            cfg: c,
+            binary_kl: false
+        }),
+        PolicyLoss::DivergenceKl(c) => run!(DivergenceKernel {
+            cfg: c,
+            binary_kl: true
+        }),
+        PolicyLoss::SoftGate { tau_pos, tau_neg } => run!(SoftGateKernel { tau_pos, tau_neg }),
+        PolicyLoss::LogProb => run!(LogProbKernel {}),
+        PolicyLoss::QuadraticPenalty { beta } => run!(QuadraticKernel { beta }),
         PolicyLoss::ClippedWeight { eps_low, eps_high } => {
-            run!(move |x, o, a| clipped_weight_token(eps_low, eps_high, x, o, a))
+            run!(ClippedWeightKernel { eps_low, eps_high })
         }
         // Refused by `TokenLoss::validate` before any row runs.
         PolicyLoss::SequenceRatio { .. }
@@ -988,7 +1168,7 @@ impl<F: Real> OnlineLse<F> {
         let up = z.gt(&self.m);
         let d = Lanes::select(&up, self.m.sub(z), z.sub(self.m));
         // −∞ − (−∞) = NaN where both are −∞: that element adds nothing.
-        let d = Lanes::select(&d.test(|v| v == v), d, Lanes::splat(F::neg_infinity()));
+        let d = Lanes::select(&d.test(|v| !v.is_nan()), d, Lanes::splat(F::neg_infinity()));
         let e = d.exp();
         let live = e.gt_scalar(0.0);
         // new max: u ← e·(u + d·s), s ← e·s + 1;  else: u ← u + e·d, s ← s + e
@@ -1054,13 +1234,13 @@ fn log_probs_entropy_row<F: Real>(z: &[F], target: usize, inv_t: F, t: F) -> (F,
     for c in &mut chunks {
         let v = Lanes::load(c, F::zero()).mul(it);
         // +inf and NaN go to the reference kernels.
-        bad = bad.or(v.test(|x| !(x < F::infinity())));
+        bad = bad.or(v.test(|x| x.is_nan() | (x == F::infinity())));
         st.push(v);
     }
     let tail = chunks.remainder();
     if !tail.is_empty() {
         let v = Lanes::load(tail, F::neg_infinity()).mul(it);
-        bad = bad.or(v.test(|x| !(x < F::infinity())));
+        bad = bad.or(v.test(|x| x.is_nan() | (x == F::infinity())));
         st.push(v);
     }
     let (lse, h) = st.finish();
@@ -1133,15 +1313,62 @@ pub fn log_probs_entropy<F: Real>(
         ],
     )?;
     let t = F::of(temperature.get());
-    let inv_t = F::one() / t;
-    for r in 0..rows {
-        let z = &logits[r * vocab..(r + 1) * vocab];
-        let (lp, h, l) = log_probs_entropy_row(z, targets[r] as usize, inv_t, t);
-        log_probs[r] = lp;
-        entropy[r] = h;
-        lse[r] = l;
-    }
+    lpe_rows(logits, vocab, t, targets, log_probs, entropy, lse);
     Ok(())
+}
+
+/// The rows of [`log_probs_entropy`] (checked), for the best instruction set.
+#[inline(never)]
+fn lpe_rows<F: Real>(
+    logits: &[F],
+    vocab: usize,
+    t: F,
+    targets: &[i64],
+    lp: &mut [F],
+    h: &mut [F],
+    lse: &mut [F],
+) {
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if simd_extensions() {
+        #[allow(unsafe_code)]
+        // SAFETY: `simd_extensions()` checked that this CPU has AVX2 and FMA.
+        return unsafe { lpe_rows_avx2(logits, vocab, t, targets, lp, h, lse) };
+    }
+    lpe_rows_body(logits, vocab, t, targets, lp, h, lse)
+}
+
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2,fma")]
+fn lpe_rows_avx2<F: Real>(
+    logits: &[F],
+    vocab: usize,
+    t: F,
+    targets: &[i64],
+    lp: &mut [F],
+    h: &mut [F],
+    lse: &mut [F],
+) {
+    lpe_rows_body(logits, vocab, t, targets, lp, h, lse)
+}
+
+#[inline(always)]
+fn lpe_rows_body<F: Real>(
+    logits: &[F],
+    vocab: usize,
+    t: F,
+    targets: &[i64],
+    lp: &mut [F],
+    h: &mut [F],
+    lse: &mut [F],
+) {
+    let inv_t = F::one() / t;
+    for r in 0..lp.len() {
+        let z = &logits[r * vocab..(r + 1) * vocab];
+        let (a, b, c) = log_probs_entropy_row(z, targets[r] as usize, inv_t, t);
+        lp[r] = a;
+        h[r] = b;
+        lse[r] = c;
+    }
 }
 
 /// One row of [`log_probs_entropy_backward`].
@@ -1241,21 +1468,90 @@ pub fn log_probs_entropy_backward<F: Real>(
     )?;
     check_len("grad", grad.len(), rows * vocab)?;
     let t = F::of(temperature.get());
-    for r in 0..rows {
+    lpe_backward_rows(
+        logits,
+        vocab,
+        t,
+        targets,
+        lse,
+        entropy,
+        d_log_probs,
+        d_entropy,
+        grad,
+    );
+    Ok(())
+}
+
+/// The rows of [`log_probs_entropy_backward`] (checked), for the best
+/// instruction set.
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+fn lpe_backward_rows<F: Real>(
+    logits: &[F],
+    vocab: usize,
+    t: F,
+    targets: &[i64],
+    lse: &[F],
+    entropy: &[F],
+    d_lp: &[F],
+    d_h: Option<&[F]>,
+    grad: &mut [F],
+) {
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if simd_extensions() {
+        #[allow(unsafe_code)]
+        // SAFETY: `simd_extensions()` checked that this CPU has AVX2 and FMA.
+        return unsafe {
+            lpe_backward_rows_avx2(logits, vocab, t, targets, lse, entropy, d_lp, d_h, grad)
+        };
+    }
+    lpe_backward_rows_body(logits, vocab, t, targets, lse, entropy, d_lp, d_h, grad)
+}
+
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+fn lpe_backward_rows_avx2<F: Real>(
+    logits: &[F],
+    vocab: usize,
+    t: F,
+    targets: &[i64],
+    lse: &[F],
+    entropy: &[F],
+    d_lp: &[F],
+    d_h: Option<&[F]>,
+    grad: &mut [F],
+) {
+    lpe_backward_rows_body(logits, vocab, t, targets, lse, entropy, d_lp, d_h, grad)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn lpe_backward_rows_body<F: Real>(
+    logits: &[F],
+    vocab: usize,
+    t: F,
+    targets: &[i64],
+    lse: &[F],
+    entropy: &[F],
+    d_lp: &[F],
+    d_h: Option<&[F]>,
+    grad: &mut [F],
+) {
+    for r in 0..d_lp.len() {
         let z = &logits[r * vocab..(r + 1) * vocab];
-        let ch = d_entropy.map_or(F::zero(), |d| d[r]);
+        let ch = d_h.map_or(F::zero(), |d| d[r]);
         log_probs_entropy_backward_row(
             z,
             targets[r] as usize,
             t,
             lse[r],
             entropy[r],
-            d_log_probs[r],
+            d_lp[r],
             ch,
             &mut grad[r * vocab..(r + 1) * vocab],
         );
     }
-    Ok(())
 }
 
 /// The fused drivers spread over threads (`std::thread::scope`, rows split

@@ -596,3 +596,66 @@ fn parallel_drivers_are_bitwise_identical_for_every_thread_count() {
         assert_eq!(bits(&g), bits(&g0), "threads {threads}");
     }
 }
+
+#[cfg(feature = "std")]
+#[test]
+fn vector_extensions_change_no_bit() {
+    use posttrain_core::fused::use_simd_extensions;
+    let mut rng = Rng(5);
+    let c = token_case::<f32>(&mut rng, 9, 700);
+    let batch = PolicyBatch {
+        dims: c.dims,
+        log_prob: &c.lp,
+        old_log_prob: &c.old,
+        advantages: &c.adv,
+        mask: &c.mask,
+        is_weights: Some(&c.isw),
+    };
+    let (rows, vocab) = (23, 517);
+    let (z, ids) = logits_case::<f32>(&mut rng, rows, vocab);
+    let c_lp: Vec<f32> = (0..rows).map(|_| rng.normal() as f32).collect();
+    let t = Temperature::new(0.8).unwrap();
+    let run = |simd: bool| {
+        use_simd_extensions(simd);
+        let mut out = vec![];
+        for loss in token_local_losses() {
+            for est in [
+                KlEstimator::K1,
+                KlEstimator::Abs,
+                KlEstimator::K2,
+                KlEstimator::K3,
+            ] {
+                let cfg = TokenLoss {
+                    loss,
+                    agg: AggMode::SeqMeanTokenMean,
+                    norm: GlobalNorm::default(),
+                    kl: Some(KlPenalty {
+                        estimator: KlConfig::preset(est, Preset::Verl),
+                        coef: 0.01,
+                    }),
+                };
+                let mut g = vec![0.0f32; c.dims.len()];
+                let o = token_loss(&cfg, &batch, Some(&c.refp), Some((1.0, &mut g))).unwrap();
+                out.push(o.loss.to_bits());
+                out.extend(g.iter().map(|x| x.to_bits()));
+            }
+        }
+        let (mut lp, mut h, mut l) = (vec![0.0f32; rows], vec![0.0f32; rows], vec![0.0f32; rows]);
+        log_probs_entropy(&z, rows, vocab, t, &ids, &mut lp, &mut h, &mut l).unwrap();
+        let mut g = vec![0.0f32; rows * vocab];
+        log_probs_entropy_backward(&z, rows, vocab, t, &ids, &l, &h, &c_lp, Some(&c_lp), &mut g)
+            .unwrap();
+        for v in [&lp, &h, &l, &g] {
+            out.extend(v.iter().map(|x| x.to_bits()));
+        }
+        use_simd_extensions(true);
+        out
+    };
+    let (wide, base) = (run(true), run(false));
+    assert_eq!(wide.len(), base.len());
+    let diff = wide.iter().zip(&base).filter(|(a, b)| a != b).count();
+    assert_eq!(
+        diff, 0,
+        "{diff} values differ between the AVX2 and the baseline build"
+    );
+}
