@@ -780,15 +780,12 @@ fn main() {
             w3 = w[3]
         );
     }
-    r.json
-        .insert("peers".into(), Value::Object(r.peers_used.clone()));
-    let mut j = r.json;
-    let peers = j.remove("peers").unwrap_or(Value::Null);
     if std::env::var_os("POSTTRAIN_BENCH_PEER_LINES").is_some() {
+        let peers = Value::Object(r.peers_used);
         println!(
             "{}",
             serde_json::to_string_pretty(&peers).unwrap_or_default()
         );
     }
-    println!("{}", Value::Object(j));
+    println!("{}", Value::Object(r.json));
 }

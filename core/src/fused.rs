@@ -172,19 +172,6 @@ impl<F: Real> Lanes<F> {
         let n = dst.len();
         dst.copy_from_slice(&self.0[..n]);
     }
-    /// The sum of the lanes: eight interleaved partial sums (lane `i` into
-    /// partial `i mod 8`), then those in order — a fixed order, so the result
-    /// does not depend on anything but the lanes.
-    #[inline(always)]
-    pub fn sum(self) -> F {
-        let mut p = [F::zero(); 8];
-        for c in self.0.chunks_exact(8) {
-            for i in 0..8 {
-                p[i] += c[i];
-            }
-        }
-        p.iter().fold(F::zero(), |a, &b| a + b)
-    }
     #[inline(always)]
     fn map(self, f: impl Fn(F) -> F) -> Self {
         let mut o = self.0;
@@ -1057,7 +1044,6 @@ fn token_loss_row<F: Real>(
         | PolicyLoss::ClipCov { .. }
         | PolicyLoss::KlCov { .. } => unreachable!("cross-token variants are refused by validate"),
     }
-    out.valid = n;
     out.policy *= w_pol;
     out.kl *= w_kl;
     out
