@@ -367,18 +367,13 @@ impl TokenLoss {
     /// [`GlobalNorm::validate`], [`KlConfig::validate`], or a non-finite
     /// `kl_loss_coef`.
     pub fn validate(&self) -> Result<(), Error> {
-        match self.loss {
-            PolicyLoss::SequenceRatio { .. }
-            | PolicyLoss::GeometricMean { .. }
-            | PolicyLoss::ClipCov { .. }
-            | PolicyLoss::KlCov { .. } => {
-                return Err(Error::Invalid {
-                    input: "loss",
-                    rule: "the fused token loss runs token-local variants only; gspo, geo_mean, \
-                           clip_cov and kl_cov need cross-token passes (use policy::token::policy_loss)",
-                })
-            }
-            _ => {}
+        if !self.loss.is_token_local() {
+            return Err(Error::Invalid {
+                input: "loss",
+                rule:
+                    "the fused token loss runs token-local variants only; gspo, geo_mean, \
+                       clip_cov and kl_cov need cross-token passes (use policy::token::policy_loss)",
+            });
         }
         self.loss.validate()?;
         self.norm.validate()?;

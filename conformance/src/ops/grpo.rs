@@ -63,7 +63,10 @@ pub(crate) fn put_clip(o: &mut Outputs, c: &ClipMetrics<impl Real>) {
     o.scalar("clip_ratio/high_max", c.high_max);
 }
 
-pub(crate) fn grpo_config(ctx: &Ctx, gspo_token: bool) -> Result<GrpoConfig, Fail> {
+/// TRL's `GRPOConfig` fields (and trainer state: `current_gradient_accumulation_steps`,
+/// `num_items_in_batch`, `mode`, …) from the case's parameters, as a validated [`GrpoConfig`];
+/// `gspo_token` admits `importance_sampling_level = "sequence_token"`.
+pub fn grpo_config(ctx: &Ctx, gspo_token: bool) -> Result<GrpoConfig, Fail> {
     let loss_type: GrpoLossType = ctx.p_str("loss_type")?.parse()?;
     let mut cfg = GrpoConfig::trl(loss_type);
     cfg.level = ctx.p_str("importance_sampling_level")?.parse()?;
@@ -122,7 +125,7 @@ pub(crate) fn grpo_config(ctx: &Ctx, gspo_token: bool) -> Result<GrpoConfig, Fai
 }
 
 /// Whether TRL's vLLM importance-sampling ratio is one per row (`(B, 1)`).
-pub(crate) fn is_ratio_per_row(ctx: &Ctx, dims: Dims) -> Result<bool, Fail> {
+pub fn is_ratio_per_row(ctx: &Ctx, dims: Dims) -> Result<bool, Fail> {
     Ok(ctx.has("importance_sampling_ratio")
         && ctx.shape("importance_sampling_ratio")?.last() == Some(&1)
         && dims.seq != 1)

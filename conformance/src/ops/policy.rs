@@ -22,14 +22,17 @@ pub fn run<F: Real>(op: &str, ctx: &Ctx) -> Option<OpResult> {
     }
 }
 
-fn agg_mode(ctx: &Ctx) -> Result<AggMode, Fail> {
+/// verl's `loss_agg_mode` parameter as an [`AggMode`].
+pub fn agg_mode(ctx: &Ctx) -> Result<AggMode, Fail> {
     match ctx.p_str("loss_agg_mode")?.parse() {
         Ok(m) => Ok(m),
         Err(_) => Err(ctx.unsupported("loss_agg_mode")),
     }
 }
 
-pub(crate) fn global_norm(ctx: &Ctx) -> Result<GlobalNorm, Fail> {
+/// verl's global normalizers (`dp_size`, `batch_num_tokens`, `global_batch_size`,
+/// `loss_scale_factor`; absent ones take verl's defaults).
+pub fn global_norm(ctx: &Ctx) -> Result<GlobalNorm, Fail> {
     Ok(GlobalNorm {
         dp_size: ctx.p_opt_f64("dp_size")?.unwrap_or(1.0),
         batch_num_tokens: ctx.p_opt_f64("batch_num_tokens")?,
@@ -80,7 +83,7 @@ fn run_verl<F: Real>(
 
 /// verl's `loss_mode` and actor parameters from the case, as the policy
 /// loss they select.
-pub(crate) fn verl_policy_config(ctx: &Ctx) -> Result<PolicyLoss, Fail> {
+pub fn verl_policy_config(ctx: &Ctx) -> Result<PolicyLoss, Fail> {
     let name = ctx.p_str("loss_mode")?;
     let mode: PolicyLossMode = match name.parse() {
         Ok(m) => m,

@@ -515,6 +515,20 @@ impl PolicyLoss {
         }
     }
 
+    /// Whether every token's loss depends on that token alone (so a single
+    /// fused pass computes it: [`crate::fused::token_loss`]). `false` for
+    /// the variants that need row or batch statistics first: GSPO
+    /// (sequence ratio), geometric mean, Clip-Cov and KL-Cov.
+    pub const fn is_token_local(&self) -> bool {
+        !matches!(
+            self,
+            PolicyLoss::SequenceRatio { .. }
+                | PolicyLoss::GeometricMean { .. }
+                | PolicyLoss::ClipCov { .. }
+                | PolicyLoss::KlCov { .. }
+        )
+    }
+
     /// The scratch length [`policy_loss`] needs: `3 · batch · seq`.
     pub const fn scratch_len(dims: Dims) -> usize {
         3 * dims.len()
