@@ -101,6 +101,7 @@ pub fn grpo_config(ctx: &Ctx, gspo_token: bool) -> Result<GrpoConfig, Fail> {
         num_processes: ctx.p_f64("num_processes")?,
         gradient_accumulation_steps: ctx.p_f64("current_gradient_accumulation_steps")?,
         train: is_train(ctx)?,
+        steps_per_generation: ctx.p_opt_f64("steps_per_generation")?,
     };
     let coef = ctx.p_opt_f64("entropy_coef")?.unwrap_or(0.0);
     let adaptive = opt_bool(ctx, "use_adaptive_entropy")?;

@@ -282,6 +282,12 @@ pub struct TrlNormalizer {
     pub gradient_accumulation_steps: f64,
     /// Training (`true`) or evaluation: evaluation never divides by the accumulation steps.
     pub train: bool,
+    /// TRL ≥ 1.16 (`steps_per_generation`): `num_items_in_batch` counts the
+    /// whole *generation* batch, so in training the token count is rescaled
+    /// to one accumulation window, `× gradient_accumulation_steps /
+    /// steps_per_generation`. `None`: the token count is used as given (TRL
+    /// at the vectors' commit f2cd577, where the count was per window).
+    pub steps_per_generation: Option<f64>,
 }
 
 impl Default for TrlNormalizer {
@@ -292,6 +298,7 @@ impl Default for TrlNormalizer {
             num_processes: 1.0,
             gradient_accumulation_steps: 1.0,
             train: true,
+            steps_per_generation: None,
         }
     }
 }
@@ -316,7 +323,16 @@ impl TrlNormalizer {
             "current_gradient_accumulation_steps",
             self.gradient_accumulation_steps,
             "must be finite and ≥ 1",
-        )
+        )?;
+        if let Some(spg) = self.steps_per_generation {
+            check_param(
+                spg.is_finite() && spg >= 1.0,
+                "steps_per_generation",
+                spg,
+                "must be finite and ≥ 1",
+            )?;
+        }
+        Ok(())
     }
 
     /// The accumulation divisor: the steps in training, 1 in evaluation.
@@ -328,9 +344,29 @@ impl TrlNormalizer {
         }
     }
 
-    /// `max(num_items_in_batch, 1) / num_processes`.
+    /// `max(num_items_in_batch, 1) / num_processes`, and with
+    /// [`steps_per_generation`](Self::steps_per_generation) in training
+    /// `× gradient_accumulation_steps / steps_per_generation` (TRL 1.16).
+    ///
+    /// ```
+    /// use posttrain_core::policy::grpo::TrlNormalizer;
+    /// let mut n = TrlNormalizer {
+    ///     num_items_in_batch: 96.0,
+    ///     gradient_accumulation_steps: 2.0,
+    ///     ..TrlNormalizer::default()
+    /// };
+    /// assert_eq!(n.token_count(), 96.0); // TRL f2cd577: the count is per window
+    /// n.steps_per_generation = Some(4.0); // TRL 1.16: it spans 4 steps' batches
+    /// assert_eq!(n.token_count(), 48.0);
+    /// n.train = false; // evaluation neither splits nor accumulates
+    /// assert_eq!(n.token_count(), 96.0);
+    /// ```
     pub fn token_count(&self) -> f64 {
-        self.num_items_in_batch.max(1.0) / self.num_processes
+        let count = self.num_items_in_batch.max(1.0) / self.num_processes;
+        match self.steps_per_generation {
+            Some(spg) if self.train => count * self.gradient_accumulation_steps / spg,
+            _ => count,
+        }
     }
 }
 

@@ -1,0 +1,224 @@
+"""posttrain as TRL's GRPO loss.
+
+One call makes a built ``GRPOTrainer`` compute its loss with posttrain::
+
+    from trl import GRPOConfig, GRPOTrainer
+    from posttrain.integrations.trl import use_posttrain
+
+    trainer = GRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(loss_type="dapo", beta=0.04), ...)
+    use_posttrain(trainer)
+    trainer.train()
+
+What changes: the loss math of ``GRPOTrainer._compute_loss`` — importance
+weights, clipping, the KL term, masks, the loss-type normalizer, the
+entropy bonus — runs in posttrain-core (``posttrain.torch.grpo_loss``),
+whose closed-form gradient flows into the model through autograd. What
+stays TRL's: the model forward (``_get_per_token_logps_and_entropies``),
+generation, rewards, advantages, the optimizer, distributed reductions of
+the logged metrics, the adaptive-entropy controller's bookkeeping.
+
+The configuration is the trainer's own: ``loss_type``, ``epsilon``,
+``epsilon_high``, ``delta``, ``beta``, ``importance_sampling_level``,
+``use_bias_correction_kl``, ``top_entropy_quantile``,
+``off_policy_mask_threshold``, vLLM importance-sampling correction, SAPO
+temperatures, VESPO parameters, entropy bonus — read at every step, so
+changing ``trainer.args`` later is honoured.
+
+Release behaviour: TRL 1.16 counts ``num_items_in_batch`` over the whole
+generation batch and rescales the dapo/cispo/vespo normalizer by
+``gradient_accumulation_steps / steps_per_generation`` in training; the
+adapter passes ``steps_per_generation`` so posttrain does the same (the
+conformance vectors, from TRL f2cd577, use the count as given — posttrain's
+default when ``steps_per_generation`` is absent).
+
+Tested against trl 1.16.0 (``python/tests/test_trl_e2e.py``: training runs
+with and without the adapter agree to f32 tolerance).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Dict
+
+import torch
+
+from .. import torch as pt
+
+__all__ = ["use_posttrain", "grpo_loss_config"]
+
+
+def grpo_loss_config(trainer: Any, inputs: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``posttrain.ops.grpo_loss`` configuration of a ``GRPOTrainer`` at
+    this step: its config fields and the trainer state the normalizers use."""
+    args = trainer.args
+    mode = "train" if trainer.model.training else "eval"
+    nib = inputs.get("num_items_in_batch")
+    cfg: Dict[str, Any] = {
+        "loss_type": trainer.loss_type,
+        "importance_sampling_level": trainer.importance_sampling_level,
+        "epsilon": trainer.epsilon_low,
+        "epsilon_high": trainer.epsilon_high,
+        "delta": getattr(args, "delta", None),
+        "beta": trainer.beta,
+        "use_bias_correction_kl": bool(getattr(args, "use_bias_correction_kl", False)),
+        "top_entropy_quantile": trainer.top_entropy_quantile,
+        "use_vllm": bool(trainer.use_vllm),
+        "vllm_importance_sampling_correction": bool(getattr(trainer, "vllm_importance_sampling_correction", False)),
+        "off_policy_mask_threshold": trainer.off_policy_mask_threshold,
+        "sapo_temperature_pos": getattr(args, "sapo_temperature_pos", 1.0),
+        "sapo_temperature_neg": getattr(args, "sapo_temperature_neg", 1.05),
+        "max_completion_length": trainer.max_completion_length,
+        "num_items_in_batch": float(nib) if nib is not None else None,
+        "num_processes": trainer.accelerator.num_processes,
+        "current_gradient_accumulation_steps": trainer.current_gradient_accumulation_steps,
+        "steps_per_generation": args.steps_per_generation,
+        "mode": mode,
+    }
+    for k in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+        if hasattr(args, k):
+            cfg[k] = getattr(args, k)
+    if trainer._entropy_bonus_enabled:
+        cfg["entropy_coef"] = trainer.entropy_coef
+        if trainer.use_adaptive_entropy:
+            cfg.update(
+                use_adaptive_entropy=True,
+                entropy_target=args.entropy_target,
+                entropy_coef_min=args.entropy_coef_min,
+                entropy_coef_max=args.entropy_coef_max,
+                entropy_coef_delta=args.entropy_coef_delta,
+                _last_world_entropy=trainer._last_world_entropy,
+            )
+    return cfg
+
+
+def _compute_loss(self: Any, model: Any, inputs: Dict[str, Any]) -> torch.Tensor:
+    """``GRPOTrainer._compute_loss`` with posttrain's loss (see the module docs)."""
+    prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    logits_to_keep = completion_ids.size(1)
+    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+
+    per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        compute_entropy=True,
+        compute_aux_loss=self.aux_loss_enabled,
+        **{
+            k: inputs.get(k)
+            for k in (
+                "pixel_values",
+                "image_grid_thw",
+                "num_images",
+                "pixel_attention_mask",
+                "spatial_shapes",
+                "num_tiles",
+                "image_sizes",
+                "token_type_ids",
+                "mm_token_type_ids",
+                "image_position_ids",
+            )
+        },
+    )
+    advantages = inputs["advantages"]
+    if advantages.dim() == 2 and advantages.size(1) != 1:
+        raise ValueError(
+            "posttrain's GRPO loss takes one advantage per completion ([B]); this trainer passes per-token "
+            f"advantages of shape {tuple(advantages.shape)}"
+        )
+    cfg = grpo_loss_config(self, inputs)
+    mode = cfg["mode"]
+    use_is = cfg["use_vllm"] and cfg["vllm_importance_sampling_correction"]
+    loss, m = pt.grpo_loss(
+        per_token_logps,
+        entropies,
+        mask,
+        advantages.reshape(-1),
+        old_per_token_logps=inputs.get("old_per_token_logps"),
+        ref_per_token_logps=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+        sampling_per_token_logps=inputs.get("sampling_per_token_logps"),
+        importance_sampling_ratio=inputs.get("importance_sampling_ratio")
+        if (use_is or self.loss_type == "vespo")
+        else None,
+        **cfg,
+    )
+    self._posttrain_calls = getattr(self, "_posttrain_calls", 0) + 1
+
+    acc = self.accelerator
+    if self._entropy_bonus_enabled:
+        self._metrics[mode]["policy_loss"].append(
+            acc.gather(torch.tensor(m["policy_loss"], device=loss.device)).nanmean().item()
+        )
+        if self.use_adaptive_entropy and mode == "train":
+            # TRL's controller bookkeeping (window sums reduced across ranks at
+            # the optimizer-step boundary); the coefficient applied above came
+            # from the previous step, as in TRL.
+            eff = mask if self.top_entropy_quantile >= 1.0 else None
+            if eff is None:
+                eff = mask * self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+            stats = torch.stack([(entropies * eff).sum(), eff.sum()]).detach()
+            self._entropy_window_stats = (
+                stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+            )
+            if acc.sync_gradients:
+                window = acc.reduce(self._entropy_window_stats, reduction="sum")
+                world_entropy = (window[0] / window[1].clamp(min=1.0)).item()
+                a = self.args
+                if world_entropy <= a.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and acc.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+
+    if self.aux_loss_enabled:
+        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
+        self._metrics[mode]["aux_loss"].append(acc.gather_for_metrics(aux_loss).mean().item())
+
+    # Logged metrics, reduced across ranks as TRL does: posttrain's local means
+    # become (sum, count) pairs weighted by the local token (or row) count.
+    tokens = mask.sum().float()
+    rows = torch.tensor(float(mask.size(0)), device=mask.device)
+    seq_level = self.importance_sampling_level == "sequence"
+
+    def global_mean(local_mean: float, count: torch.Tensor) -> float:
+        totals = acc.reduce(torch.stack([count * local_mean, count]), reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+    if self.beta != 0.0:
+        self._metrics[mode]["kl"].append(global_mean(m["kl"], tokens))
+    self._metrics[mode]["entropy"].append(global_mean(m["entropy"], tokens))
+    if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        n = rows if seq_level else tokens
+        self._metrics[mode]["clip_ratio/low_mean"].append(global_mean(m["clip_ratio/low_mean"], n))
+        self._metrics[mode]["clip_ratio/high_mean"].append(global_mean(m["clip_ratio/high_mean"], n))
+        self._metrics[mode]["clip_ratio/region_mean"].append(global_mean(m["clip_ratio/region_mean"], n))
+        low_min = acc.gather(torch.tensor([m["clip_ratio/low_min"]], device=mask.device))
+        high_max = acc.gather(torch.tensor([m["clip_ratio/high_max"]], device=mask.device))
+        self._metrics[mode]["clip_ratio/low_min"].append(low_min.min().item())
+        self._metrics[mode]["clip_ratio/high_max"].append(high_max.max().item())
+    elif self.loss_type == "cispo":
+        n = rows if seq_level else tokens
+        self._metrics[mode]["cispo_clip_ratio"].append(global_mean(m["cispo_clip_ratio"], n))
+    elif self.loss_type == "vespo":
+        # phi is one weight per sequence ([B, 1]).
+        self._metrics[mode]["vespo/phi_seq_mean"].append(global_mean(m["vespo/phi_seq_mean"], rows))
+    return loss
+
+
+def use_posttrain(trainer: Any) -> Any:
+    """Makes ``trainer`` (a built ``trl.GRPOTrainer``) compute its GRPO loss
+    with posttrain and returns it. Idempotent; ``trainer._posttrain_calls``
+    counts the steps posttrain computed."""
+    cls_name = type(trainer).__name__
+    if not hasattr(trainer, "_get_per_token_logps_and_entropies") or not hasattr(trainer, "loss_type"):
+        raise TypeError(f"use_posttrain expects a trl GRPOTrainer, got {cls_name}")
+    trainer._compute_loss = types.MethodType(_compute_loss, trainer)
+    trainer._posttrain_calls = getattr(trainer, "_posttrain_calls", 0)
+    return trainer
