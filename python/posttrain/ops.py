@@ -182,7 +182,11 @@ def call(
     for name, value in inputs_and_params.items():
         if name in declared or _is_array(value):
             a = _to_numpy(value)
-            tag = declared[name]["dtype"] if name in declared else _dtype_tag(a)
+            tag = _dtype_tag(a)
+            if name in declared and tag not in declared[name]["dtype"].split("|"):
+                # The op's declared kind wins: a 0/1 float mask is a mask, an
+                # integer array where floats are expected is floats.
+                tag = declared[name]["dtype"].split("|")[0]
             shapes[name] = tuple(a.shape)
             ins.append((name, tag, list(a.shape), np.ascontiguousarray(a, dtype=np.float64).reshape(-1)))
         else:

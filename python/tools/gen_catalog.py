@@ -34,7 +34,11 @@ def catalog():
                 if v not in seen and len(seen) < 8:
                     seen.append(v)
             for k, t in case.get("inputs", {}).items():
-                op["inputs"].setdefault(k, {"dtype": t["dtype"], "rank": len(t["shape"])})
+                spec = op["inputs"].setdefault(k, {"dtype": t["dtype"], "rank": len(t["shape"])})
+                # An input some cases give as ints and others as floats (soft
+                # labels) lists both: "i64|f64".
+                if t["dtype"] not in spec["dtype"].split("|"):
+                    spec["dtype"] += "|" + t["dtype"]
             outs = case.get("outputs")
             names = list(outs) if isinstance(outs, (dict, list)) else []
             for k in names:
