@@ -153,6 +153,7 @@ pub fn policy_loss(
             eps_low,
             eps_high,
             max_log_ratio,
+            ..
         } => {
             let x = keep(log_prob.clone() - old_log_prob.clone(), mask);
             let n = mask.clone().float().sum_dim(1).clamp_min(1.0);

@@ -266,7 +266,7 @@ proptest! {
     #[test]
     fn gspo_with_single_tokens_is_ppo(c in case()) {
         let single = Case { dims: Dims::new(c.dims.len(), 1), ..c.clone() };
-        let gspo = PolicyLoss::SequenceRatio { eps_low: 0.2, eps_high: 0.28, max_log_ratio: 10.0 };
+        let gspo = PolicyLoss::SequenceRatio { eps_low: 0.2, eps_high: 0.28, max_log_ratio: 10.0, force_seq_mean_token_mean: true };
         let ppo = PolicyLoss::Ppo(ClipConfig { eps_low: 0.2, eps_high: 0.28, dual_clip: None, log_ratio_clamp: None });
         let (a, ga) = run(&gspo, AggMode::TokenMean, &GlobalNorm::default(), &batch(&single, &single.lp, false));
         let (b, gb) = run(&ppo, AggMode::SeqMeanTokenMean, &GlobalNorm::default(), &batch(&single, &single.lp, false));

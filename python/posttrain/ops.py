@@ -58,9 +58,21 @@ __all__ = [
     "torchtune",
 ]
 
-_CATALOG: Dict[str, dict] = json.loads(
-    pathlib.Path(__file__).with_name("_catalog.json").read_text()
-)["ops"]
+_CATALOG_FILE = json.loads(pathlib.Path(__file__).with_name("_catalog.json").read_text())
+_CATALOG: Dict[str, dict] = _CATALOG_FILE["ops"]
+# Options the op handlers read beyond those the vectors use (release
+# behaviours, normalizers); with an op's own parameters, the names accepted.
+_HANDLER_PARAMS = frozenset(_CATALOG_FILE["handler_params"])
+
+
+def _check_params(where: str, given: Iterable[str], known: Iterable[str]) -> None:
+    known = set(known) | _HANDLER_PARAMS
+    unknown = sorted(k for k in given if k not in known)
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown parameter{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(f'`{k}`' for k in unknown)} (op_info() lists an op's parameters)"
+        )
 
 
 def list_ops() -> List[str]:
@@ -199,6 +211,7 @@ def call(
         wanted = [g for g in info["grads"] if g in shapes] if cots else []
     else:
         wanted = list(grads)
+    _check_params(op, params, info["params"])
     values, gs = _native.peer_op(op, _params_json(params), ins, cots, wanted, dtype)
     outputs = {k: v.reshape(_out_shape(k, v.size, shapes)) for k, v in values}
     grads_out = {k: v.reshape(shapes.get(k, (v.size,))) for k, v in gs}
@@ -330,6 +343,7 @@ def grpo_loss(
             f"`advantages` must be one per row ([B] or [B, 1]), got shape {adv.shape}: "
             "TRL's base GRPO loss broadcasts a row's advantage over its tokens"
         )
+    _check_params("grpo_loss", config, list(_CATALOG["trl.grpo_loss"]["params"]) + list(_CATALOG["trl.gspo_token_loss"]["params"]))
     p = dict(TRL_GRPO_DEFAULTS)
     p.update(config)
     if p.get("epsilon_high") is None:
@@ -385,7 +399,13 @@ def verl_policy_loss(
     ref_log_prob))``.
 
     Token-local losses run in the fused single pass over all cores; GSPO,
-    geo-mean, Clip-Cov and KL-Cov in the reference driver.
+    geo-mean, Clip-Cov and KL-Cov in the reference driver (the KL loss then
+    separately, aggregated with the requested mode as verl does).
+    ``gspo_honor_loss_agg_mode=True`` gives verl 0.9.1's GSPO, which honours
+    ``loss_agg_mode`` (verl 1dda039, the vectors' commit and the default,
+    forces ``seq-mean-token-mean``).
+
+    An unknown keyword raises ``ValueError``.
 
     Returns ``(metrics, d total/d log_prob)`` with metrics ``pg_loss``,
     ``pg_clipfrac``, ``pg_clipfrac_lower``, ``ppo_kl``, ``kl_loss``
@@ -397,6 +417,7 @@ def verl_policy_loss(
     b, t = lp.shape
     n = b * t
     dt = _float_dtype(lp)
+    _check_params("verl_policy_loss", config, ["use_kl_loss", "kl_loss_type", "kl_loss_coef"])
     p = dict(VERL_ACTOR_DEFAULTS)
     p.update(config)
     fn = _native.verl_policy_loss_f32 if dt == np.float32 else _native.verl_policy_loss_f64

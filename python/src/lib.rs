@@ -27,7 +27,7 @@ use numpy::{Element, PyArray1, PyReadonlyArray1};
 use posttrain_conformance::case::{Ctx, Fail};
 use posttrain_conformance::ops;
 use posttrain_conformance::vector::{Case, RawTensor, Vjp};
-use posttrain_core::aggregate::AggMode;
+use posttrain_core::aggregate::{aggregate, AggMode};
 use posttrain_core::fused::{self, KlPenalty, TokenLoss};
 use posttrain_core::kl::KlConfig;
 use posttrain_core::logits::Temperature;
@@ -453,15 +453,8 @@ fn verl_policy_loss_impl<'py, F: Real + Element>(
                 Ok((o.policy, o.kl_loss, grad))
             } else {
                 // Cross-token variants (GSPO, geo-mean, Clip-Cov, KL-Cov) need
-                // row or batch statistics first: the reference driver.
-                if cfg.kl.is_some() {
-                    return Err(Error::Invalid {
-                        input: "use_kl_loss",
-                        rule:
-                            "the KL loss is fused with token-local policy losses only; with gspo, \
-                               geo_mean, clip_cov or kl_cov compute the KL loss separately",
-                    });
-                }
+                // row or batch statistics first: the reference driver, then the
+                // KL loss (verl aggregates it with the requested mode).
                 let mut scratch = vec![F::zero(); PolicyLoss::scratch_len(d)];
                 let o = policy_loss(
                     &cfg.loss,
@@ -471,7 +464,35 @@ fn verl_policy_loss_impl<'py, F: Real + Element>(
                     &mut scratch,
                     Some((F::one(), &mut grad)),
                 )?;
-                Ok((o, F::zero(), grad))
+                let kl_loss = match &cfg.kl {
+                    None => F::zero(),
+                    Some(k) => {
+                        let rf = rf.ok_or(Error::Invalid {
+                            input: "ref_log_prob",
+                            rule: "required with use_kl_loss",
+                        })?;
+                        let n = d.len();
+                        let (mut kl, mut dkl, mut w) =
+                            (vec![F::zero(); n], vec![F::zero(); n], vec![F::zero(); n]);
+                        let ones = vec![F::one(); n];
+                        k.estimator.estimate_slices(
+                            pb.log_prob,
+                            rf,
+                            &mut kl,
+                            Some((&ones, &mut dkl)),
+                        )?;
+                        let v = aggregate(cfg.agg, &cfg.norm, d, &kl, pb.mask, Some(&mut w))?;
+                        let c = F::of(k.coef);
+                        for i in 0..n {
+                            // Selected, not multiplied: masked positions may hold NaN.
+                            if pb.mask[i] {
+                                grad[i] += c * w[i] * dkl[i];
+                            }
+                        }
+                        v
+                    }
+                };
+                Ok((o, kl_loss, grad))
             }
         })
         .map_err(core_err)?;
@@ -634,7 +655,7 @@ macro_rules! lpe_fns {
         /// returns `[rows · vocab]`.
         #[pyfunction]
         #[pyo3(signature = (logits, rows, vocab, targets, temperature, lse, entropy, d_log_probs,
-                            d_entropy=None, threads=None))]
+                                    d_entropy=None, threads=None))]
         #[allow(clippy::too_many_arguments)]
         fn $bwd<'py>(
             py: Python<'py>,

@@ -212,3 +212,13 @@ def test_verl_policy_loss_with_kl_backward():
                                    kl_loss_type="low_var_kl", loss_agg_mode="seq-mean-token-mean")[0]
 
     assert torch.autograd.gradcheck(f, (lp,), eps=1e-7, atol=1e-6)
+
+
+def test_unknown_parameters_are_refused():
+    x = np.zeros((2, 3))
+    with pytest.raises(ValueError, match=r"unknown parameter `kl_penaltyy`"):
+        ops.call("verl.kl_penalty", logprob=x, ref_logprob=x, kl_penaltyy="k1")
+    with pytest.raises(ValueError, match=r"unknown parameter `clip_ratioo`"):
+        ops.verl_policy_loss(x, x, x, np.ones((2, 3), bool), clip_ratioo=0.3)
+    with pytest.raises(ValueError, match=r"unknown parameter `epsilonn`"):
+        ops.grpo_loss(x, x, np.ones((2, 3), bool), np.ones(2), epsilonn=0.3)

@@ -10,11 +10,24 @@ of its outputs.
 """
 import json
 import pathlib
+import re
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "conformance" / "vectors"
 OUT = ROOT / "python" / "posttrain" / "_catalog.json"
+HANDLERS = ROOT / "conformance" / "src" / "ops"
+# Every parameter name an op handler reads (`ctx.p_f64("x")`, `ctx.param("x")`, ...):
+# the options beyond the vectors' (release behaviours, normalizers) that
+# `posttrain.ops` accepts; any other keyword is refused as unknown.
+READS = re.compile(r'(?:p_(?:opt_)?(?:f64|str|bool|i64|f64_list)|param|str_list\(ctx,|usize_param\(ctx,)\(?\s*"([A-Za-z_][A-Za-z0-9_]*)"')
+
+
+def handler_params():
+    names = set()
+    for path in sorted(HANDLERS.glob("*.rs")):
+        names.update(READS.findall(path.read_text()))
+    return sorted(names)
 
 
 def catalog():
@@ -49,7 +62,7 @@ def catalog():
             for k in list(g) if isinstance(g, (dict, list)) else []:
                 if k not in op["grads"]:
                     op["grads"].append(k)
-    return {"format": "posttrain-catalog/1", "ops": dict(sorted(ops.items()))}
+    return {"format": "posttrain-catalog/1", "handler_params": handler_params(), "ops": dict(sorted(ops.items()))}
 
 
 def main():

@@ -102,6 +102,10 @@ pub fn verl_policy_config(ctx: &Ctx) -> Result<PolicyLoss, Fail> {
         kl_cov_ratio: ctx.p_opt_f64("kl_cov_ratio")?.unwrap_or(0.0002),
         ppo_kl_coef: ctx.p_opt_f64("ppo_kl_coef")?.unwrap_or(0.1),
         dro_beta: ctx.p_opt_f64("dro_beta")?,
+        gspo_honor_loss_agg_mode: matches!(
+            ctx.param("gspo_honor_loss_agg_mode"),
+            Some(serde_json::Value::Bool(true))
+        ),
     };
     Ok(PolicyLoss::from_verl(mode, &params)?)
 }

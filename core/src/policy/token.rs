@@ -194,6 +194,9 @@ pub struct VerlPolicyParams {
     pub ppo_kl_coef: f64,
     /// `dro_beta`; required (> 0) by `dro`. Default `None`.
     pub dro_beta: Option<f64>,
+    /// GSPO honours `loss_agg_mode` (verl 0.9.1) instead of forcing
+    /// `seq-mean-token-mean` (verl 1dda039, the vectors' commit; the default).
+    pub gspo_honor_loss_agg_mode: bool,
 }
 
 impl Default for VerlPolicyParams {
@@ -211,6 +214,7 @@ impl Default for VerlPolicyParams {
             kl_cov_ratio: 0.0002,
             ppo_kl_coef: 0.1,
             dro_beta: None,
+            gspo_honor_loss_agg_mode: false,
         }
     }
 }
@@ -245,8 +249,11 @@ pub enum PolicyLoss {
     /// GSPO (verl): each token's ratio is the sequence's geometric-mean ratio
     /// `s = exp(min(mean_valid x, 10))`, with the gradient flowing straight
     /// through each token (`log s_t = sg(log s) + log π_t − sg(log π_t)`).
-    /// The clipped surrogate of `s` (no dual clip), always aggregated with
-    /// `seq-mean-token-mean` (the normalizers still apply).
+    /// The clipped surrogate of `s` (no dual clip), aggregated with
+    /// `seq-mean-token-mean` whatever `loss_agg_mode` asks when
+    /// `force_seq_mean_token_mean` (verl at 1dda039, the vectors' commit),
+    /// with the requested mode otherwise (verl 0.9.1); the normalizers apply
+    /// either way.
     ///
     /// Metrics: `clipfrac` (strict, as PPO), `clipfrac_lower` = 0,
     /// `approx_kl` = mean `−x` (unclamped).
@@ -257,6 +264,9 @@ pub enum PolicyLoss {
         eps_high: f64,
         /// Upper clamp of the sequence log-ratio (verl: 10).
         max_log_ratio: f64,
+        /// Aggregate with `seq-mean-token-mean` regardless of the requested
+        /// mode (verl 1dda039); `false`: honour it (verl 0.9.1).
+        force_seq_mean_token_mean: bool,
     },
     /// SAPO: `ℓ = −A·(4/τ)·σ(τ·(r − 1))` with `τ = τ_pos` where `A > 0`,
     /// else `τ_neg` (so `A = 0` uses `τ_neg`); log-ratio clamped to ±20;
@@ -402,6 +412,7 @@ impl PolicyLoss {
                 eps_low: lo,
                 eps_high: hi,
                 max_log_ratio: 10.0,
+                force_seq_mean_token_mean: !p.gspo_honor_loss_agg_mode,
             },
             PolicyLossMode::Sapo => PolicyLoss::SoftGate {
                 tau_pos: p.tau_pos,
@@ -461,6 +472,7 @@ impl PolicyLoss {
                 eps_low,
                 eps_high,
                 max_log_ratio,
+                ..
             } => {
                 check_eps("clip_ratio_low", eps_low)?;
                 check_eps("clip_ratio_high", eps_high)?;
@@ -535,14 +547,17 @@ impl PolicyLoss {
     }
 
     /// The aggregation this variant actually uses when `requested` is asked
-    /// for: `seq-mean-token-mean` for GSPO and SAPO (as verl forces it),
-    /// `requested` otherwise. ([`GeometricMean`](Self::GeometricMean) has its
-    /// own reduction.)
+    /// for: `seq-mean-token-mean` for SAPO and for GSPO with
+    /// `force_seq_mean_token_mean` (as verl forces it), `requested`
+    /// otherwise. ([`GeometricMean`](Self::GeometricMean) has its own
+    /// reduction.)
     pub fn effective_agg(&self, requested: AggMode) -> AggMode {
         match self {
-            PolicyLoss::SequenceRatio { .. } | PolicyLoss::SoftGate { .. } => {
-                AggMode::SeqMeanTokenMean
+            PolicyLoss::SequenceRatio {
+                force_seq_mean_token_mean: true,
+                ..
             }
+            | PolicyLoss::SoftGate { .. } => AggMode::SeqMeanTokenMean,
             _ => requested,
         }
     }
@@ -590,6 +605,7 @@ impl PolicyLoss {
                 eps_low,
                 eps_high,
                 max_log_ratio,
+                ..
             } => {
                 // Alone, a token is its own sequence.
                 let x = log_prob.sub(old_log_prob);
@@ -1179,6 +1195,7 @@ pub fn policy_loss<F: Real>(
         eps_low,
         eps_high,
         max_log_ratio,
+        ..
     } = *loss
     {
         for row in 0..dims.batch {

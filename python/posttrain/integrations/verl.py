@@ -26,9 +26,15 @@ The advantage estimators (``posttrain_grpo``, ``posttrain_rloo``,
 ``response_mask``, ``index`` — verl's ``uid`` strings —, ``config``, …) and
 return ``(advantages, returns)``.
 
-Tested against verl 0.9.1 (``python/tests/test_verl_integration.py``: the
-registered losses through verl's own ``get_policy_loss_fn`` agree with
-verl's built-ins).
+Release behaviour: verl 0.9.1's GSPO honours ``loss_agg_mode``; at the
+vectors' commit (1dda039) it forced ``seq-mean-token-mean``. posttrain has
+both (``gspo_honor_loss_agg_mode``); the registered losses use the release's.
+
+Tested against verl 0.9.1 (``python/tests/test_verl_integration.py``: verl's
+own actor loss ``verl.workers.utils.losses.ppo_loss`` and
+``ray_trainer.compute_advantage`` with ``<name>`` and ``posttrain_<name>``
+agree; ``python/tests/test_diff_verl.py``: the shared ops against verl's
+installed functions).
 """
 
 from __future__ import annotations
@@ -58,8 +64,11 @@ POLICY_LOSS_MODES = (
 )
 
 #: verl ``adv_estimator`` name → the peer op posttrain runs for it.
+#: verl 0.9.1's ``compute_advantage`` hands ``values``, ``gamma`` and ``lam``
+#: only to its built-in ``gae`` branch, so a registered GAE could not run in
+#: a verl training loop; posttrain's GAE is ``posttrain.ops.call(
+#: "verl.compute_gae_advantage_return", ...)`` / ``posttrain.torch.call``.
 ADV_ESTIMATORS = {
-    "gae": "verl.compute_gae_advantage_return",
     "grpo": "verl.compute_grpo_outcome_advantage",
     "grpo_vectorized": "verl.compute_grpo_vectorized_outcome_advantage",
     "grpo_passk": "verl.compute_grpo_passk_outcome_advantage",
@@ -134,6 +143,8 @@ def _policy_loss_fn(mode: str):
         config: Any = None,
         rollout_is_weights: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        # verl 0.9.1's gspo honours loss_agg_mode (1dda039 forced
+        # seq-mean-token-mean; posttrain's default keeps the vectors' commit).
         loss, m = pt.verl_policy_loss(
             old_log_prob,
             log_prob,
@@ -142,6 +153,7 @@ def _policy_loss_fn(mode: str):
             rollout_is_weights=rollout_is_weights,
             loss_mode=mode,
             loss_agg_mode=loss_agg_mode,
+            gspo_honor_loss_agg_mode=True,
             **actor_params(config),
         )
         metrics = {
@@ -186,21 +198,21 @@ def _adv_fn(name: str, op: str):
         }
         params: Dict[str, Any] = {"adv_estimator": name}
         b = token_level_rewards.shape[0]
-        if name == "gae":
-            inputs["values"] = kwargs["values"].detach()
-            params["gamma"] = kwargs.get("gamma", _get(config, "gamma", 1.0))
-            params["lam"] = kwargs.get("lam", _get(config, "lam", 1.0))
-        elif name == "remax":
+        if name == "remax":
             inputs["reward_baselines"] = kwargs["reward_baselines"].detach()
         elif name == "reinforce_plus_plus":
             params["gamma"] = kwargs.get("gamma", _get(config, "gamma", 1.0))
         else:
             inputs["index"] = torch.from_numpy(_index_ids(index, b))
             params["epsilon"] = kwargs.get("epsilon", 1e-6)
-            if name in ("grpo", "grpo_vectorized", "grpo_passk"):
+            if name in ("grpo", "grpo_passk"):
                 params["norm_adv_by_std_in_grpo"] = kwargs.get(
                     "norm_adv_by_std_in_grpo", _get(config, "norm_adv_by_std_in_grpo", True)
                 )
+            elif name == "grpo_vectorized":
+                # verl 0.9.1's grpo_vectorized reads only its keyword argument
+                # (which its compute_advantage never passes), not the config.
+                params["norm_adv_by_std_in_grpo"] = kwargs.get("norm_adv_by_std_in_grpo", True)
             if name == "gpg":
                 params["f_norm"] = kwargs.get("f_norm", 1.0)
                 params["alpha"] = kwargs.get("alpha", 1.0)
