@@ -20,6 +20,7 @@
 //! | `policy_loss_with_kl` | `pg_loss + coef · kl_loss` (verl actor with `use_kl_loss`) | `g · (∂pg/∂log π + coef · ∂kl/∂log π)`, stored from the forward | [`posttrain_core::policy::token`], [`posttrain_core::kl`] |
 //! | `selective_log_softmax` | `log softmax(z/T)[t]` per position | `c · (1[k=t] − p)/T`, recomputed from the logits in backward | [`posttrain_core::logits`] |
 //! | `entropy` | `H = −Σ p log p` per position | `−c · p (log p + H)`, recomputed from the logits in backward | [`posttrain_core::logits`] |
+//! | `log_probs_and_entropy` | both of the above, of `z/T` | `(c_lp·(1[k=t] − p) − c_H·p (log p + H))/T`, one backward for both | [`posttrain_core::fused::log_probs_entropy`] |
 //! | `paired_loss` | `(1/B) Σ lossᵢ` (DPO family on sequence log-probs) | `g · ∂loss/∂c`, `g · ∂loss/∂r`, stored from the forward | [`posttrain_core::preference::paired`] |
 //!
 //! (`g` / `c` is the incoming gradient of the op's output.)
@@ -84,20 +85,54 @@
 //! burn's autodiff gives a different (wrong) gradient. The fused ops register
 //! the core's gradient, so they give the peers' gradient for these too.
 //!
+//! # The ndarray fast path
+//!
+//! On burn's ndarray backend (tensors of `f32` or `f64`) the ops do not run
+//! burn tensor algebra at all: they read the tensors' host buffers in place
+//! and call the core's fused single-pass kernels ([`posttrain_core::fused`];
+//! on several threads with the `parallel` feature, a default), then wrap the
+//! kernels' output buffers as tensors (no copy either way).
+//!
+//! - `policy_loss_with_kl`: [`posttrain_core::fused::token_loss`] gives the
+//!   loss, the metrics and `∂L/∂log π` (the gradient the node registers);
+//!   one more pass with the same per-token kernels fills the per-token
+//!   tensors of [`PolicyLossOutput`](crate::policy::PolicyLossOutput) and
+//!   [`KlLoss`](crate::kl::KlLoss) (`per_token`, `grad`).
+//!   Token-local variants only: GSPO, GMPO, Clip-Cov and KL-Cov take the
+//!   tensor path.
+//! - `selective_log_softmax`, `entropy`, `log_probs_and_entropy`:
+//!   [`posttrain_core::fused::log_probs_entropy`] (one read of the logits,
+//!   online log-sum-exp) forward; the node keeps the logits handle, the
+//!   targets and the rows' `lse` and `H`, and its backward is one
+//!   [`posttrain_core::fused::log_probs_entropy_backward`] with both
+//!   cotangents. Nothing `[batch, seq, vocab]` is held between forward and
+//!   backward.
+//!
+//! Masked positions holding NaN or ±inf are handled as by the tensor path
+//! (never read). A *valid* position holding NaN may get gradient 0 where the
+//! tensor path gives NaN (the fused kernel treats an absent clamp as a clamp
+//! at ±∞); its loss is NaN either way.
+//! Other backends (wgpu, libtorch), mixed element types and inputs the
+//! tensor path rejects (whose error it then returns) take the tensor path.
+//!
 //! # Cost (ndarray, CPU)
 //!
-//! `cargo bench -p posttrain-burn --features autodiff --bench fused` measures
-//! both paths side by side (forward + backward time, peak heap, heap held
-//! between forward and backward). On a 2-core x86_64 VM
-//! (`backends/benches/fused-ndarray.txt`): policy loss + KL is 1.6–3.5×
-//! faster with 1.5× lower peak and 2.8× less held memory; DPO on 4096 pairs
-//! 1.9× faster, 2× lower peak. For `[8, 512, 32000]` logits the fused ops
-//! hold **nothing** between forward and backward (the graph holds 0.5 GiB
-//! for the log-softmax, 1.6 GiB for the entropy), but they are 0.7× / 0.94×
-//! the graph's speed and the log-softmax's transient peak is higher: the
-//! backward recomputes the softmax and
-//! [`logits::selective_log_softmax`](crate::logits::selective_log_softmax)'s
-//! closed-form VJP materializes the one-hot `1[k = t]` from an integer iota.
+//! `cargo run --release -p posttrain-bench -- --no-peers --only token_loss,logprobs`
+//! times the fast path ("posttrain-burn fused, ndarray") next to the core
+//! kernels it calls, forward + backward. On a 2-core x86_64 VM (2 threads):
+//! the token loss `[256, 4096]` (PPO + k3 KL, seq-mean-token-mean) in 20 ms
+//! (the fused kernel 5 ms; the pass filling the per-token output tensors
+//! most of the rest), where verl's eager PyTorch takes 42 ms and the tensor
+//! path 117 ms; log-probs + entropy of `[8, 512, 32000]` logits forward +
+//! backward in 0.43 s (core kernels 0.32 s), where PyTorch's
+//! `F.cross_entropy` + entropy takes 2.3 s and the tensor path 15 s.
+//!
+//! The tensor path (the other backends) still evaluates each op as a graph
+//! of element-wise tensor ops, once, without autodiff: `cargo bench -p
+//! posttrain-burn --features autodiff --bench fused` compares it with
+//! burn's autodiff of the same graph (forward + backward time, peak heap,
+//! heap held between forward and backward; `backends/benches/fused-ndarray.txt`
+//! holds a run from before the fast path, on the tensor path).
 //!
 //! # Example
 //!
@@ -125,6 +160,9 @@
 //! # }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+
+#[cfg(all(feature = "autodiff", feature = "ndarray"))]
+mod host;
 
 #[cfg(feature = "autodiff")]
 mod imp {
@@ -476,6 +514,37 @@ mod imp {
                 });
             }
         }
+        #[cfg(feature = "ndarray")]
+        if let Some(fast) = super::host::policy_loss_with_kl(
+            loss,
+            agg,
+            norm,
+            &log_prob,
+            &old_log_prob,
+            &advantages,
+            mask,
+            is_weights.as_ref(),
+            kl.as_ref().map(|k| (k.config, k.coef, &k.ref_log_prob)),
+        ) {
+            let fast = fast?;
+            let loss = if log_prob.is_autodiff() {
+                route(
+                    &log_prob,
+                    ScalarFuse {
+                        value: fast.value,
+                        inputs: [log_prob.clone()],
+                        vjps: [fast.grad],
+                    },
+                )?
+            } else {
+                fast.value
+            };
+            return Ok(FusedPolicyOutput {
+                loss,
+                policy: fast.policy,
+                kl: fast.kl,
+            });
+        }
         let mask_in = mask.clone().inner();
         let lp = log_prob.clone().inner();
         let policy = policy_loss(
@@ -543,6 +612,15 @@ mod imp {
         targets: Tensor<2, Int>,
         temperature: Temperature,
     ) -> Result<Tensor<2>, Error> {
+        #[cfg(feature = "ndarray")]
+        if let Some((lp, _)) = super::host::logits_op(
+            &logits,
+            Some(&targets),
+            temperature,
+            super::host::LogitsOut::LogProbs,
+        ) {
+            return Ok(lp);
+        }
         let targets = targets.inner();
         let (value, _) =
             plain_log_softmax(logits.clone().inner(), targets.clone(), temperature, None)?;
@@ -580,6 +658,15 @@ mod imp {
     ///
     /// Those of [`logits::entropy_from_logits`](crate::logits::entropy_from_logits).
     pub fn entropy(logits: Tensor<3>) -> Result<Tensor<2>, Error> {
+        #[cfg(feature = "ndarray")]
+        if let Some((h, _)) = super::host::logits_op(
+            &logits,
+            None,
+            Temperature::ONE,
+            super::host::LogitsOut::Entropy,
+        ) {
+            return Ok(h);
+        }
         let (value, _) = entropy_from_logits(logits.clone().inner(), None)?;
         if !logits.is_autodiff() {
             return Ok(value);
@@ -593,6 +680,62 @@ mod imp {
                 value,
             },
         )
+    }
+
+    /// Log-probabilities of the targets **and** the entropy of each
+    /// position's softmax, as one fused autodiff op.
+    ///
+    /// # Formula
+    ///
+    /// With `y = z/T`, `p = softmax(y)`: `(log p[t], H = −Σₖ pₖ log pₖ)` per
+    /// position — [`selective_log_softmax`] and the entropy of the
+    /// temperature-scaled logits (as TRL and verl compute it, on the logits
+    /// already divided by `T`; `T = 1`: [`entropy`]).
+    ///
+    /// # Gradient
+    ///
+    /// Given the cotangents `c_lp` and `c_H` of both outputs:
+    /// `(c_lp·(1[k = t] − pₖ) − c_H·pₖ(log pₖ + H)) / T`.
+    ///
+    /// # Cost
+    ///
+    /// On the ndarray backend both outputs come from one read of the logits
+    /// ([`posttrain_core::fused::log_probs_entropy`]) and the backward is one
+    /// more ([`posttrain_core::fused::log_probs_entropy_backward`], both
+    /// cotangents at once): the node keeps a handle on the logits and the
+    /// rows' `lse` and `H`, nothing `[batch, seq, vocab]`. On the other
+    /// backends it is [`selective_log_softmax`] and [`entropy`] (two nodes).
+    ///
+    /// # Peers
+    ///
+    /// TRL `selective_log_softmax` + `entropy_from_logits`, verl
+    /// `logprobs_from_logits` + `entropy_from_logits` (`calculate_entropy`).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`logits::selective_log_softmax`](crate::logits::selective_log_softmax).
+    pub fn log_probs_and_entropy(
+        logits: Tensor<3>,
+        targets: Tensor<2, Int>,
+        temperature: Temperature,
+    ) -> Result<(Tensor<2>, Tensor<2>), Error> {
+        #[cfg(feature = "ndarray")]
+        if let Some(both) = super::host::logits_op(
+            &logits,
+            Some(&targets),
+            temperature,
+            super::host::LogitsOut::Both,
+        ) {
+            return Ok(both);
+        }
+        let lp = selective_log_softmax(logits.clone(), targets, temperature)?;
+        let t = temperature.get();
+        let scaled = if t == 1.0 {
+            logits
+        } else {
+            logits.div_scalar(t)
+        };
+        Ok((lp, entropy(scaled)?))
     }
 
     /// What [`paired_loss`] returns.

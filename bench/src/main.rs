@@ -369,12 +369,14 @@ fn burn_logprobs(
     let ch: Tensor<2> = Tensor::from_data(TensorData::new(c_h.to_vec(), [b, s]), &inner).autodiff();
     let (med, _) = time(1, reps, || {
         let x = zt.clone().require_grad();
-        let lp = fused::selective_log_softmax(x.clone(), it.clone().autodiff(), Temperature::ONE)
-            .expect("log-softmax");
-        let h = fused::entropy(x.clone()).expect("entropy");
+        let (lp, h) =
+            fused::log_probs_and_entropy(x.clone(), it.clone().autodiff(), Temperature::ONE)
+                .expect("log-probs and entropy");
         let loss = (lp * cl.clone()).sum() + (h * ch.clone()).sum();
-        let grads = loss.backward();
-        let gx = x.grad(&grads).expect("grad");
+        let mut grads = loss.backward();
+        // Taken out of the container (as an optimizer step does), the
+        // gradient's buffer is read without a copy.
+        let gx = x.grad_remove(&mut grads).expect("grad");
         let _ = gx.into_data();
     });
     med
@@ -519,8 +521,8 @@ fn burn_token_loss(
             }),
         )
         .expect("fused policy loss");
-        let grads = out.loss.backward();
-        let _ = x.grad(&grads).expect("grad").into_data();
+        let mut grads = out.loss.backward();
+        let _ = x.grad_remove(&mut grads).expect("grad").into_data();
     });
     med
 }
