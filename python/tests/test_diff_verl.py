@@ -771,10 +771,7 @@ POLICY_MODES = {m: v for m, v in POLICY_MODES.items() if m in ca.POLICY_LOSS_REG
 # verl 0.9.1 aggregates gspo with the requested loss_agg_mode (the vectors'
 # commit forced seq-mean-token-mean): see test_release_difference_gspo_loss_agg_mode.
 GSPO_COMMIT_AGG = "seq-mean-token-mean"
-# The posttrain parameter that selects the release's gspo aggregation. The
-# installed build ignores it (unknown parameters are not rejected), hence the
-# strict xfail below: drop the xfail once the build honours it in ops.call and
-# in the fast path.
+# The posttrain parameter that selects the release's gspo aggregation.
 GSPO_RELEASE_OPTION: Dict[str, Any] = {"gspo_honor_loss_agg_mode": True}
 
 
@@ -1413,18 +1410,12 @@ def test_release_vs_vectors(op):
     assert not vanished, f"the named release difference ({what}) no longer shows on: {vanished}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=f"verl {verl.__version__} differs from {VECTOR_COMMIT}: gspo aggregates with loss_agg_mode "
-    "(commit: always seq-mean-token-mean); posttrain has no option yet (gspo_honor_loss_agg_mode is not in the build)",
-)
 @pytest.mark.parametrize("dt", DTYPES)
 def test_release_difference_gspo_loss_agg_mode(dt):
     """verl 0.9.1's ``compute_policy_loss_gspo`` passes ``loss_agg_mode`` to
     ``agg_loss``; at the vectors' commit it passed ``"seq-mean-token-mean"``.
-    posttrain (``PolicyLoss::effective_agg``) always does the latter, in
-    ``ops.call("verl.policy_loss")`` and in the fast path alike."""
+    posttrain has both: ``gspo_honor_loss_agg_mode=True`` gives the release's,
+    in ``ops.call("verl.policy_loss")`` and in the fast path alike."""
     for agg in AGG_MODES:
         if agg == GSPO_COMMIT_AGG:
             continue
@@ -1446,8 +1437,9 @@ def test_release_difference_gspo_loss_agg_mode(dt):
 @pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("agg", [a for a in AGG_MODES if a != GSPO_COMMIT_AGG])
 def test_gspo_other_agg_modes_keep_commit_behaviour(agg, dt):
-    """Until posttrain has the option: its gspo with any ``loss_agg_mode`` is
-    the release's gspo aggregated with seq-mean-token-mean (the commit's)."""
+    """Without the option (the default, the vectors' commit): posttrain's gspo
+    with any ``loss_agg_mode`` is the release's gspo aggregated with
+    seq-mean-token-mean."""
     rng = rng_for("gspo_commit", agg)
     I = {k: rnd(v, dt) for k, v in policy_inputs(rng, 8, 33).items()}
     want, wgrads = PEER["verl.policy_loss"](I, policy_params("gspo", GSPO_COMMIT_AGG), dt, {"pg_loss": 1.0})

@@ -22,7 +22,8 @@ compared with verl's built-in of the same name:
   ``posttrain_<name>``, with an ``AlgoConfig`` (gamma, lam,
   ``norm_adv_by_std_in_grpo``). verl runs ``gae`` and ``grpo`` directly, not
   through its registry: GRPO is also compared through
-  ``get_adv_estimator_fn``, GAE only there (see the xfail).
+  ``get_adv_estimator_fn``; GAE (not registered: verl passes ``values`` only to
+  its own branch) against ``posttrain.torch.call``.
 
 Both modules import more than these functions need (``ray_trainer`` the whole
 trainer: torchdata, PIL, …; ``losses`` verl's dataset package: PIL). Where
@@ -31,7 +32,8 @@ functions unchanged from the installed verl source, with the module's
 imports that succeed.
 
 Differences that are verl's behaviour, not a tolerance question, are strict
-xfails naming the difference.
+xfails naming the difference (none at present: the adapter selects the
+release behaviours).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ pytest.importorskip("tensordict")
 from tensordict import TensorDict  # noqa: E402
 
 import posttrain.integrations.verl as ptv  # noqa: E402
+import posttrain.torch as pt  # noqa: E402
 from verl.protocol import DataProto  # noqa: E402
 from verl.trainer.config import AlgoConfig  # noqa: E402
 from verl.trainer.ppo import core_algos  # noqa: E402
@@ -249,11 +252,6 @@ def compare_ppo_loss(mode: str, agg: str, norm: str = "local", entropy: bool = F
     return verl_side, pt_side
 
 
-GSPO_AGG_REASON = (
-    "verl 0.9.1's gspo aggregates with the requested loss_agg_mode; posttrain's gspo always aggregates "
-    "with seq-mean-token-mean (as the verl commit its vectors were recorded from): on this batch pg_loss "
-    "0.426 (verl, token-mean) / 2.493 (verl, seq-mean-token-sum) vs 1.626 (posttrain, both)"
-)
 
 
 def _loss_cases():
@@ -267,8 +265,6 @@ def _loss_cases():
                 if kl:
                     kw = {"use_kl_loss": True, "kl_loss_coef": 0.05, "kl_loss_type": KL_TYPES[k % len(KL_TYPES)]}
                 marks = []
-                if mode == "gspo" and agg != "seq-mean-token-mean":
-                    marks.append(pytest.mark.xfail(strict=True, raises=AssertionError, reason=GSPO_AGG_REASON))
                 ident = f"{mode}-{agg}-{norm}" + (f"-kl_{kw['kl_loss_type']}" if kl else "")
                 cases.append(pytest.param(mode, agg, norm, kw, id=ident, marks=marks))
     return cases
@@ -373,27 +369,6 @@ def _adv_cases():
                 if not norm and name not in ("grpo", "grpo_vectorized", "grpo_passk"):
                     continue
                 marks = []
-                if name == "gae":
-                    marks.append(
-                        pytest.mark.xfail(
-                            strict=True,
-                            raises=KeyError,
-                            reason="verl 0.9.1 compute_advantage passes `values` (and gamma/lam) only to its "
-                            "hard-wired GAE branch; a registered estimator (posttrain_gae) gets token_level_rewards, "
-                            "response_mask, config, index, reward_baselines and raises KeyError('values')",
-                        )
-                    )
-                if name == "grpo_vectorized" and not norm:
-                    marks.append(
-                        pytest.mark.xfail(
-                            strict=True,
-                            raises=AssertionError,
-                            reason="verl 0.9.1 compute_advantage calls grpo_vectorized without "
-                            "norm_adv_by_std_in_grpo and verl's grpo_vectorized ignores config, so it divides by "
-                            "the group std even with norm_adv_by_std_in_grpo=False; posttrain_grpo_vectorized "
-                            "reads config.norm_adv_by_std_in_grpo=False and does not",
-                        )
-                    )
                 ident = f"{name}-{kind}-{'std' if norm else 'nostd'}"
                 cases.append(pytest.param(name, kind, norm, id=ident, marks=marks))
     return cases
@@ -427,8 +402,9 @@ def test_grpo_through_registry_matches_verl(kind, norm):
 
 
 @pytest.mark.parametrize("kind", ["binary", "continuous"])
-def test_gae_through_registry_matches_verl(kind):
-    """posttrain_gae with the arguments verl's GAE branch passes (values, gamma, lam)."""
+def test_gae_matches_verl(kind):
+    """posttrain's GAE (not registered: verl 0.9.1 hands `values`, gamma and
+    lam only to its own GAE branch) on the arguments verl's GAE gets."""
     data = make_dataproto(kind)
     kw = dict(
         token_level_rewards=data.batch["token_level_rewards"],
@@ -438,9 +414,10 @@ def test_gae_through_registry_matches_verl(kind):
         lam=LAM,
     )
     adv_v, ret_v = core_algos.get_adv_estimator_fn("gae")(**kw)
-    adv_p, ret_p = core_algos.get_adv_estimator_fn("posttrain_gae")(**kw)
-    torch.testing.assert_close(adv_p, adv_v, rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(ret_p, ret_v, rtol=RTOL, atol=ATOL)
+    out = pt.call("verl.compute_gae_advantage_return", **kw)
+    torch.testing.assert_close(out["advantages"], adv_v, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(out["returns"], ret_v, rtol=RTOL, atol=ATOL)
+    assert "posttrain_gae" not in core_algos.ADV_ESTIMATOR_REGISTRY
 
 
 def test_compute_advantage_comparison_detects_a_perturbed_input():
