@@ -336,9 +336,7 @@ macro_rules! grpo_loss_fn {
         /// d loss / d entropies)`. `params_json` holds TRL's config names
         /// (see `posttrain.ops.grpo_loss`).
         #[pyfunction]
-        #[pyo3(signature = (params_json, batch, seq, per_token_logps, entropies, mask, advantages,
-            old_per_token_logps=None, ref_per_token_logps=None, sampling_per_token_logps=None,
-            importance_sampling_ratio=None))]
+        #[pyo3(signature = (params_json, batch, seq, per_token_logps, entropies, mask, advantages, old_per_token_logps=None, ref_per_token_logps=None, sampling_per_token_logps=None, importance_sampling_ratio=None))]
         #[allow(clippy::too_many_arguments, clippy::type_complexity)]
         fn $name<'py>(
             py: Python<'py>,
@@ -517,8 +515,7 @@ macro_rules! verl_policy_loss_fn {
         /// read in place: returns `(metrics, d total / d log_prob)` where
         /// total = `pg_loss + kl_loss_coef · kl_loss`.
         #[pyfunction]
-        #[pyo3(signature = (params_json, batch, seq, old_log_prob, log_prob, advantages, response_mask,
-            rollout_is_weights=None, ref_log_prob=None, threads=None))]
+        #[pyo3(signature = (params_json, batch, seq, old_log_prob, log_prob, advantages, response_mask, rollout_is_weights=None, ref_log_prob=None, threads=None))]
         #[allow(clippy::too_many_arguments, clippy::type_complexity)]
         fn $name<'py>(
             py: Python<'py>,
@@ -654,8 +651,7 @@ macro_rules! lpe_fns {
         /// the logits: `d_log_probs`, `d_entropy` (optional) are `[rows]`;
         /// returns `[rows · vocab]`.
         #[pyfunction]
-        #[pyo3(signature = (logits, rows, vocab, targets, temperature, lse, entropy, d_log_probs,
-                                    d_entropy=None, threads=None))]
+        #[pyo3(signature = (logits, rows, vocab, targets, temperature, lse, entropy, d_log_probs, d_entropy=None, threads=None))]
         #[allow(clippy::too_many_arguments)]
         fn $bwd<'py>(
             py: Python<'py>,
