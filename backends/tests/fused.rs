@@ -1069,8 +1069,8 @@ fn strided_inputs_are_read_in_logical_order() {
     let x = policy_inputs(171);
     let loss =
         PolicyLoss::from_verl(PolicyLossMode::Vanilla, &VerlPolicyParams::default()).unwrap();
-    let kl = Some((KlConfig::parse_verl("low_var_kl").unwrap(), 0.2));
-    let (want_v, want_g, _) = fused_policy(&loss, AggMode::TokenMean, kl, &x, &dev);
+    let k3 = KlConfig::parse_verl("low_var_kl").unwrap();
+    let (want_v, want_g, _) = fused_policy(&loss, AggMode::TokenMean, Some((k3, 0.2)), &x, &dev);
     let t: Vec<f64> = (0..B * S).map(|i| x.lp[(i % B) * S + i / B]).collect();
     let lp_t = tensor2(&t, [S, B], &dev).unwrap().require_grad();
     let lp = lp_t.clone().swap_dims(0, 1);
@@ -1084,7 +1084,7 @@ fn strided_inputs_are_read_in_logical_order() {
         &mask(&dev),
         None,
         Some(fused::KlPenalty {
-            config: kl.unwrap().0,
+            config: k3,
             coef: 0.2,
             ref_log_prob: tensor2(&x.rf, [B, S], &dev).unwrap(),
         }),

@@ -50,6 +50,7 @@ __all__ = [
     "op_info",
     "grpo_loss",
     "verl_policy_loss",
+    "dpo_pair_loss",
     "log_probs_entropy",
     "log_probs_entropy_backward",
     "trl",
@@ -434,6 +435,63 @@ def verl_policy_loss(
         threads=threads,
     )
     return dict(metrics), grad.reshape(b, t)
+
+
+# TRL's DPOConfig defaults (trl 1.16.0) for what a caller leaves out.
+TRL_DPO_DEFAULTS: Dict[str, Any] = {
+    "loss_type": ["sigmoid"],
+    "beta": 0.1,
+    "label_smoothing": 0.0,
+    "f_divergence_type": "reverse_kl",
+    "f_alpha_divergence_coef": 1.0,
+    "discopop_tau": 0.05,
+}
+
+
+def dpo_pair_loss(
+    chosen_logps: Any,
+    rejected_logps: Any,
+    ref_chosen_logps: Any,
+    ref_rejected_logps: Any,
+    chosen_len: Any,
+    rejected_len: Any,
+    *,
+    pair_weight: Any = None,
+    **config: Any,
+) -> Tuple[Dict[str, float], np.ndarray, np.ndarray]:
+    """TRL ``DPOTrainer``'s loss from sequence log-probabilities (``[B]``
+    each): ``Σ_k w_k · mean_i ℓ_k(i)`` over ``loss_type`` (a name or a list:
+    sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard,
+    aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm) with
+    ``loss_weights``, ``beta``, ``label_smoothing``, ``f_divergence_type``
+    (reverse_kl, forward_kl, js_divergence, alpha_divergence) and
+    ``f_alpha_divergence_coef``, ``discopop_tau``. ``chosen_len`` /
+    ``rejected_len`` are the completion token counts (IPO and sigmoid_norm
+    normalise by them); ``pair_weight`` multiplies each pair (WPO).
+
+    Returns ``(metrics, d loss/d chosen_logps, d loss/d rejected_logps)``
+    with ``metrics["loss"]`` and the reward metrics TRL logs.
+    """
+    c = _to_numpy(chosen_logps)
+    dt = _float_dtype(c)
+    n = c.size
+    _check_params("dpo_pair_loss", config, _CATALOG["trl.dpo_loss"]["params"])
+    p = dict(TRL_DPO_DEFAULTS)
+    p.update(config)
+    if isinstance(p["loss_type"], str):
+        p["loss_type"] = [p["loss_type"]]
+    fn = _native.dpo_pair_loss_f32 if dt == np.float32 else _native.dpo_pair_loss_f64
+    metrics, gc, gr = fn(
+        _params_json(p),
+        _flat(c, dt, "chosen_logps"),
+        _flat(rejected_logps, dt, "rejected_logps", n),
+        _flat(ref_chosen_logps, dt, "ref_chosen_logps", n),
+        _flat(ref_rejected_logps, dt, "ref_rejected_logps", n),
+        _flat(chosen_len, dt, "chosen_len", n),
+        _flat(rejected_len, dt, "rejected_len", n),
+        pair_weight=_opt(pair_weight, dt, "pair_weight", n),
+    )
+    return dict(metrics), gc.reshape(c.shape), gr.reshape(c.shape)
 
 
 def log_probs_entropy(

@@ -17,6 +17,7 @@ on another device are copied to the host and the gradients copied back.
 
 * :func:`grpo_loss` — TRL's GRPO-family loss (``GRPOTrainer._compute_loss``).
 * :func:`verl_policy_loss` — verl's actor policy loss (+ KL loss).
+* :func:`dpo_pair_loss` — TRL's DPO-family loss on sequence log-probs.
 * :func:`log_probs_entropy` — token log-probs and entropies from logits.
 * :func:`call` — any peer op by name (``posttrain.ops.list_ops()``),
   differentiable with respect to its differentiable inputs.
@@ -31,7 +32,7 @@ import torch
 
 from . import ops as _ops
 
-__all__ = ["grpo_loss", "verl_policy_loss", "log_probs_entropy", "call"]
+__all__ = ["grpo_loss", "verl_policy_loss", "dpo_pair_loss", "log_probs_entropy", "call"]
 
 
 def _host(t: Any) -> Any:
@@ -148,6 +149,38 @@ def verl_policy_loss(
     if config.get("use_kl_loss"):
         total = total + float(config.get("kl_loss_coef", 0.001)) * metrics["kl_loss"]
     loss = _scalar_loss(total, log_prob, [(log_prob, _back(grad, log_prob))])
+    return loss, metrics
+
+
+def dpo_pair_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_len: torch.Tensor,
+    rejected_len: torch.Tensor,
+    *,
+    pair_weight: Optional[torch.Tensor] = None,
+    **config: Any,
+) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """TRL's DPO-family loss, differentiable with respect to
+    ``chosen_logps`` and ``rejected_logps`` (arguments and ``config`` as
+    :func:`posttrain.ops.dpo_pair_loss`). Returns ``(loss, metrics)``."""
+    metrics, gc, gr = _ops.dpo_pair_loss(
+        _host(chosen_logps),
+        _host(rejected_logps),
+        _host(ref_chosen_logps),
+        _host(ref_rejected_logps),
+        _host(chosen_len),
+        _host(rejected_len),
+        pair_weight=_host(pair_weight),
+        **config,
+    )
+    loss = _scalar_loss(
+        metrics["loss"],
+        chosen_logps,
+        [(chosen_logps, _back(gc, chosen_logps)), (rejected_logps, _back(gr, rejected_logps))],
+    )
     return loss, metrics
 
 

@@ -33,6 +33,7 @@ use posttrain_core::kl::KlConfig;
 use posttrain_core::logits::Temperature;
 use posttrain_core::policy::grpo::{GrpoInputs, TokenOrRow};
 use posttrain_core::policy::token::{policy_loss, PolicyBatch, PolicyLoss};
+use posttrain_core::preference::paired::{paired_loss, PairBatch, PairGrads};
 use posttrain_core::{Dims, Error, Real};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -550,6 +551,105 @@ verl_policy_loss_fn!(verl_policy_loss_f64, f64);
 verl_policy_loss_fn!(verl_policy_loss_f32, f32);
 
 // ---------------------------------------------------------------------------
+// TRL's DPO-family loss on sequence log-probabilities
+// ---------------------------------------------------------------------------
+
+#[allow(clippy::too_many_arguments)]
+fn dpo_pair_loss_impl<'py, F: Real + Element>(
+    py: Python<'py>,
+    params_json: &str,
+    chosen_logps: PyReadonlyArray1<'py, F>,
+    rejected_logps: PyReadonlyArray1<'py, F>,
+    ref_chosen_logps: PyReadonlyArray1<'py, F>,
+    ref_rejected_logps: PyReadonlyArray1<'py, F>,
+    chosen_len: PyReadonlyArray1<'py, F>,
+    rejected_len: PyReadonlyArray1<'py, F>,
+    pair_weight: Option<PyReadonlyArray1<'py, F>>,
+) -> PyResult<MetricsGrads<'py, F>> {
+    let case = params_case("trl.dpo_loss", params_json)?;
+    let ctx = Ctx::new(&case);
+    let (cfg, terms) =
+        ops::paired::trl_dpo_config(&ctx).map_err(|f| fail_err("dpo_pair_loss", f))?;
+    let c = slice("chosen_logps", &chosen_logps)?;
+    let r = slice("rejected_logps", &rejected_logps)?;
+    let c0 = slice("ref_chosen_logps", &ref_chosen_logps)?;
+    let r0 = slice("ref_rejected_logps", &ref_rejected_logps)?;
+    let lc = slice("chosen_len", &chosen_len)?;
+    let lr = slice("rejected_len", &rejected_len)?;
+    let w = opt_slice("pair_weight", &pair_weight)?;
+    let n = c.len();
+    let (out, gc, gr) = py
+        .detach(|| {
+            let mut batch = PairBatch::new(c, r)
+                .with_reference(c0, r0)
+                .with_lengths(lc, lr);
+            if let Some(w) = w {
+                batch = batch.with_pair_weight(w);
+            }
+            let (mut gc, mut gr) = (vec![F::zero(); n], vec![F::zero(); n]);
+            let mut order = vec![0usize; n];
+            let out = paired_loss(
+                &cfg,
+                &terms,
+                &batch,
+                None,
+                Some(PairGrads::of_mean(F::one(), &mut gc, &mut gr)),
+                &mut order,
+            )?;
+            Ok::<_, Error>((out, gc, gr))
+        })
+        .map_err(core_err)?;
+    let m = metrics(
+        py,
+        &[
+            ("loss", out.loss.to_f64()),
+            ("rewards/chosen", out.metrics.reward_chosen.to_f64()),
+            ("rewards/rejected", out.metrics.reward_rejected.to_f64()),
+            ("rewards/accuracies", out.metrics.accuracy.to_f64()),
+            ("rewards/margins", out.metrics.margin.to_f64()),
+        ],
+    )?;
+    Ok((m, PyArray1::from_vec(py, gc), PyArray1::from_vec(py, gr)))
+}
+
+macro_rules! dpo_pair_loss_fn {
+    ($name:ident, $f:ty) => {
+        /// TRL `DPOTrainer`'s loss (every `loss_type` with `loss_weights`,
+        /// `f_divergence_type`, `beta`, `label_smoothing`, …; not `sft`) from
+        /// sequence log-probabilities `[B]`: returns `(metrics, d loss / d
+        /// chosen_logps, d loss / d rejected_logps)`.
+        #[pyfunction]
+        #[pyo3(signature = (params_json, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_len, rejected_len, pair_weight=None))]
+        #[allow(clippy::too_many_arguments)]
+        fn $name<'py>(
+            py: Python<'py>,
+            params_json: &str,
+            chosen_logps: PyReadonlyArray1<'py, $f>,
+            rejected_logps: PyReadonlyArray1<'py, $f>,
+            ref_chosen_logps: PyReadonlyArray1<'py, $f>,
+            ref_rejected_logps: PyReadonlyArray1<'py, $f>,
+            chosen_len: PyReadonlyArray1<'py, $f>,
+            rejected_len: PyReadonlyArray1<'py, $f>,
+            pair_weight: Option<PyReadonlyArray1<'py, $f>>,
+        ) -> PyResult<MetricsGrads<'py, $f>> {
+            dpo_pair_loss_impl(
+                py,
+                params_json,
+                chosen_logps,
+                rejected_logps,
+                ref_chosen_logps,
+                ref_rejected_logps,
+                chosen_len,
+                rejected_len,
+                pair_weight,
+            )
+        }
+    };
+}
+dpo_pair_loss_fn!(dpo_pair_loss_f64, f64);
+dpo_pair_loss_fn!(dpo_pair_loss_f32, f32);
+
+// ---------------------------------------------------------------------------
 // Log-probabilities and entropy from logits
 // ---------------------------------------------------------------------------
 
@@ -694,6 +794,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(grpo_loss_f32, m)?)?;
     m.add_function(wrap_pyfunction!(verl_policy_loss_f64, m)?)?;
     m.add_function(wrap_pyfunction!(verl_policy_loss_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(dpo_pair_loss_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(dpo_pair_loss_f32, m)?)?;
     m.add_function(wrap_pyfunction!(log_probs_entropy_f64, m)?)?;
     m.add_function(wrap_pyfunction!(log_probs_entropy_f32, m)?)?;
     m.add_function(wrap_pyfunction!(log_probs_entropy_backward_f64, m)?)?;

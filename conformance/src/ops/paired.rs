@@ -27,7 +27,7 @@ pub fn run<F: Real>(op: &str, ctx: &Ctx) -> Option<OpResult> {
 }
 
 /// TRL's `loss_type` (a string or a list) and `loss_weights` as terms.
-pub(crate) fn trl_terms(ctx: &Ctx) -> Result<Vec<LossTerm>, Fail> {
+pub fn trl_terms(ctx: &Ctx) -> Result<Vec<LossTerm>, Fail> {
     let names: Vec<String> = match ctx.param("loss_type") {
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) => a
@@ -59,7 +59,7 @@ pub(crate) fn trl_terms(ctx: &Ctx) -> Result<Vec<LossTerm>, Fail> {
 }
 
 /// TRL `DPOTrainer`'s config and loss terms from the case parameters.
-pub(crate) fn trl_dpo_config(ctx: &Ctx) -> Result<(PairedConfig, Vec<LossTerm>), Fail> {
+pub fn trl_dpo_config(ctx: &Ctx) -> Result<(PairedConfig, Vec<LossTerm>), Fail> {
     let terms = trl_terms(ctx)?;
     let div = match FDivergence::from_trl(
         ctx.p_str("f_divergence_type")?,

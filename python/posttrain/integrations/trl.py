@@ -1,6 +1,7 @@
-"""posttrain as TRL's GRPO loss.
+"""posttrain as TRL's GRPO and DPO loss.
 
-One call makes a built ``GRPOTrainer`` compute its loss with posttrain::
+One call makes a built ``GRPOTrainer`` (or ``DPOTrainer``) compute its loss
+with posttrain::
 
     from trl import GRPOConfig, GRPOTrainer
     from posttrain.integrations.trl import use_posttrain
@@ -31,8 +32,14 @@ adapter passes ``steps_per_generation`` so posttrain does the same (the
 conformance vectors, from TRL f2cd577, use the count as given — posttrain's
 default when ``steps_per_generation`` is absent).
 
-Tested against trl 1.16.0 (``python/tests/test_trl_e2e.py``: training runs
-with and without the adapter agree to f32 tolerance).
+``DPOTrainer``: the policy and reference forwards stay TRL's (its fused LM
+head gives the token log-probs); the loss over the sequence log-probs —
+every ``loss_type`` but ``sft``, ``loss_weights``, the f-divergences,
+``label_smoothing``, LD-DPO's ``ld_alpha``, WPO's ``use_weighting`` — and its
+gradient are posttrain's (``posttrain.torch.dpo_pair_loss``).
+
+Tested against trl 1.16.0 (``python/tests/test_trl_e2e.py``: GRPO and DPO
+training runs with and without the adapter agree to f32 tolerance).
 """
 
 from __future__ import annotations
@@ -212,13 +219,141 @@ def _compute_loss(self: Any, model: Any, inputs: Dict[str, Any]) -> torch.Tensor
     return loss
 
 
+_DPO_SUPPORTED = {
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm",
+}
+
+
+def _dpo_compute_loss(self: Any, model: Any, inputs: Dict[str, Any], return_outputs: bool = False) -> Any:
+    """``DPOTrainer._compute_loss`` with posttrain's loss: the model forwards
+    (policy and reference) are TRL's; the loss over the sequence
+    log-probabilities and its gradient are posttrain's; the logged metrics
+    are TRL's."""
+    from trl.trainer import dpo_trainer as _dpo
+
+    mode = "train" if self.model.training else "eval"
+    acc = self.accelerator
+    model_kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+    model_kwargs["use_cache"] = False
+    if self.aux_loss_enabled:
+        model_kwargs["output_router_logits"] = True
+    completion_mask = inputs["completion_mask"]
+    mask = completion_mask[..., 1:]
+    labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+    outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+    t = mask.size(1)
+    token_logps = outputs.log_probs[:, -t:]
+
+    # Sequence log-probability: the sum over the completion, or LD-DPO's
+    # shared-prefix sum plus ld_alpha times the longer side's tail.
+    if self.ld_alpha is not None:
+        pos = mask.cumsum(dim=1)
+        shared = torch.minimum(*mask.sum(dim=1).long().chunk(2, dim=0))
+        shared = torch.cat([shared, shared], dim=0).unsqueeze(1)
+        in_shared, in_tail = (pos > 0) & (pos <= shared), pos > shared
+
+    def sequence_logps(tok: torch.Tensor) -> torch.Tensor:
+        if self.ld_alpha is None:
+            return tok.sum(dim=1)
+        return (tok * in_shared).sum(dim=1) + self.ld_alpha * (tok * in_tail).sum(dim=1)
+
+    chosen_logps, rejected_logps = sequence_logps(token_logps).chunk(2, dim=0)
+    if self.precompute_ref_logps:
+        ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+    else:
+        ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+        with torch.no_grad(), _dpo.disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if _dpo.is_peft_model(self.model) and self.ref_model is None:
+                unwrapped = acc.unwrap_model(self.model)
+                with _dpo.use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                    ref_out = self.model(**ref_kwargs, labels=labels, fused_lm_head=True)
+            else:
+                ref_out = self.ref_model(**ref_kwargs, labels=labels, fused_lm_head=True)
+        ref_chosen, ref_rejected = sequence_logps(ref_out.log_probs[:, -t:]).chunk(2, dim=0)
+
+    chosen_mask, rejected_mask = mask.chunk(2, dim=0)
+    pair_weight = None
+    if self.use_weighting:
+        # WPO: each pair weighted by exp(mean aligned log-prob) of both sides (constants).
+        with torch.no_grad():
+            aligned = (token_logps - outputs.log_sum_sq_probs[:, -t:]) * mask
+            w = torch.exp(aligned.sum(dim=1) / mask.sum(dim=1).clamp_min(1))
+            w_chosen, w_rejected = w.chunk(2, dim=0)
+            pair_weight = w_chosen * w_rejected
+    dt = chosen_logps.dtype
+    loss, _ = pt.dpo_pair_loss(
+        chosen_logps,
+        rejected_logps,
+        ref_chosen.to(dt),
+        ref_rejected.to(dt),
+        chosen_mask.sum(dim=1).to(dt),
+        rejected_mask.sum(dim=1).to(dt),
+        pair_weight=pair_weight,
+        loss_type=list(self.loss_types),
+        loss_weights=list(self.loss_weights),
+        beta=self.beta,
+        label_smoothing=self.label_smoothing,
+        f_divergence_type=self.f_divergence_type,
+        f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+        discopop_tau=self.args.discopop_tau,
+    )
+    self._posttrain_calls = getattr(self, "_posttrain_calls", 0) + 1
+    if self.aux_loss_enabled:
+        loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+        self._metrics[mode]["aux_loss"].append(acc.gather_for_metrics(outputs.aux_loss).mean().item())
+
+    # TRL's logged metrics, reduced across ranks as TRL reduces them.
+    def total(x: torch.Tensor) -> float:
+        return acc.gather_for_metrics(x).sum().item()
+
+    tokens = total(mask.sum())
+    ent = total((outputs.entropy[:, -t:].detach() * mask).sum())
+    self._metrics[mode]["entropy"].append(ent / tokens if tokens > 0 else 0.0)
+    if mode == "train":
+        self._total_train_tokens += total(inputs["attention_mask"].sum()) // self._tp_size
+    self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+    mean_logits_c, mean_logits_r = outputs.mean_logits[:, -t:].chunk(2, dim=0)
+    n_c, n_r = total(chosen_mask.sum()), total(rejected_mask.sum())
+    lc = total(mean_logits_c[chosen_mask.bool()].sum())
+    lr = total(mean_logits_r[rejected_mask.bool()].sum())
+    self._metrics[mode]["logits/chosen"].append(lc / n_c if n_c > 0 else 0.0)
+    self._metrics[mode]["logits/rejected"].append(lr / n_r if n_r > 0 else 0.0)
+    top1_c, _ = outputs.is_top1[:, -t:].chunk(2, dim=0)
+    correct = total((top1_c & chosen_mask.bool()).sum())
+    self._metrics[mode]["mean_token_accuracy"].append(correct / n_c if n_c > 0 else 0.0)
+    r_c = self.beta * (chosen_logps - ref_chosen).detach()
+    r_r = self.beta * (rejected_logps - ref_rejected).detach()
+    self._metrics[mode]["rewards/chosen"].append(acc.gather(r_c).mean().item())
+    self._metrics[mode]["rewards/rejected"].append(acc.gather(r_r).mean().item())
+    self._metrics[mode]["rewards/accuracies"].append(acc.gather((r_c > r_r).float()).mean().item())
+    self._metrics[mode]["rewards/margins"].append(acc.gather(r_c - r_r).mean().item())
+    self._metrics[mode]["logps/chosen"].append(acc.gather(chosen_logps.detach()).mean().item())
+    self._metrics[mode]["logps/rejected"].append(acc.gather(rejected_logps.detach()).mean().item())
+    if return_outputs:
+        with torch.no_grad():
+            outputs = model(**model_kwargs)
+        return loss, outputs
+    return loss
+
+
 def use_posttrain(trainer: Any) -> Any:
-    """Makes ``trainer`` (a built ``trl.GRPOTrainer``) compute its GRPO loss
-    with posttrain and returns it. Idempotent; ``trainer._posttrain_calls``
-    counts the steps posttrain computed."""
+    """Makes ``trainer`` (a built ``trl.GRPOTrainer`` or ``trl.DPOTrainer``)
+    compute its loss with posttrain and returns it. Idempotent;
+    ``trainer._posttrain_calls`` counts the steps posttrain computed.
+
+    Raises ``TypeError`` for another trainer and ``NotImplementedError`` for
+    a DPO ``loss_type`` posttrain does not compute here (``sft``, whose term
+    is a token-level NLL TRL builds from the model's outputs)."""
     cls_name = type(trainer).__name__
-    if not hasattr(trainer, "_get_per_token_logps_and_entropies") or not hasattr(trainer, "loss_type"):
-        raise TypeError(f"use_posttrain expects a trl GRPOTrainer, got {cls_name}")
-    trainer._compute_loss = types.MethodType(_compute_loss, trainer)
+    if hasattr(trainer, "_get_per_token_logps_and_entropies") and hasattr(trainer, "loss_type"):
+        trainer._compute_loss = types.MethodType(_compute_loss, trainer)
+    elif hasattr(trainer, "loss_types") and hasattr(trainer, "precompute_ref_logps"):
+        bad = [t for t in trainer.loss_types if t not in _DPO_SUPPORTED]
+        if bad:
+            raise NotImplementedError(f"posttrain's DPO adapter does not compute loss_type {bad} (supported: {sorted(_DPO_SUPPORTED)})")
+        trainer._compute_loss = types.MethodType(_dpo_compute_loss, trainer)
+    else:
+        raise TypeError(f"use_posttrain expects a trl GRPOTrainer or DPOTrainer, got {cls_name}")
     trainer._posttrain_calls = getattr(trainer, "_posttrain_calls", 0)
     return trainer

@@ -1,0 +1,224 @@
+"""End-to-end: TRL's DPOTrainer with and without the posttrain adapter.
+
+A tiny randomly initialised causal LM (``trl_tiny``: char tokenizer, 2-layer
+Llama, nothing downloaded) is trained for a few steps by ``DPOTrainer`` on an
+eight-pair preference dataset, once with TRL's own loss and once with
+``posttrain.integrations.trl.use_posttrain``, same seed. The logged losses,
+the logged metrics and the updated parameters must agree to f32 tolerance.
+
+Setup notes:
+
+- The reference model is passed explicitly (``ref_model=``), a second
+  ``trl_tiny.make_model`` with the same seed, so nothing is loaded from a path.
+  With ``precompute_ref_log_probs=True`` TRL computes the reference log-probs
+  once, before training, with that model.
+- Plain SGD and no gradient clipping (as in ``trl_tiny``): AdamW's normalised
+  first steps and norm clipping would hide a wrong gradient scale.
+- Chosen and rejected completions differ in length (so IPO / sigmoid_norm's
+  length normalisation and LD-DPO's tail masks matter).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("trl")
+
+import torch
+
+import trl_tiny
+
+# (prompt, chosen, rejected): plain text from trl_tiny's char vocabulary,
+# chosen and rejected of different lengths (both ways round).
+PAIRS = [
+    ("say a", " a", " b b"),
+    ("the cat", " sat", " ran away"),
+    ("abc", " def", " xyz zz"),
+    ("what is up?", " the sky", " no"),
+    ("hello there", " hi", " go away now"),
+    ("one two", " three", " four five"),
+    ("banana", " yes", " nope no"),
+    ("zzz", " sleep well", " wake"),
+]
+
+METRICS = [
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "entropy",
+    "mean_token_accuracy",
+    "logits/chosen",
+    "logits/rejected",
+]
+
+
+def make_dpo_dataset():
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {
+            "prompt": [p for p, _, _ in PAIRS],
+            "chosen": [c for _, c, _ in PAIRS],
+            "rejected": [r for _, _, r in PAIRS],
+        }
+    )
+
+
+def make_dpo_trainer(output_dir, *, seed: int = 0, use_posttrain: bool = False, **dpo_config_overrides):
+    """Build a tiny CPU ``DPOTrainer``; with ``use_posttrain`` its loss goes through posttrain."""
+    from trl import DPOConfig, DPOTrainer
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = trl_tiny.make_tokenizer()
+    model = trl_tiny.make_model(tokenizer, seed=seed)
+    ref_model = trl_tiny.make_model(tokenizer, seed=seed)
+
+    config = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=4,
+        max_length=32,
+        max_steps=3,
+        logging_steps=1,
+        seed=seed,
+        data_seed=seed,
+        # Plain SGD without gradient clipping (see trl_tiny).
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        beta=0.1,
+        save_strategy="no",
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    config.update(dpo_config_overrides)
+    args = DPOConfig(**config)
+
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=make_dpo_dataset(),
+        processing_class=tokenizer,
+    )
+    if use_posttrain:
+        from posttrain.integrations.trl import use_posttrain as _use_posttrain
+
+        trainer = _use_posttrain(trainer)
+    return trainer
+
+
+# (id, DPOConfig overrides)
+CASES = [
+    ("sigmoid", dict(loss_type=["sigmoid"])),
+    ("hinge", dict(loss_type=["hinge"])),
+    ("ipo", dict(loss_type=["ipo"])),
+    ("robust", dict(loss_type=["robust"], label_smoothing=0.1)),
+    ("exo_pair", dict(loss_type=["exo_pair"], label_smoothing=1e-3)),
+    ("nca_pair", dict(loss_type=["nca_pair"])),
+    ("bco_pair", dict(loss_type=["bco_pair"])),
+    ("sppo_hard", dict(loss_type=["sppo_hard"])),
+    ("aot", dict(loss_type=["aot"])),
+    ("apo_zero", dict(loss_type=["apo_zero"])),
+    ("discopop", dict(loss_type=["discopop"])),
+    ("sigmoid_norm", dict(loss_type=["sigmoid_norm"])),
+    ("mix-sigmoid-hinge", dict(loss_type=["sigmoid", "hinge"], loss_weights=[0.8, 0.2])),
+    ("fdiv-forward_kl", dict(loss_type=["sigmoid"], f_divergence_type="forward_kl")),
+    ("fdiv-js", dict(loss_type=["sigmoid"], f_divergence_type="js_divergence")),
+    (
+        "fdiv-alpha",
+        dict(loss_type=["sigmoid"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.5),
+    ),
+    ("ld_alpha", dict(loss_type=["sigmoid"], ld_alpha=0.5)),
+    ("wpo", dict(loss_type=["sigmoid"], use_weighting=True)),
+    ("precompute_ref", dict(loss_type=["sigmoid"], precompute_ref_log_probs=True)),
+]
+
+
+def _run(tmp_path, name, overrides, use_posttrain):
+    trainer = make_dpo_trainer(tmp_path / name, seed=0, use_posttrain=use_posttrain, **overrides)
+    init = trl_tiny.snapshot_params(trainer.model)
+    losses, params = trl_tiny.train_and_collect(trainer)
+    return trainer, init, losses, params
+
+
+@pytest.mark.parametrize("overrides", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def test_dpo_trainer_posttrain_matches_trl(tmp_path, overrides):
+    ref_trainer, init, ref_losses, ref_params = _run(tmp_path, "trl", overrides, False)
+    pt_trainer, pt_init, pt_losses, pt_params = _run(tmp_path, "posttrain", overrides, True)
+
+    max_steps = ref_trainer.args.max_steps
+    assert len(ref_losses) == len(pt_losses) == max_steps
+
+    # Both runs start from the same model.
+    assert init.keys() == pt_init.keys()
+    for name in init:
+        assert torch.equal(init[name], pt_init[name]), name
+
+    # The posttrain loss was really used.
+    assert getattr(pt_trainer, "_posttrain_calls", 0) > 0, "the posttrain loss was never called"
+
+    # Not vacuous: training moved the parameters.
+    moved = max((ref_params[n] - init[n]).abs().max().item() for n in init)
+    assert moved > 1e-4, f"parameters barely moved ({moved})"
+
+    # Same losses, step by step.
+    for step, (a, b) in enumerate(zip(pt_losses, ref_losses)):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), f"step {step}: loss posttrain {a!r} vs trl {b!r}"
+
+    # Same logged metrics (and gradient norm: no clipping), step by step.
+    for key in METRICS + ["grad_norm"]:
+        ref_m, pt_m = trl_tiny.logged(ref_trainer, key), trl_tiny.logged(pt_trainer, key)
+        assert len(ref_m) == len(pt_m) == max_steps, key
+        for step, (a, b) in enumerate(zip(pt_m, ref_m)):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-6), f"step {step}: {key} posttrain {a!r} vs trl {b!r}"
+
+    # Same updated parameters.
+    assert pt_params.keys() == ref_params.keys()
+    for name in ref_params:
+        torch.testing.assert_close(
+            pt_params[name], ref_params[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def test_dpo_baseline_is_deterministic(tmp_path):
+    """Two runs of TRL's own loss, same seed, are bit-identical (so any
+    difference in the test above comes from the loss)."""
+    overrides = dict(loss_type=["sigmoid"])
+    a, _, a_losses, a_params = _run(tmp_path, "a", overrides, False)
+    b, _, b_losses, b_params = _run(tmp_path, "b", overrides, False)
+    assert a_losses == b_losses
+    for key in METRICS + ["grad_norm"]:
+        assert trl_tiny.logged(a, key) == trl_tiny.logged(b, key), key
+    for name in a_params:
+        assert torch.equal(a_params[name], b_params[name]), name
+
+
+def test_use_posttrain_rejects_sft(tmp_path):
+    from posttrain.integrations.trl import use_posttrain
+
+    trainer = make_dpo_trainer(tmp_path / "sft", loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0])
+    with pytest.raises(NotImplementedError):
+        use_posttrain(trainer)
+    trainer = make_dpo_trainer(tmp_path / "sft_only", loss_type=["sft"])
+    with pytest.raises(NotImplementedError):
+        use_posttrain(trainer)
