@@ -587,7 +587,8 @@ fn dpo_pair_loss_impl<'py, F: Real + Element>(
                 batch = batch.with_pair_weight(w);
             }
             let (mut gc, mut gr) = (vec![F::zero(); n], vec![F::zero(); n]);
-            let mut order = vec![0usize; n];
+            // AOT sorts both sides: 2·B indices of scratch.
+            let mut order = vec![0usize; 2 * n];
             let out = paired_loss(
                 &cfg,
                 &terms,

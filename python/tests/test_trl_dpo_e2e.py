@@ -27,6 +27,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import math
 from pathlib import Path
 
 import pytest
@@ -127,17 +128,22 @@ def make_dpo_trainer(output_dir, *, seed: int = 0, use_posttrain: bool = False, 
     return trainer
 
 
-# (id, DPOConfig overrides)
+# (id, DPOConfig overrides), or a pytest.param(overrides, id=..., marks=...)
 CASES = [
     ("sigmoid", dict(loss_type=["sigmoid"])),
     ("hinge", dict(loss_type=["hinge"])),
-    ("ipo", dict(loss_type=["ipo"])),
+    # IPO and SPPO's squared losses have ~100x the gradient of sigmoid's: at
+    # learning_rate=1 they blow up (loss 25 -> 90, parameters move by ~18; SPPO
+    # reaches 1e19) and f32 rounding is amplified past the tolerance although the
+    # first-step gradients agree bit for bit. A smaller step keeps them in range.
+    ("ipo", dict(loss_type=["ipo"], learning_rate=0.05)),
     ("robust", dict(loss_type=["robust"], label_smoothing=0.1)),
     ("exo_pair", dict(loss_type=["exo_pair"], label_smoothing=1e-3)),
     ("nca_pair", dict(loss_type=["nca_pair"])),
     ("bco_pair", dict(loss_type=["bco_pair"])),
-    ("sppo_hard", dict(loss_type=["sppo_hard"])),
+    ("sppo_hard", dict(loss_type=["sppo_hard"], learning_rate=0.005)),
     ("aot", dict(loss_type=["aot"])),
+    ("aot_unpaired", dict(loss_type=["aot_unpaired"])),
     ("apo_zero", dict(loss_type=["apo_zero"])),
     ("discopop", dict(loss_type=["discopop"])),
     ("sigmoid_norm", dict(loss_type=["sigmoid_norm"])),
@@ -161,7 +167,11 @@ def _run(tmp_path, name, overrides, use_posttrain):
     return trainer, init, losses, params
 
 
-@pytest.mark.parametrize("overrides", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def _params():
+    return [pytest.param(c[1], id=c[0]) if type(c) is tuple else c for c in CASES]
+
+
+@pytest.mark.parametrize("overrides", _params())
 def test_dpo_trainer_posttrain_matches_trl(tmp_path, overrides):
     ref_trainer, init, ref_losses, ref_params = _run(tmp_path, "trl", overrides, False)
     pt_trainer, pt_init, pt_losses, pt_params = _run(tmp_path, "posttrain", overrides, True)
@@ -181,7 +191,8 @@ def test_dpo_trainer_posttrain_matches_trl(tmp_path, overrides):
     moved = max((ref_params[n] - init[n]).abs().max().item() for n in init)
     assert moved > 1e-4, f"parameters barely moved ({moved})"
 
-    # Same losses, step by step.
+    # Same losses, step by step (and a sane training run).
+    assert all(math.isfinite(x) and abs(x) < 1e3 for x in ref_losses), ref_losses
     for step, (a, b) in enumerate(zip(pt_losses, ref_losses)):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6), f"step {step}: loss posttrain {a!r} vs trl {b!r}"
 

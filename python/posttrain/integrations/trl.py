@@ -38,8 +38,9 @@ every ``loss_type`` but ``sft``, ``loss_weights``, the f-divergences,
 ``label_smoothing``, LD-DPO's ``ld_alpha``, WPO's ``use_weighting`` — and its
 gradient are posttrain's (``posttrain.torch.dpo_pair_loss``).
 
-Tested against trl 1.16.0 (``python/tests/test_trl_e2e.py``: GRPO and DPO
-training runs with and without the adapter agree to f32 tolerance).
+Tested against trl 1.16.0 (``python/tests/test_trl_e2e.py`` and
+``python/tests/test_trl_dpo_e2e.py``: GRPO and DPO training runs with and
+without the adapter agree to f32 tolerance).
 """
 
 from __future__ import annotations
