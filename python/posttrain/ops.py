@@ -149,18 +149,33 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"parameter value {x!r} is not a number, string, bool, list or None")
 
 
+def _finite_or_named(v: Any) -> Any:
+    """Non-finite floats as the strings the core reads (`"inf"`, `"-inf"`, `"nan"`)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, (list, tuple)):
+        return [_finite_or_named(x) for x in v]
+    return v
+
+
 def _params_json(params: Mapping[str, Any]) -> str:
-    return json.dumps(dict(params), default=_json_default, allow_nan=True)
+    clean = {k: _finite_or_named(v.item() if isinstance(v, np.generic) else v) for k, v in params.items()}
+    return json.dumps(clean, default=_json_default, allow_nan=False)
 
 
-def _out_shape(name: str, n: int, shapes: Dict[str, Tuple[int, ...]]) -> Tuple[int, ...]:
+def _out_shape(name: str, n: int, shapes: Dict[str, Tuple[int, ...]], rank: Optional[int]) -> Tuple[int, ...]:
+    """An output's shape: that of the input it is named after, else a scalar
+    (rank 0), else the shape of an input with as many elements (of the
+    output's rank, as the vectors record it, when known), else flat."""
     if name in shapes and math.prod(shapes[name]) == n:
         return shapes[name]
-    if n == 1:
+    if rank == 0 and n == 1:
         return ()
-    for s in sorted(shapes.values(), key=len, reverse=True):
-        if math.prod(s) == n:
-            return s
+    fits = [s for s in shapes.values() if math.prod(s) == n and (rank is None or len(s) == rank)]
+    if fits:
+        return max(fits, key=len)
+    if n == 1 and rank is None:
+        return ()
     return (n,)
 
 
@@ -214,7 +229,8 @@ def call(
         wanted = list(grads)
     _check_params(op, params, info["params"])
     values, gs = _native.peer_op(op, _params_json(params), ins, cots, wanted, dtype)
-    outputs = {k: v.reshape(_out_shape(k, v.size, shapes)) for k, v in values}
+    ranks = info.get("output_ranks", {})
+    outputs = {k: v.reshape(_out_shape(k, v.size, shapes, ranks.get(k))) for k, v in values}
     grads_out = {k: v.reshape(shapes.get(k, (v.size,))) for k, v in gs}
     return OpResult(outputs, grads_out)
 
@@ -288,6 +304,7 @@ TRL_GRPO_DEFAULTS: Dict[str, Any] = {
     "delta": None,
     "beta": 0.0,
     "top_entropy_quantile": 1.0,
+    "use_bias_correction_kl": True,
     "num_processes": 1,
     "current_gradient_accumulation_steps": 1,
     "mode": "train",

@@ -3,11 +3,15 @@
 On seeded random inputs of several shapes (``(1, 1)``, ``(4, 7)``,
 ``(8, 33)``; completion masks with right padding, holes and an empty row;
 old log-probs perturbed by ~0.5 so that ratios clip; reward groups with
-``num_generations`` 1 (singletons), 2, 3, 4) every TRL op posttrain shares and
-that the release still has is run through TRL's own installed code and through
-posttrain, and the two must agree: f64 within 1e-9 relative (1e-12
-absolute), f32 within 1e-4 relative (1e-5 absolute), values and gradients
-(``torch.autograd`` on TRL's side, posttrain's closed-form VJPs on ours).
+``num_generations`` 1 (singletons), 2, 3, 4, 8 and unscorable completions)
+every TRL op posttrain shares and that the release still has is run through
+TRL's own installed code and through posttrain, and the two must agree: f64
+within 1e-9 relative (1e-12 absolute), f32 within 1e-4 relative (1e-5
+absolute), values, logged metrics and gradients (``torch.autograd`` on TRL's
+side, posttrain's closed-form VJPs on ours). Where TRL itself computes in
+float32 whatever the input dtype (clip-ratio metrics via ``.float()``, ORPO's
+``odds_ratio_loss``, the fused LM head, the chunked distillation kernel) the
+comparison uses the f32 tolerance.
 
 TRL's trainer methods are called unbound on a minimal stand-in ``self`` that
 carries exactly the attributes the method reads (an identity accelerator,
@@ -27,7 +31,8 @@ a ``test_release_difference_<what>`` test: it asserts the release behaviour
 through the posttrain option that selects it, or is a strict xfail naming
 the difference where posttrain has no such option yet. Mismatches that are
 not release differences (TRL behaves the same at both commits) are
-``test_mismatch_<what>`` strict xfails.
+``test_mismatch_<what>`` strict xfails. ``test_release_vs_vectors_grpo_loss``
+replays the recorded grpo_loss vectors through the release's own code.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import types
 import zlib
 from collections import defaultdict
@@ -43,10 +49,10 @@ from typing import Any, Dict, Optional
 import numpy as np
 import pytest
 
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
 trl = pytest.importorskip("trl")
 torch = pytest.importorskip("torch")
-
-import torch.nn.functional as F  # noqa: E402
 
 import posttrain.ops as ops  # noqa: E402
 from trl.trainer import utils as trl_utils  # noqa: E402
@@ -70,6 +76,16 @@ SHAPES = [(1, 1), (4, 7), (8, 33)]
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The peer's tensors are tiny: torch's intra-op thread pool only spins (and, on a shared
+    machine, makes each op ~10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def rng_for(*key: Any) -> np.random.Generator:
@@ -109,7 +125,10 @@ def t(x: Any, dt: Optional[str] = None, grad: bool = False) -> torch.Tensor:
     a = np.asarray(x)
     if dt is not None:
         a = a.astype(NDT[dt])
-    out = torch.from_numpy(np.ascontiguousarray(a).copy())
+    # torch.tensor copies into torch-owned memory. (A from_numpy tensor still referenced by the
+    # autograd engine's thread-local queue after a failing backward needs the GIL in its deleter
+    # at interpreter exit: the process then hangs in exit().)
+    out = torch.tensor(np.ascontiguousarray(a))
     if grad:
         out.requires_grad_(True)
     return out
@@ -355,7 +374,7 @@ class _GRPOSelf:
     get_gamma_weights = staticmethod(GRPOTrainer.get_gamma_weights)
 
 
-def grpo_data(shape, key, *, is_ratio: Optional[str] = None, sampling: bool = False, old: bool = True):
+def grpo_data(shape, key, *, is_ratio: Optional[str] = None, sampling: bool = False, old: bool = True, tool: bool = False):
     """Seeded GRPO inputs (f64); entropies rounded to f32 (see test_mismatch_high_entropy_mask_f32_quantile)."""
     b, t_ = shape
     rng = rng_for("grpo", shape, key)
@@ -381,7 +400,14 @@ def grpo_data(shape, key, *, is_ratio: Optional[str] = None, sampling: bool = Fa
         d["importance_sampling_ratio"] = np.where(mask, np.exp(rng.normal(0.0, 0.3, size=(b, t_))), 1.0)
     elif is_ratio == "row":
         d["importance_sampling_ratio"] = np.exp(rng.normal(0.0, 0.3, size=(b, 1)))
+    if tool:
+        d["tool_mask"] = rng.random((b, t_)) > 0.25  # tool-output tokens inside completions
     return d
+
+
+def loss_mask(data):
+    m = np.asarray(data["completion_mask"], dtype=bool)
+    return m & np.asarray(data["tool_mask"], dtype=bool) if "tool_mask" in data else m
 
 
 def grpo_full_cfg(cfg: Dict[str, Any], data: Dict[str, np.ndarray]) -> Dict[str, Any]:
@@ -391,7 +417,7 @@ def grpo_full_cfg(cfg: Dict[str, Any], data: Dict[str, np.ndarray]) -> Dict[str,
     b, t_ = data["per_token_logps"].shape
     c.setdefault("max_completion_length", t_ + 3)
     if c.get("num_items_in_batch") is None:
-        c["num_items_in_batch"] = float(data["completion_mask"].sum()) * c["num_processes"]
+        c["num_items_in_batch"] = float(loss_mask(data).sum()) * c["num_processes"]
     if c.get("steps_per_generation") is None:
         c["steps_per_generation"] = c["current_gradient_accumulation_steps"]
     return c
@@ -458,6 +484,8 @@ def trl_grpo(cfg: Dict[str, Any], data: Dict[str, np.ndarray], dt: str):
         for k in ("old_per_token_logps", "ref_per_token_logps", "sampling_per_token_logps", "importance_sampling_ratio"):
             if k in data:
                 inputs[k] = t(data[k], dt)
+        if "tool_mask" in data:
+            inputs["tool_mask"] = t(data["tool_mask"].astype(np.int64))
         loss = s._compute_loss(None, inputs)
         loss.backward()
     g_ent = ent.grad if ent.grad is not None else torch.zeros_like(ent)
@@ -539,6 +567,8 @@ GRPO_FEATURES: Dict[str, Any] = {
     "accum": ({"current_gradient_accumulation_steps": 4}, {}),
     "eval": ({"mode": "eval", "current_gradient_accumulation_steps": 4}, {}),
     "procs": ({"num_processes": 2}, {}),
+    "tool_mask": ({}, {"tool": True}),
+    "tool_mask_bonus_kl": ({"entropy_coef": 0.05, "beta": 0.04, "top_entropy_quantile": 0.5}, {"tool": True}),
     "temps": (
         {
             "sapo_temperature_pos": 2.0,
@@ -573,10 +603,20 @@ def _bonus_applied(c: Dict[str, Any]) -> bool:
     return c.get("entropy_coef", 0.0) != 0.0
 
 
-def release_difference(loss_type: str, level: str, cfg: Dict[str, Any], dkw: Dict[str, Any], t_: int) -> Optional[str]:
-    """Why TRL 1.16.0 differs from f2cd577 (posttrain's behaviour) for this case, or None."""
+def release_difference(
+    loss_type: str, level: str, cfg: Dict[str, Any], dkw: Dict[str, Any], t_: int, data: Optional[Dict[str, Any]] = None
+) -> Optional[str]:
+    """Why TRL 1.16.0 differs from f2cd577 (posttrain's behaviour) for this case, or None.
+    Without ``data`` the answer is conservative (a difference unless it cannot arise)."""
     if loss_type in TOKEN_COUNT_LOSSES and _bonus_applied(cfg):
-        return "entropy_bonus_normalizer"
+        # 1.16: Σ H·m_eff / max(Σ m_eff, 1) / acc; f2cd577: Σ H·m_eff / (num_items_in_batch / num_processes).
+        if data is None or cfg.get("top_entropy_quantile", 1.0) < 1.0:
+            return "entropy_bonus_normalizer"
+        c = grpo_full_cfg(cfg, data)
+        count = float(loss_mask(data).sum())
+        acc = c["current_gradient_accumulation_steps"] if c["mode"] == "train" else 1
+        if max(float(c["num_items_in_batch"]), 1.0) / c["num_processes"] != max(count, 1.0) * acc:
+            return "entropy_bonus_normalizer"
     if loss_type == "luspo" and t_ > 1:
         per_token = (
             level == "token"
@@ -594,7 +634,10 @@ GRPO_CASES = [
     for lt in LOSS_TYPES
     for lvl in ("token", "sequence")
     for name, (over, dkw) in GRPO_FEATURES.items()
-    if not all(release_difference(lt, lvl, over, dkw, s[1]) for s in SHAPES)
+    if not all(
+        release_difference(lt, lvl, dict(over, loss_type=lt), dkw, s[1], grpo_data(s, (lt, lvl, name), **dkw))
+        for s in SHAPES
+    )
 ]
 
 
@@ -605,13 +648,44 @@ def test_grpo_loss(loss_type, level, feature, dt):
     cfg = dict(over, loss_type=loss_type, importance_sampling_level=level)
     ran = 0
     for shape in SHAPES:
-        if release_difference(loss_type, level, cfg, dkw, shape[1]):
-            continue  # covered by the test_release_difference_* tests
         data = grpo_data(shape, (loss_type, level, feature), **dkw)
+        if release_difference(loss_type, level, cfg, dkw, shape[1], data):
+            continue  # covered by the test_release_difference_* tests
+        if shape[1] == 1 and not loss_mask(data).all():
+            continue  # covered by test_mismatch_metrics_single_token_completions
         compare_grpo(cfg, data, dt, what=f"{shape}")
         ran += 1
     if not ran:
         pytest.skip("every shape hits a named release difference")
+
+
+PEER_OP_FEATURES = ["plain", "no_old", "combo", "tool_mask_bonus_kl", "vllm_is_row", "adaptive_applied", "eval"]
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("feature", PEER_OP_FEATURES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_grpo_loss_peer_op(loss_type, level, feature, dt):
+    """The same comparison through ``ops.call("trl.grpo_loss", ...)`` (the by-name path, VJP by cotangent)."""
+    over, dkw = GRPO_FEATURES[feature]
+    cfg = dict(over, loss_type=loss_type, importance_sampling_level=level)
+    for shape in SHAPES[1:]:
+        data = grpo_data(shape, ("peer-op", loss_type, level, feature), **dkw)
+        if release_difference(loss_type, level, cfg, dkw, shape[1], data):
+            continue
+        loss, g_lp, g_ent, m_trl, _ = trl_grpo(cfg, data, dt)
+        c = grpo_full_cfg(cfg, data)
+        c.pop("steps_per_generation")
+        if c["epsilon_high"] is None:  # the by-name op wants it explicit (GRPOConfig: None means epsilon)
+            c["epsilon_high"] = c["epsilon"]
+        c = {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in c.items()}
+        r = ops.call("trl.grpo_loss", dtype=dt, cotangents={"loss": 1.0}, **data, **c)
+        assert_close(r["loss"], loss, dt, f"{shape} loss")
+        assert_close(r.grads["per_token_logps"], g_lp, dt, f"{shape} d loss/d per_token_logps")
+        if "entropies" in r.grads:
+            assert_close(r.grads["entropies"], g_ent, dt, f"{shape} d loss/d entropies")
+        compare_metrics(r, m_trl, dt, f32=F32_METRICS)
 
 
 # ---------------------------------------------------------------------------
@@ -885,6 +959,7 @@ def test_grpo_vllm_importance_sampling_ratio(n, mode, clip, dt):
 
 RLOO_ADV_CASES = [
     # (n_prompts, num_generations, n_funcs, reward_weights)
+    (3, 1, 1, [1.0]),  # singleton groups (TRL: zero advantages)
     (1, 2, 1, [1.0]),
     (2, 3, 1, [1.0]),
     (3, 4, 2, [1.0, 0.7]),
@@ -1156,14 +1231,10 @@ def test_release_difference_luspo_masked_aggregation(level, feature, dt):
 
 
 @release_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="trl 1.16.0 differs from f2cd577: GRPOConfig.use_bias_correction_kl defaults to True "
-    "(f2cd577: False); posttrain.ops.grpo_loss leaves it False when not given (TRL_GRPO_DEFAULTS lacks it); "
-    "use_bias_correction_kl=True selects the release behaviour",
-)
 @pytest.mark.parametrize("dt", DTYPES)
 def test_release_difference_use_bias_correction_kl_default(dt):
+    """trl 1.16.0's GRPOConfig.use_bias_correction_kl defaults to True (f2cd577:
+    False); posttrain.ops.grpo_loss takes 1.16's default when it is not given."""
     assert GRPO_DEFAULTS["use_bias_correction_kl"] is True
     d = grpo_data((8, 33), "bias-default")
     loss, g_lp, _, _, _ = trl_grpo({"beta": 0.04}, d, dt)  # GRPOConfig defaults otherwise
@@ -1319,12 +1390,26 @@ def test_mismatch_vespo_gamma_unmasked_is_ratio(dt):
 
 @pytest.mark.xfail(
     strict=True,
-    raises=ValueError,
-    reason="posttrain bug: a parameter equal to float('inf') (TRL's initial _last_world_entropy) is written "
-    "as the JSON token Infinity, which the core's parser rejects ('parameters: expected value'); "
-    "the string 'inf' works",
+    reason="posttrain mismatch (trl f2cd577 and 1.16.0 alike): GRPOTrainer._compute_loss's metric helpers "
+    "(global_masked_mean, masked_seq_mean) take any [B, 1] tensor for a per-sequence value, so with "
+    "completions of length T == 1 the logged entropy / kl / clip ratios average every row, masked ones "
+    "included (count B); posttrain masks them. The loss and gradients agree",
 )
-def test_mismatch_infinite_parameter():
+@pytest.mark.parametrize("dt", DTYPES)
+def test_mismatch_metrics_single_token_completions(dt):
+    d = grpo_data((4, 1), "t1", tool=True)
+    d["tool_mask"][:] = [[True], [False], [True], [False]]
+    cfg = {"loss_type": "grpo", "beta": 0.04}
+    loss, g_lp, _, m_trl, _ = trl_grpo(cfg, d, dt)
+    m_pt, pg, _ = pt_grpo(cfg, d, dt)
+    assert_close(m_pt["loss"], loss, dt, "loss")  # agrees
+    assert_close(pg, g_lp, dt, "d loss/d per_token_logps")  # agrees
+    for k in ("entropy", "kl"):
+        assert_close(m_pt[k], m_trl[k], dt, k)
+
+
+def test_infinite_parameter():
+    """TRL's initial _last_world_entropy is float('inf'): a parameter the core reads."""
     d = grpo_data((4, 7), "inf-param")
     ops.grpo_loss(
         d["per_token_logps"],
@@ -1341,12 +1426,7 @@ def test_mismatch_infinite_parameter():
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="posttrain bug: ops.call reshapes every one-element output to a 0-d array, so a [1, 1] "
-    "input gives a 0-d entropy_mask (TRL: shape (1, 1))",
-)
-def test_mismatch_single_element_output_shape():
+def test_single_element_output_keeps_its_shape():
     s = _GRPOSelf()
     s.accelerator = Accel()
     e, m = np.array([[0.7]]), np.array([[True]])
@@ -1624,8 +1704,9 @@ DPO_CASES += [
     pytest.param(dict(loss_type=["sigmoid"], ld_alpha=0.5), id="ld_alpha-0.5"),
     pytest.param(dict(loss_type=["sigmoid"], ld_alpha=0.0, precompute_ref_log_probs=False), id="ld_alpha-0-ref_logits"),
     pytest.param(dict(loss_type=["sigmoid"], use_weighting=True), id="wpo"),
-    # (TRL 1.16 cannot combine use_weighting with "sft": in-place *= on its expanded scalar raises.)
-    pytest.param(dict(loss_type=["ipo", "hinge"], use_weighting=True, loss_weights=[0.5, 2.0]), id="wpo-ipo-hinge"),
+    # (TRL cannot combine use_weighting with "sft" or "hinge": its in-place `per_sequence_loss *= weights`
+    # fails on sft's expanded scalar, and on relu's output that the backward needs.)
+    pytest.param(dict(loss_type=["ipo", "sigmoid"], use_weighting=True, loss_weights=[0.5, 2.0]), id="wpo-ipo-sigmoid"),
     pytest.param(dict(loss_type=["discopop"], discopop_tau=0.5, beta=1.0), id="discopop-0.5"),
 ]
 
@@ -1655,3 +1736,610 @@ def test_dpo_loss_real_fused_head(over, dt):
     cfg = dpo_cfg(**over)
     for shape in DPO_SHAPES[1:]:
         compare_dpo(cfg, dpo_data(("fused",) + tuple(over.items()), *shape), dt, head="fused")
+
+
+DPO_F_DIFF_CASES = [
+    (lt, fd, coef)
+    for lt in sorted(DPO_F_SCORE_DIFFERENCES)
+    for fd, coef in [("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.5)]
+]
+
+
+@release_only
+@pytest.mark.xfail(
+    strict=True,
+    reason="trl 1.16.0 differs from f2cd577 (DPOTrainer._compute_loss, f_divergence_type != 'reverse_kl'): "
+    "the scores keep the constant f'(1) terms, forward_kl 1 - exp(-x) (f2cd577: -exp(-x)), js_divergence "
+    "log 2 + logsigmoid(x) (f2cd577: logsigmoid(x)), alpha_divergence (exp((α-1)x) - 1)/(α-1) (f2cd577: "
+    "exp((α-1)x)/(α-1)), which no longer cancel in ipo / sigmoid_norm (scores divided by each completion's "
+    "length); and nca_pair, bco_pair, sppo_hard, apo_down use the raw log-ratios x instead of the scores; "
+    "posttrain has no option yet",
+)
+@pytest.mark.parametrize("dt", ["f32"])  # trl 1.16's alpha_divergence has no float64 path
+@pytest.mark.parametrize("loss_type,fdiv,coef", DPO_F_DIFF_CASES, ids=[f"{a}-{b}" for a, b, _ in DPO_F_DIFF_CASES])
+def test_release_difference_dpo_f_divergence_scores(loss_type, fdiv, coef, dt):
+    cfg = dpo_cfg(loss_type=[loss_type], f_divergence_type=fdiv, f_alpha_divergence_coef=coef, precompute_ref_log_probs=False)
+    for shape in DPO_SHAPES[1:]:
+        compare_dpo(cfg, dpo_data(("fdiff", loss_type, fdiv), *shape, ref_near=True), dt)
+
+
+# ---------------------------------------------------------------------------
+# KTO (KTOTrainer._compute_loss)
+# ---------------------------------------------------------------------------
+
+
+def kto_data(key, n, length, vocab, *, labels=None):
+    rng = rng_for("kto", key, n, length, vocab)
+    ids, am, cm = sequences(rng, n, length, vocab)
+    kl_ids, kl_am, kl_cm = sequences(rng, n, length + 1, vocab)
+    lab = rng.random(n) < 0.5 if labels is None else np.asarray(labels, dtype=bool)
+    z = rng.normal(0.0, 1.5, size=(n, length, vocab))
+    zk = rng.normal(0.0, 1.5, size=(n, length + 1, vocab))
+    return dict(
+        logits=z,
+        input_ids=ids,
+        attention_mask=am,
+        completion_mask=cm,
+        label=lab,
+        KL_logits=zk,
+        KL_input_ids=kl_ids,
+        KL_attention_mask=kl_am,
+        KL_completion_mask=kl_cm,
+        ref_logits=z + rng.normal(0.0, 0.5, size=z.shape),
+        ref_KL_logits=zk + rng.normal(0.0, 0.5, size=zk.shape),
+        ref_logps=-rng.uniform(2.0, 10.0, size=n),
+        ref_KL_logps=-rng.uniform(2.0, 10.0, size=n),
+    )
+
+
+def trl_kto(cfg, d, dt, head="stub"):
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    v = d["logits"].shape[-1]
+    calc_kl = cfg["loss_type"] != "apo_zero_unpaired"
+    with default_dtype(dt):
+        z = t(d["logits"], dt, grad=True)
+        ids, kl_ids = t(d["input_ids"]), t(d["KL_input_ids"])
+        model = make_lm(head, [(ids, z), (kl_ids, t(d["KL_logits"], dt))], v, dt)
+        ref = make_lm(head, [(ids, t(d["ref_logits"], dt)), (kl_ids, t(d["ref_KL_logits"], dt))], v, dt)
+        s = type("KTOSelf", (), {"_compute_kl_logps": KTOTrainer._compute_kl_logps})()
+        s.model, s.ref_model, s.accelerator = model, ref, Accel()
+        s.calculate_KL = calc_kl
+        s.aux_loss_enabled = False
+        s.precompute_ref_logps = cfg["precompute_ref_log_probs"]
+        s.loss_type, s.beta = cfg["loss_type"], cfg["beta"]
+        s.desirable_weight, s.undesirable_weight = cfg["desirable_weight"], cfg["undesirable_weight"]
+        s.args = types.SimpleNamespace(gradient_checkpointing_kwargs=None)
+        s._metrics, s._total_train_tokens, s._tp_size = new_metrics(), 0, 1
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": t(d["attention_mask"].astype(np.int64)),
+            "completion_mask": t(d["completion_mask"].astype(np.int64)),
+            "label": t(d["label"]),
+        }
+        if calc_kl:
+            inputs.update(
+                KL_input_ids=kl_ids,
+                KL_attention_mask=t(d["KL_attention_mask"].astype(np.int64)),
+                KL_completion_mask=t(d["KL_completion_mask"].astype(np.int64)),
+            )
+        if cfg["precompute_ref_log_probs"]:
+            inputs["ref_logps"] = t(d["ref_logps"], dt)
+            if calc_kl:
+                inputs["ref_KL_logps"] = t(d["ref_KL_logps"], dt)
+        loss = KTOTrainer._compute_loss(s, model, inputs, return_outputs=False)
+        loss.backward()
+    return loss.item(), z.grad, last_metrics(s._metrics["train"])
+
+
+def pt_kto(cfg, d, dt):
+    calc_kl = cfg["loss_type"] != "apo_zero_unpaired"
+    keys = ["logits", "input_ids", "attention_mask", "completion_mask", "label"]
+    if calc_kl:
+        keys += ["KL_logits", "KL_input_ids", "KL_attention_mask", "KL_completion_mask"]
+    if cfg["precompute_ref_log_probs"]:
+        keys += ["ref_logps"] + (["ref_KL_logps"] if calc_kl else [])
+    else:
+        keys += ["ref_logits"] + (["ref_KL_logits"] if calc_kl else [])
+    return ops.call("trl.kto_loss", dtype=dt, cotangents={"loss": 1.0}, **{k: d[k] for k in keys}, **cfg)
+
+
+KTO_CASES = [
+    dict(loss_type="kto", beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, precompute_ref_log_probs=False),
+    dict(loss_type="kto", beta=0.5, desirable_weight=1.33, undesirable_weight=0.7, precompute_ref_log_probs=True),
+    dict(loss_type="apo_zero_unpaired", beta=0.1, desirable_weight=1.0, undesirable_weight=1.2, precompute_ref_log_probs=False),
+    dict(loss_type="apo_zero_unpaired", beta=1.0, desirable_weight=0.8, undesirable_weight=1.0, precompute_ref_log_probs=True),
+]
+KTO_SHAPES = [(1, 3, 4), (4, 7, 11), (8, 12, 23)]  # (batch, length, vocab)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("labels", [None, "all_desirable", "all_undesirable"])
+@pytest.mark.parametrize("cfg", KTO_CASES, ids=lambda c: f"{c['loss_type']}-{c['beta']}-pre{int(c['precompute_ref_log_probs'])}")
+def test_kto_loss(cfg, labels, dt):
+    for n, length, vocab in KTO_SHAPES:
+        lab = None if labels is None else [labels == "all_desirable"] * n
+        d = kto_data((cfg["loss_type"], cfg["beta"], labels), n, length, vocab, labels=lab)
+        loss, g, m = trl_kto(cfg, d, dt)
+        r = pt_kto(cfg, d, dt)
+        assert_close(r["loss"], loss, dt, "loss")
+        assert_close(r.grads["logits"], g, dt, "d loss/d logits")
+        compare_metrics(r, m, dt)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("cfg", KTO_CASES[:1], ids=["kto"])
+def test_kto_loss_real_fused_head(cfg, dt):
+    d = kto_data(("fused",), 4, 7, 11)
+    loss, g, m = trl_kto(cfg, d, dt, head="fused")
+    r = pt_kto(cfg, d, dt)
+    assert_close(r["loss"], loss, "f32", "loss")
+    assert_close(r.grads["logits"], g, "f32", "d loss/d logits")
+    compare_metrics(r, m, "f32")
+
+
+# ---------------------------------------------------------------------------
+# Reward model (RewardTrainer.compute_loss)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("margin", [False, True])
+@pytest.mark.parametrize("center", [None, 0.01, 0.5])
+@pytest.mark.parametrize("pairs", [1, 4, 16])
+def test_reward_loss(pairs, center, margin, dt):
+    from trl.trainer.reward_trainer import RewardTrainer
+
+    rng = rng_for("reward", pairs, center, margin)
+    _, am, _ = sequences(rng, 2 * pairs, 9, 5)
+    logits = rng.normal(0.0, 2.0, size=(2 * pairs, 1))
+    mg = rng.uniform(0.0, 1.0, size=pairs)
+    with default_dtype(dt):
+        z = t(logits, dt, grad=True)
+        model = lambda **kw: types.SimpleNamespace(logits=z)  # noqa: E731
+        s = types.SimpleNamespace(
+            model=types.SimpleNamespace(training=True),
+            accelerator=Accel(),
+            args=types.SimpleNamespace(center_rewards_coefficient=center),
+            _metrics=new_metrics(),
+            _total_train_tokens=0,
+            _tp_size=1,
+        )
+        inputs = {"input_ids": torch.zeros(am.shape, dtype=torch.long), "attention_mask": t(am.astype(np.int64))}
+        if margin:
+            inputs["margin"] = t(mg, dt)
+        loss = RewardTrainer.compute_loss(s, model, inputs)
+        loss.backward()
+    kw = {"margin": mg} if margin else {}
+    r = ops.call(
+        "trl.reward_loss",
+        dtype=dt,
+        logits=logits,
+        attention_mask=am,
+        center_rewards_coefficient=center,
+        cotangents={"loss": 1.0},
+        **kw,
+    )
+    assert_close(r["loss"], loss, dt, "loss")
+    assert_close(r.grads["logits"], z.grad, dt, "d loss/d logits")
+    compare_metrics(r, last_metrics(s._metrics["train"]), dt, f32={"accuracy"})
+
+
+# ---------------------------------------------------------------------------
+# CPO / ORPO (experimental trainers: the losses and get_batch_loss_metrics)
+# ---------------------------------------------------------------------------
+
+
+def pref_logps(key, n):
+    rng = rng_for("pref-logps", key, n)
+    return -rng.uniform(0.05, 6.0, size=n), -rng.uniform(0.05, 6.0, size=n)
+
+
+CPO_CASES = [
+    dict(loss_type="sigmoid", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, alpha=0.0),
+    dict(loss_type="sigmoid", beta=0.5, label_smoothing=0.2, simpo_gamma=0.5, alpha=0.25),
+    dict(loss_type="hinge", beta=0.5, label_smoothing=0.0, simpo_gamma=0.5, alpha=0.0),
+    dict(loss_type="hinge", beta=2.0, label_smoothing=0.0, simpo_gamma=0.5, alpha=-0.3),
+    dict(loss_type="ipo", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, alpha=0.0),
+    dict(loss_type="simpo", beta=2.5, label_smoothing=0.1, simpo_gamma=1.0, alpha=0.0),
+    dict(loss_type="simpo", beta=2.0, label_smoothing=0.0, simpo_gamma=0.5, alpha=0.5),
+]
+
+
+def _cpo_self(cfg, cpo_alpha=1.0):
+    from trl.experimental.cpo import CPOTrainer
+
+    s = type(
+        "CPOSelf",
+        (),
+        {
+            "cpo_loss": CPOTrainer.cpo_loss,
+            "concatenated_forward": CPOTrainer.concatenated_forward,
+            "get_batch_loss_metrics": CPOTrainer.get_batch_loss_metrics,
+            "concatenated_inputs": staticmethod(CPOTrainer.concatenated_inputs),
+            "get_batch_logps": staticmethod(CPOTrainer.get_batch_logps),
+        },
+    )()
+    s.accelerator = Accel()
+    s.is_encoder_decoder = False
+    s.pad_token_id = 0
+    s.aux_loss_enabled = False
+    s.cpo_alpha = cpo_alpha
+    for k in ("loss_type", "beta", "label_smoothing", "simpo_gamma", "alpha"):
+        setattr(s, k, cfg[k])
+    return s
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("cfg", CPO_CASES, ids=lambda c: f"{c['loss_type']}-{c['beta']}-{c['alpha']}")
+@pytest.mark.parametrize("n", [1, 4, 9])
+def test_cpo_loss(n, cfg, dt):
+    pc, pr = pref_logps(("cpo", tuple(cfg.items())), n)
+    rng = rng_for("cpo-cot", n)
+    cot = {"losses": rng.normal(size=n), "chosen_rewards": rng.normal(size=n), "rejected_rewards": rng.normal(size=n)}
+    s = _cpo_self(cfg)
+    with default_dtype(dt):
+        tc, tr = t(pc, dt, grad=True), t(pr, dt, grad=True)
+        losses, cr, rr = s.cpo_loss(tc, tr)
+        (losses * t(cot["losses"], dt)).sum().backward()
+    r = ops.call(
+        "trl.cpo_loss",
+        dtype=dt,
+        policy_chosen_logps=pc,
+        policy_rejected_logps=pr,
+        cotangents={"losses": cot["losses"]},
+        **cfg,
+    )
+    assert_close(r["losses"], losses, dt, "losses")
+    assert_close(r["chosen_rewards"], cr, dt, "chosen_rewards")
+    assert_close(r["rejected_rewards"], rr, dt, "rejected_rewards")
+    assert_close(r.grads["policy_chosen_logps"], tc.grad, dt, "d/d chosen")
+    assert_close(r.grads["policy_rejected_logps"], tr.grad, dt, "d/d rejected")
+
+
+def pair_batch(key, pairs, length, vocab, *, rejected_length=None):
+    """CPO / ORPO tokenized pairs: prompt tokens and padding labelled -100."""
+    rng = rng_for("pairs", key, pairs, length, vocab)
+    out = {}
+    for side, ln in (("chosen", length), ("rejected", rejected_length or length)):
+        ids, am, cm = sequences(rng, pairs, ln, vocab)
+        out[f"{side}_input_ids"] = ids
+        out[f"{side}_attention_mask"] = am
+        out[f"{side}_labels"] = np.where(cm, ids, -100)
+    lmax = max(length, rejected_length or length)
+    out["logits"] = rng.normal(0.0, 1.5, size=(2 * pairs, lmax, vocab))
+    return out
+
+
+PAIR_SHAPES = [(1, 3, 4, None), (2, 7, 11, None), (4, 9, 13, 6)]  # (pairs, length, vocab, rejected length)
+
+
+def _run_batch_metrics(s, b, dt):
+    with default_dtype(dt):
+        z = t(b["logits"], dt, grad=True)
+        model = lambda ids, attention_mask=None, use_cache=None, **kw: types.SimpleNamespace(logits=z)  # noqa: E731
+        batch = {k: t(v) for k, v in b.items() if k != "logits"}
+        loss, metrics = s.get_batch_loss_metrics(model, batch, train_eval="train")
+        loss.backward()
+    return loss, z.grad, {k: float(v) for k, v in metrics.items()}
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("cpo_alpha", [1.0, 0.0, 0.5])
+@pytest.mark.parametrize("cfg", CPO_CASES, ids=lambda c: f"{c['loss_type']}-{c['beta']}-{c['alpha']}")
+def test_cpo_batch_loss_metrics(cfg, cpo_alpha, dt):
+    s = _cpo_self(cfg, cpo_alpha)
+    for shape in PAIR_SHAPES:
+        b = pair_batch(("cpo", tuple(cfg.items()), cpo_alpha), *shape[:3], rejected_length=shape[3])
+        loss, g, m = _run_batch_metrics(s, b, dt)
+        r = ops.call("trl.cpo_batch_loss_metrics", dtype=dt, cotangents={"loss": 1.0}, cpo_alpha=cpo_alpha, **b, **cfg)
+        assert_close(r["loss"], loss, dt, f"{shape} loss")
+        assert_close(r.grads["logits"], g, dt, f"{shape} d loss/d logits")
+        compare_metrics(r, m, dt, f32={"rewards/accuracies"})
+
+
+def _orpo_self(beta):
+    from trl.experimental.orpo import ORPOTrainer
+
+    s = type(
+        "ORPOSelf",
+        (),
+        {
+            "odds_ratio_loss": ORPOTrainer.odds_ratio_loss,
+            "concatenated_forward": ORPOTrainer.concatenated_forward,
+            "get_batch_loss_metrics": ORPOTrainer.get_batch_loss_metrics,
+            "concatenated_inputs": staticmethod(ORPOTrainer.concatenated_inputs),
+            "get_batch_logps": staticmethod(ORPOTrainer.get_batch_logps),
+        },
+    )()
+    s.accelerator = Accel()
+    s.is_encoder_decoder = False
+    s.padding_value = 0
+    s.aux_loss_enabled = False
+    s.beta = beta
+    return s
+
+
+# ORPO's odds_ratio_loss casts the log-probs to float32 (`.float()`) whatever their dtype, so TRL's
+# ORPO terms are float32 in both precisions: compared at the f32 tolerance.
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("beta", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("n", [1, 4, 9])
+def test_odds_ratio_loss(n, beta, dt):
+    pc, pr = pref_logps(("orpo", beta), n)
+    cot = rng_for("orpo-cot", n).normal(size=n)
+    s = _orpo_self(beta)
+    with default_dtype(dt):
+        tc, tr = t(pc, dt, grad=True), t(pr, dt, grad=True)
+        losses, cr, rr, lor, loc = s.odds_ratio_loss(tc, tr)
+        (losses * t(cot, "f32")).sum().backward()
+    r = ops.call(
+        "trl.odds_ratio_loss", dtype=dt, policy_chosen_logps=pc, policy_rejected_logps=pr, beta=beta, cotangents={"losses": cot}
+    )
+    for k, v in (("losses", losses), ("chosen_rewards", cr), ("rejected_rewards", rr), ("log_odds_ratio", lor), ("log_odds_chosen", loc)):
+        assert_close(r[k], v, "f32", k)
+    assert_close(r.grads["policy_chosen_logps"], tc.grad, "f32", "d/d chosen")
+    assert_close(r.grads["policy_rejected_logps"], tr.grad, "f32", "d/d rejected")
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("beta", [0.1, 0.5, 1.0])
+def test_orpo_batch_loss_metrics(beta, dt):
+    s = _orpo_self(beta)
+    for shape in PAIR_SHAPES:
+        b = pair_batch(("orpo", beta), *shape[:3], rejected_length=shape[3])
+        loss, g, m = _run_batch_metrics(s, b, dt)
+        r = ops.call("trl.orpo_batch_loss_metrics", dtype=dt, cotangents={"loss": 1.0}, beta=beta, **b)
+        assert_close(r["loss"], loss, "f32", f"{shape} loss")
+        assert_close(r.grads["logits"], g, "f32", f"{shape} d loss/d logits")
+        compare_metrics(r, m, dt, f32={"rewards/accuracies", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected", "rewards/margins"})
+
+
+# ---------------------------------------------------------------------------
+# GKD (experimental GKDTrainer) and the distillation JSD
+# ---------------------------------------------------------------------------
+
+
+def distill_case(key, b, length, vocab, labels=True):
+    rng = rng_for("distill", key, b, length, vocab)
+    ids, am, cm = sequences(rng, b, length, vocab)
+    return dict(
+        student=rng.normal(0.0, 1.5, size=(b, length, vocab)),
+        teacher=rng.normal(0.0, 1.5, size=(b, length, vocab)),
+        input_ids=ids,
+        attention_mask=am,
+        labels=np.where(cm, ids, -100) if labels else None,
+    )
+
+
+DISTILL_SHAPES = [(1, 2, 3), (2, 7, 11), (4, 9, 23)]
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("num_items", [None, 7])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize("temperature", [1.0, 0.9])
+@pytest.mark.parametrize("beta", [0.0, 0.1, 1.0])
+def test_gkd_generalized_jsd_loss(beta, temperature, reduction, num_items, dt):
+    from trl.experimental.gkd import GKDTrainer
+
+    for i, shape in enumerate(DISTILL_SHAPES):
+        for with_labels in (True, False) if i == 1 else (True,):
+            c = distill_case((beta, temperature, reduction), *shape, labels=with_labels)
+            with default_dtype(dt):
+                zs = t(c["student"], dt, grad=True)
+                out = GKDTrainer.generalized_jsd_loss(
+                    zs,
+                    t(c["teacher"], dt),
+                    labels=None if c["labels"] is None else t(c["labels"]),
+                    beta=beta,
+                    temperature=temperature,
+                    reduction=reduction,
+                    num_items_in_batch=num_items,
+                )
+                cot = rng_for("gkd-cot", shape).normal(size=tuple(out.shape))
+                (out * t(cot, dt)).sum().backward()
+            kw = {} if c["labels"] is None else {"labels": c["labels"]}
+            r = ops.call(
+                "trl.gkd_generalized_jsd_loss",
+                dtype=dt,
+                student_logits=c["student"],
+                teacher_logits=c["teacher"],
+                beta=beta,
+                temperature=temperature,
+                reduction=reduction,
+                num_items_in_batch=num_items,
+                cotangents={"loss": cot},
+                **kw,
+            )
+            assert_close(r["loss"], out, dt, f"{shape} labels={with_labels} loss")
+            assert_close(r.grads["student_logits"], zs.grad, dt, f"{shape} labels={with_labels} d/d student_logits")
+            # f2cd577's experimental DistillationTrainer.generalized_jsd_loss (gone from 1.16, whose
+            # DistillationTrainer works on hidden states) is the same function: same answer.
+            r2 = ops.call(
+                "trl.distillation_generalized_jsd_loss",
+                dtype=dt,
+                student_logits=c["student"],
+                teacher_logits=c["teacher"],
+                beta=beta,
+                temperature=temperature,
+                reduction=reduction,
+                num_items_in_batch=num_items,
+                cotangents={"loss": cot},
+                **kw,
+            )
+            assert_close(r2["loss"], out, dt, f"{shape} labels={with_labels} distillation loss")
+            assert_close(r2.grads["student_logits"], zs.grad, dt, f"{shape} distillation d/d student_logits")
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("num_items", [None, 9])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_gkd_compute_loss(beta, num_items, dt):
+    from trl.experimental.gkd import GKDTrainer
+
+    for shape in DISTILL_SHAPES:
+        c = distill_case(("gkd-cl", beta), *shape)
+        with default_dtype(dt):
+            zs = t(c["student"], dt, grad=True)
+            ids = t(c["input_ids"])
+            student = StubLM([(ids, zs)])
+            s = types.SimpleNamespace(teacher_model=StubLM([(ids, t(c["teacher"], dt))]), beta=beta)
+            s.generalized_jsd_loss = GKDTrainer.generalized_jsd_loss
+            inputs = {"input_ids": ids, "attention_mask": t(c["attention_mask"].astype(np.int64)), "labels": t(c["labels"])}
+            loss = GKDTrainer.compute_loss(s, student, inputs, num_items_in_batch=num_items)
+            loss.backward()
+        r = ops.call(
+            "trl.gkd_compute_loss",
+            dtype=dt,
+            logits=c["student"],
+            teacher_logits=c["teacher"],
+            input_ids=c["input_ids"],
+            attention_mask=c["attention_mask"],
+            labels=c["labels"],
+            beta=beta,
+            num_items_in_batch=num_items,
+            cotangents={"loss": 1.0},
+        )
+        assert_close(r["loss"], loss, dt, f"{shape} loss")
+        assert_close(r.grads["logits"], zs.grad, dt, f"{shape} d loss/d logits")
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("support", [False, True], ids=["dense", "support_mask"])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 0.3])
+def test_distillation_jsd_divergence(beta, support, dt):
+    """f2cd577's experimental DistillationTrainer ``_jsd_divergence``; in 1.16 the same function
+    (both branches) lives in ``trl.experimental.server_distillation``."""
+    sd = pytest.importorskip("trl.experimental.server_distillation.server_distillation_trainer")
+    for shape in DISTILL_SHAPES:
+        c = distill_case(("jsd", beta, support), *shape)
+        s_lp = c["student"] - np.log(np.exp(c["student"]).sum(-1, keepdims=True))
+        t_lp = c["teacher"] - np.log(np.exp(c["teacher"]).sum(-1, keepdims=True))
+        mask = rng_for("jsd-mask", shape).random(s_lp.shape) > 0.3 if support else None
+        with default_dtype(dt):
+            st = t(s_lp, dt, grad=True)
+            jsd = sd._jsd_divergence(st, t(t_lp, dt), beta, None if mask is None else t(mask))
+            cot = rng_for("jsd-cot", shape).normal(size=tuple(jsd.shape))
+            (jsd * t(cot, dt)).sum().backward()
+        kw = {} if mask is None else {"support_mask": mask}
+        r = ops.call(
+            "trl.distillation_jsd_divergence",
+            dtype=dt,
+            student_log_probs=s_lp,
+            teacher_log_probs=t_lp,
+            beta=beta,
+            cotangents={"jsd": cot},
+            **kw,
+        )
+        assert_close(r["jsd"], jsd, dt, f"{shape} jsd")
+        assert_close(r.grads["student_log_probs"], st.grad, dt, f"{shape} d/d student_log_probs")
+
+
+# ---------------------------------------------------------------------------
+# The release against the vectors (recorded from f2cd577)
+# ---------------------------------------------------------------------------
+
+VECTORS = __import__("pathlib").Path(__file__).resolve().parents[2] / "conformance" / "vectors"
+
+
+def _vector_cases(op):
+    import json
+
+    out = []
+    # (edge.trl.* record posttrain's own edge semantics — poisoned padding, the log-ratio clamp,
+    # errors — not peer outputs.)
+    for name in (f"trl.{op}.json",):
+        f = VECTORS / name
+        if f.exists():
+            for c in json.loads(f.read_text())["cases"]:
+                out.append(pytest.param(c, id=f"{name[:-5]}::{c['name']}"))
+    return out
+
+
+def _vec_array(spec):
+    a = np.asarray(spec["data"], dtype={"f64": np.float64, "i64": np.int64, "bool": bool}[spec["dtype"]])
+    return a.reshape(spec["shape"])
+
+
+def _vector_release_difference(c) -> Optional[str]:
+    """The named release difference a vector case falls under, or None."""
+    p = {k: (math.inf if v == "inf" else v) for k, v in c["params"].items()}
+    ins = c["inputs"]
+    shape = ins["per_token_logps"]["shape"]
+    dkw = {"is_ratio": "token"} if "importance_sampling_ratio" in ins and ins["importance_sampling_ratio"]["shape"][-1] != 1 else {}
+    data = {k: _vec_array(v) for k, v in ins.items()}
+    return release_difference(p["loss_type"], p["importance_sampling_level"], p, dkw, shape[1], data)
+
+
+@release_only
+@pytest.mark.parametrize("case", _vector_cases("grpo_loss"))
+def test_release_vs_vectors_grpo_loss(case):
+    """TRL 1.16.0's own GRPOTrainer._compute_loss reproduces every grpo_loss vector (recorded from
+    f2cd577, f64) except the cases under a named release difference."""
+    why = _vector_release_difference(case)
+    if why is not None:
+        pytest.skip(f"release difference {why} (test_release_difference_*)")
+    p = {k: (math.inf if v == "inf" else v) for k, v in case["params"].items()}
+    data = {k: _vec_array(v) for k, v in case["inputs"].items()}
+    loss, g_lp, g_ent, m, _ = trl_grpo(p, data, "f64")
+    got = dict(m, loss=loss)
+    for k, spec in case["outputs"].items():
+        if k in got:
+            assert_close(got[k], _vec_array(spec), "f32" if k in F32_METRICS else "f64", k)
+    vjp = case.get("vjp")
+    if vjp and list(vjp["cotangents"]) == ["loss"]:
+        assert float(_vec_array(vjp["cotangents"]["loss"])) == 1.0
+        assert_close(g_lp, _vec_array(vjp["grads"]["per_token_logps"]), "f64", "d loss/d per_token_logps")
+        if "entropies" in vjp["grads"]:
+            assert_close(g_ent, _vec_array(vjp["grads"]["entropies"]), "f64", "d loss/d entropies")
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("buffered", [None, 5.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_distillation_compute_loss(beta, temperature, buffered, dt):
+    """f2cd577's experimental ``DistillationTrainer.compute_loss`` (JSD over the completion positions,
+    ``Σ / (num_items or n_valid)``) against 1.16's ``trl.trainer.distillation_trainer._chunked_divergence_loss``,
+    the same reduction on hidden states × ``lm_head`` (identity heads here; float32 inside: f32 tolerance)."""
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    for b, p_len, c_len, v in [(1, 2, 1, 3), (2, 3, 5, 11), (4, 2, 7, 17)]:
+        rng = rng_for("distill-cl", beta, temperature, buffered, b)
+        z = rng.normal(0.0, 1.5, size=(b, p_len + c_len, v))
+        zt = rng.normal(0.0, 1.5, size=(b, p_len + c_len, v))
+        prompt_ids = rng.integers(2, v, size=(b, p_len))
+        completion_ids = rng.integers(2, v, size=(b, c_len))
+        cmask = completion_mask(rng, b, c_len, empty_row=b >= 4)
+        with default_dtype(dt):
+            zs = t(z, dt, grad=True)
+            eye = torch.eye(v, dtype=TDT[dt])
+            num_items = None if buffered is None else torch.tensor(buffered).clamp(min=1.0) / 1
+            loss, _, _ = _chunked_divergence_loss(
+                zs[:, -c_len - 1 : -1, :],
+                t(zt, dt)[:, -c_len - 1 : -1, :],
+                eye,
+                eye,
+                t(cmask.astype(np.int64)),
+                beta,
+                num_items_in_batch=num_items,
+                temperature=temperature,
+            )
+            loss.backward()
+        r = ops.call(
+            "trl.distillation_compute_loss",
+            dtype=dt,
+            logits=z,
+            teacher_logits=zt,
+            prompt_ids=prompt_ids,
+            prompt_mask=np.ones((b, p_len), dtype=bool),
+            completion_ids=completion_ids,
+            completion_mask=cmask,
+            beta=beta,
+            temperature=temperature,
+            _buffered_num_items=buffered,
+            cotangents={"loss": 1.0},
+        )
+        assert_close(r["loss"], loss, "f32", f"b={b} loss")
+        assert_close(r.grads["logits"], zs.grad, "f32", f"b={b} d loss/d logits")

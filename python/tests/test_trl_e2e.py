@@ -91,3 +91,22 @@ def test_grpo_trainer_posttrain_matches_trl(tmp_path, overrides, clip_metric):
         torch.testing.assert_close(
             pt_params[name], ref_params[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+@pytest.mark.parametrize(
+    "overrides,what",
+    [
+        (dict(loss_type="luspo"), "luspo with a per-token loss"),
+        (dict(loss_type="dapo", entropy_coef=0.01), "entropy bonus with dapo"),
+    ],
+    ids=["luspo-token", "dapo-entropy-bonus"],
+)
+def test_release_differences_without_a_switch_are_refused(tmp_path, overrides, what):
+    """Where TRL 1.16 changed the formula since the commit posttrain reproduces
+    and posttrain has no switch, the adapter refuses instead of training with
+    the other formula."""
+    trainer = trl_tiny.make_trainer(str(tmp_path), seed=0, use_posttrain=False, **overrides)
+    from posttrain.integrations.trl import use_posttrain
+
+    with pytest.raises(NotImplementedError, match=what):
+        use_posttrain(trainer)

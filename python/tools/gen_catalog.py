@@ -36,7 +36,7 @@ def catalog():
         f = json.loads(path.read_text())
         op = ops.setdefault(
             f["op"],
-            {"source": "", "params": {}, "inputs": {}, "outputs": [], "grads": []},
+            {"source": "", "params": {}, "inputs": {}, "outputs": [], "output_ranks": {}, "grads": []},
         )
         src = f.get("source")
         if isinstance(src, dict) and not op["source"]:
@@ -57,6 +57,9 @@ def catalog():
             for k in names:
                 if k not in op["outputs"]:
                     op["outputs"].append(k)
+                if isinstance(outs, dict):
+                    # The output's rank (0: a scalar), so that shapes come back right.
+                    op["output_ranks"].setdefault(k, len(outs[k]["shape"]))
             vjp = case.get("vjp") or {}
             g = vjp.get("grads")
             for k in list(g) if isinstance(g, (dict, list)) else []:

@@ -38,6 +38,13 @@ every ``loss_type`` but ``sft``, ``loss_weights``, the f-divergences,
 ``label_smoothing``, LD-DPO's ``ld_alpha``, WPO's ``use_weighting`` — and its
 gradient are posttrain's (``posttrain.torch.dpo_pair_loss``).
 
+Where TRL 1.16 changed the math since the commit posttrain reproduces and
+posttrain has no switch yet, :func:`use_posttrain` raises
+``NotImplementedError`` naming the difference instead of training with the
+other formula: GRPO ``luspo`` with a per-token loss, the entropy bonus with
+``dapo``/``cispo``/``vespo``, and DPO f-divergences other than
+``reverse_kl`` with losses where TRL 1.16's new score constants do not cancel.
+
 Tested against trl 1.16.0 (``python/tests/test_trl_e2e.py`` and
 ``python/tests/test_trl_dpo_e2e.py``: GRPO and DPO training runs with and
 without the adapter agree to f32 tolerance).
@@ -99,8 +106,35 @@ def grpo_loss_config(trainer: Any, inputs: Dict[str, Any]) -> Dict[str, Any]:
     return cfg
 
 
+def _grpo_unsupported(trainer: Any) -> str:
+    """Why posttrain cannot reproduce this GRPOTrainer configuration of the
+    installed TRL (1.16 changed these since the commit posttrain's vectors
+    pin, and posttrain has no switch for them yet), or ``""``."""
+    lt = trainer.loss_type
+    if lt == "luspo" and (
+        trainer.importance_sampling_level != "sequence"
+        or trainer.beta != 0.0
+        or trainer.top_entropy_quantile < 1.0
+        or (trainer.use_vllm and getattr(trainer, "vllm_importance_sampling_correction", False))
+    ):
+        return (
+            "luspo with a per-token loss (token-level importance sampling, beta != 0, an entropy mask or a "
+            "token IS ratio): TRL 1.16 sums each row over its valid tokens, TRL f2cd577 (posttrain) weights "
+            "every position by the row length"
+        )
+    if lt in ("dapo", "cispo", "vespo") and trainer._entropy_bonus_enabled:
+        return (
+            f"the entropy bonus with {lt}: TRL 1.16 takes the token mean of the entropies over the "
+            "accumulation steps, TRL f2cd577 (posttrain) divides by num_items_in_batch / num_processes"
+        )
+    return ""
+
+
 def _compute_loss(self: Any, model: Any, inputs: Dict[str, Any]) -> torch.Tensor:
     """``GRPOTrainer._compute_loss`` with posttrain's loss (see the module docs)."""
+    why = _grpo_unsupported(self)
+    if why:
+        raise NotImplementedError(f"posttrain's GRPO adapter: {why}")
     prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
     completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -226,6 +260,11 @@ _DPO_SUPPORTED = {
 }
 
 
+# Loss types whose f-divergence scores enter only as chosen − rejected, where
+# TRL 1.16's added constants cancel.
+_DPO_FDIV_SAFE = {"sigmoid", "hinge", "robust", "exo_pair"}
+
+
 def _dpo_compute_loss(self: Any, model: Any, inputs: Dict[str, Any], return_outputs: bool = False) -> Any:
     """``DPOTrainer._compute_loss`` with posttrain's loss: the model forwards
     (policy and reference) are TRL's; the loss over the sequence
@@ -348,11 +387,24 @@ def use_posttrain(trainer: Any) -> Any:
     is a token-level NLL TRL builds from the model's outputs)."""
     cls_name = type(trainer).__name__
     if hasattr(trainer, "_get_per_token_logps_and_entropies") and hasattr(trainer, "loss_type"):
+        why = _grpo_unsupported(trainer)
+        if why:
+            raise NotImplementedError(f"posttrain's GRPO adapter: {why}")
         trainer._compute_loss = types.MethodType(_compute_loss, trainer)
     elif hasattr(trainer, "loss_types") and hasattr(trainer, "precompute_ref_logps"):
         bad = [t for t in trainer.loss_types if t not in _DPO_SUPPORTED]
         if bad:
             raise NotImplementedError(f"posttrain's DPO adapter does not compute loss_type {bad} (supported: {sorted(_DPO_SUPPORTED)})")
+        if trainer.f_divergence_type != "reverse_kl":
+            # TRL 1.16 added constants to the f-divergence scores (log 2, 1, …)
+            # and feeds raw log-ratios to some losses; only where the scores
+            # enter as a chosen − rejected difference do the two agree.
+            differ = [t for t in trainer.loss_types if t not in _DPO_FDIV_SAFE]
+            if differ:
+                raise NotImplementedError(
+                    f"posttrain's DPO adapter: f_divergence_type={trainer.f_divergence_type!r} with loss_type {differ}: "
+                    "TRL 1.16's scores differ from TRL f2cd577's (posttrain) there"
+                )
         trainer._compute_loss = types.MethodType(_dpo_compute_loss, trainer)
     else:
         raise TypeError(f"use_posttrain expects a trl GRPOTrainer or DPOTrainer, got {cls_name}")
