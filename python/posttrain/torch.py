@@ -48,8 +48,16 @@ def _host(t: Any) -> Any:
     return t
 
 
-def _back(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(a).to(device=like.device, dtype=like.dtype)
+def _back(a: np.ndarray, like: torch.Tensor, *, own: bool = True) -> torch.Tensor:
+    """``a`` as a tensor on ``like``'s device and dtype. With ``own`` (the
+    default) the tensor owns its memory: tensors the autograd graph saves are
+    freed by the engine, and a NumPy-backed one would need the GIL there
+    (which can deadlock an interpreter that is shutting down). The large
+    logits gradient is handed over without a copy (``own=False``)."""
+    t = torch.from_numpy(a)
+    if own and like.device.type == "cpu" and t.dtype == like.dtype:
+        return t.clone()
+    return t.to(device=like.device, dtype=like.dtype)
 
 
 def _scalar_loss(value: float, like: torch.Tensor, pairs) -> torch.Tensor:
@@ -211,7 +219,7 @@ class _LogProbsEntropy(torch.autograd.Function):
             ctx.temperature,
             threads=ctx.threads,
         )
-        return _back(g, logits), None, None, None
+        return _back(g, logits, own=False), None, None, None
 
 
 def log_probs_entropy(
