@@ -511,7 +511,7 @@ pub fn grpo_loss(cfg: &GrpoConfig, x: GrpoTensors) -> Result<GrpoLossOutput, Err
         ElemTensor(total.clone().reshape([1, 1]).expand(shape)),
     )
     .0;
-    let counted = if lt == GrpoLossType::Luspo {
+    let counted = if lt == GrpoLossType::Luspo && !cfg.norm.is_trl_1_16() {
         all_true(&lp)
     } else {
         mask.clone()
@@ -590,7 +590,7 @@ pub fn grpo_loss(cfg: &GrpoConfig, x: GrpoTensors) -> Result<GrpoLossOutput, Err
     if let Some(bonus) = &cfg.entropy_bonus {
         let h_sum = keep(ent.clone(), &emask_eff).sum();
         let h_cnt = count(&emask_eff);
-        let den = if lt.uses_global_token_count() {
+        let den = if lt.uses_global_token_count() && !cfg.norm.is_trl_1_16() {
             zero.full_like(cfg.norm.token_count())
         } else {
             at_least_one(h_cnt.clone()).mul_scalar(acc)

@@ -202,6 +202,11 @@ fn grpo_configs(lt: GrpoLossType) -> Vec<(GrpoConfig, bool, bool)> {
             adaptive: None,
         });
         out.push((c3, true, true));
+        // TRL 1.16's normalizers (steps_per_generation): rescaled token
+        // count, token-mean entropy bonus, luspo's masked row sums.
+        let mut c4 = c2;
+        c4.norm.steps_per_generation = Some(4.0);
+        out.push((c4, true, false));
     }
     out
 }
@@ -341,7 +346,7 @@ fn grpo_loss_matches_core_for_every_type_and_level() {
             }
         }
     }
-    assert_eq!(n, 4 * 8 * 9);
+    assert_eq!(n, 4 * 8 * 12);
 }
 
 #[test]

@@ -1181,18 +1181,13 @@ ENTROPY_BONUS_FEATURES = ["bonus", "bonus_neg_masked", "adaptive_applied", "adap
 
 
 @release_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="trl 1.16.0 differs from f2cd577: the cispo/dapo/vespo entropy bonus is "
-    "coef · Σ H·m_eff / max(Σ m_eff, 1) / (current_gradient_accumulation_steps in train, 1 in eval), "
-    "like the other loss types (f2cd577: coef · Σ H·m_eff / the policy normalizer "
-    "num_items_in_batch/num_processes); equal only when that normalizer happens to be "
-    "Σ m_eff · accumulation (uniform micro-batches, no entropy mask); posttrain has no option yet",
-)
 @pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("feature", ENTROPY_BONUS_FEATURES)
 @pytest.mark.parametrize("loss_type", TOKEN_COUNT_LOSSES)
 def test_release_difference_entropy_bonus_normalizer(loss_type, feature, dt):
+    """trl 1.16.0's cispo/dapo/vespo entropy bonus is coef · Σ H·m_eff / max(Σ m_eff, 1) /
+    (gas in train, 1 in eval), like the other loss types (f2cd577: / num_items_in_batch/num_processes);
+    posttrain selects 1.16's normalizers with ``steps_per_generation=``, and keeps f2cd577's without."""
     over, dkw = GRPO_FEATURES[feature]
     cfg = dict(over, loss_type=loss_type, importance_sampling_level="token")
     cfg.setdefault("current_gradient_accumulation_steps", 2)
@@ -1200,7 +1195,7 @@ def test_release_difference_entropy_bonus_normalizer(loss_type, feature, dt):
         d = grpo_data(shape, ("bonus", loss_type, feature), **dkw)
         # The other micro-batches of the accumulation window have other completion lengths.
         cfg["num_items_in_batch"] = float(d["completion_mask"].sum()) * cfg["current_gradient_accumulation_steps"] + 5
-        compare_grpo(cfg, d, dt, what=f"{shape}")
+        compare_grpo(cfg, d, dt, steps_per_generation=True, what=f"{shape}")
 
 
 LUSPO_CASES = [
@@ -1214,20 +1209,16 @@ LUSPO_CASES = [
 
 
 @release_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="trl 1.16.0 differs from f2cd577: luspo aggregates (per_token_loss * mask).sum(-1).mean() "
-    "(f2cd577: (per_token_loss * mask.sum(1, keepdim=True)).mean(), every (B, T) entry, padding included); "
-    "they differ whenever per_token_loss is (B, T): importance_sampling_level='token', beta != 0, "
-    "top_entropy_quantile < 1, token-level vLLM IS ratios; posttrain has no option yet",
-)
 @pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("level,feature", LUSPO_CASES, ids=[f"{a}-{b}" for a, b in LUSPO_CASES])
 def test_release_difference_luspo_masked_aggregation(level, feature, dt):
+    """trl 1.16.0's luspo aggregates (per_token_loss * mask).sum(-1).mean() (f2cd577:
+    (per_token_loss * mask.sum(1, keepdim=True)).mean(), every (B, T) entry); they differ whenever
+    per_token_loss is (B, T). posttrain selects 1.16's with ``steps_per_generation=``."""
     over, dkw = GRPO_FEATURES[feature]
     cfg = dict(over, loss_type="luspo", importance_sampling_level=level)
     for shape in REL_SHAPES:
-        compare_grpo(cfg, grpo_data(shape, ("luspo", level, feature), **dkw), dt, what=f"{shape}")
+        compare_grpo(cfg, grpo_data(shape, ("luspo", level, feature), **dkw), dt, steps_per_generation=True, what=f"{shape}")
 
 
 @release_only

@@ -93,20 +93,26 @@ def test_grpo_trainer_posttrain_matches_trl(tmp_path, overrides, clip_metric):
         )
 
 
-@pytest.mark.parametrize(
-    "overrides,what",
-    [
-        (dict(loss_type="luspo"), "luspo with a per-token loss"),
-        (dict(loss_type="dapo", entropy_coef=0.01), "entropy bonus with dapo"),
-    ],
-    ids=["luspo-token", "dapo-entropy-bonus"],
-)
-def test_release_differences_without_a_switch_are_refused(tmp_path, overrides, what):
-    """Where TRL 1.16 changed the formula since the commit posttrain reproduces
-    and posttrain has no switch, the adapter refuses instead of training with
-    the other formula."""
-    trainer = trl_tiny.make_trainer(str(tmp_path), seed=0, use_posttrain=False, **overrides)
-    from posttrain.integrations.trl import use_posttrain
 
-    with pytest.raises(NotImplementedError, match=what):
-        use_posttrain(trainer)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(loss_type="luspo"),
+        dict(loss_type="dapo", entropy_coef=0.01),
+        dict(loss_type="cispo", epsilon_high=5.0, entropy_coef=0.01),
+    ],
+    ids=["luspo-token", "dapo-entropy-bonus", "cispo-entropy-bonus"],
+)
+def test_trl_1_16_normalizers(tmp_path, overrides):
+    """TRL 1.16 changed luspo's aggregation and the dapo/cispo entropy bonus
+    since the vectors' commit; the adapter selects 1.16's (steps_per_generation)."""
+    base, base_params = trl_tiny.train_and_collect(
+        trl_tiny.make_trainer(str(tmp_path / "trl"), seed=0, use_posttrain=False, **overrides)
+    )
+    trainer = trl_tiny.make_trainer(str(tmp_path / "pt"), seed=0, use_posttrain=True, **overrides)
+    ours, our_params = trl_tiny.train_and_collect(trainer)
+    assert trainer._posttrain_calls > 0
+    for a, b in zip(ours, base):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    for k in base_params:
+        torch.testing.assert_close(our_params[k], base_params[k], rtol=1e-4, atol=1e-5)

@@ -282,11 +282,15 @@ pub struct TrlNormalizer {
     pub gradient_accumulation_steps: f64,
     /// Training (`true`) or evaluation: evaluation never divides by the accumulation steps.
     pub train: bool,
-    /// TRL ≥ 1.16 (`steps_per_generation`): `num_items_in_batch` counts the
-    /// whole *generation* batch, so in training the token count is rescaled
-    /// to one accumulation window, `× gradient_accumulation_steps /
-    /// steps_per_generation`. `None`: the token count is used as given (TRL
-    /// at the vectors' commit f2cd577, where the count was per window).
+    /// TRL 1.16's normalizers, selected by giving its `steps_per_generation`
+    /// (`None`: TRL at the vectors' commit f2cd577). With it:
+    /// `num_items_in_batch` counts the whole *generation* batch, so in
+    /// training the token count is rescaled to one accumulation window,
+    /// `× gradient_accumulation_steps / steps_per_generation`; the entropy
+    /// bonus is the token mean of the entropies `/ gas` for every loss type
+    /// (f2cd577: dapo, cispo and vespo divide by the token count); `luspo`
+    /// sums each row over its valid tokens (f2cd577: every `(B, T)` entry
+    /// times the row length).
     pub steps_per_generation: Option<f64>,
 }
 
@@ -333,6 +337,12 @@ impl TrlNormalizer {
             )?;
         }
         Ok(())
+    }
+
+    /// Whether these are TRL 1.16's normalizers (see
+    /// [`steps_per_generation`](Self::steps_per_generation)).
+    pub fn is_trl_1_16(&self) -> bool {
+        self.steps_per_generation.is_some()
     }
 
     /// The accumulation divisor: the steps in training, 1 in evaluation.
@@ -382,6 +392,7 @@ impl TrlNormalizer {
 /// dr_grpo:             1 / (B · max_completion_length) / gas
 /// dapo, cispo, vespo:  num_processes / max(num_items_in_batch, 1)
 /// luspo:               n_i / (B · T) / gas        (every entry of the row, padding included)
+/// luspo (TRL 1.16):     1 / B / gas                (valid tokens)
 /// ```
 ///
 /// `gas` is [`TrlNormalizer::accumulation`]. This is not
@@ -1045,6 +1056,7 @@ pub fn trl_token_weight_of<E: Elem>(
         GrpoLossType::Dapo | GrpoLossType::Cispo | GrpoLossType::Vespo => {
             one.div(row_valid.full_like(norm.token_count()))
         }
+        GrpoLossType::Luspo if norm.is_trl_1_16() => one.div(row_valid.full_like(b)).div(acc),
         GrpoLossType::Luspo => row_valid.div(one.full_like(b * seq as f64)).div(acc),
     }
 }
@@ -1563,7 +1575,7 @@ pub fn grpo_loss<F: Real>(
     // Aggregation weight of a counted position in a row with n valid tokens.
     let weight = |n: usize| -> F { trl_token_weight(lt, &cfg.norm, dims, n, total_valid) };
     // Whether a position enters the sum (luspo: every entry, padding included).
-    let luspo_all = lt == GrpoLossType::Luspo;
+    let luspo_all = lt == GrpoLossType::Luspo && !cfg.norm.is_trl_1_16();
 
     let mut loss = F::zero();
     let (mut kl_sum, mut kl_count) = (F::zero(), 0usize);
@@ -1806,7 +1818,7 @@ pub fn grpo_loss<F: Real>(
                 h_cnt += 1;
             }
         }
-        let den = if lt.uses_global_token_count() {
+        let den = if lt.uses_global_token_count() && !cfg.norm.is_trl_1_16() {
             F::of(cfg.norm.token_count())
         } else {
             F::of_usize(h_cnt.max(1)) * acc

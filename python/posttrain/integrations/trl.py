@@ -27,10 +27,11 @@ changing ``trainer.args`` later is honoured.
 
 Release behaviour: TRL 1.16 counts ``num_items_in_batch`` over the whole
 generation batch and rescales the dapo/cispo/vespo normalizer by
-``gradient_accumulation_steps / steps_per_generation`` in training; the
-adapter passes ``steps_per_generation`` so posttrain does the same (the
-conformance vectors, from TRL f2cd577, use the count as given — posttrain's
-default when ``steps_per_generation`` is absent).
+``gradient_accumulation_steps / steps_per_generation`` in training, takes
+their entropy bonus as a token mean, and sums luspo's rows over valid tokens;
+the adapter passes ``steps_per_generation``, which selects these 1.16
+normalizers in posttrain (the conformance vectors, from TRL f2cd577, have
+the older ones — posttrain's default when ``steps_per_generation`` is absent).
 
 ``DPOTrainer``: the policy and reference forwards stay TRL's (its fused LM
 head gives the token log-probs); the loss over the sequence log-probs —
@@ -41,9 +42,10 @@ gradient are posttrain's (``posttrain.torch.dpo_pair_loss``).
 Where TRL 1.16 changed the math since the commit posttrain reproduces and
 posttrain has no switch yet, :func:`use_posttrain` raises
 ``NotImplementedError`` naming the difference instead of training with the
-other formula: GRPO ``luspo`` with a per-token loss, the entropy bonus with
-``dapo``/``cispo``/``vespo``, and DPO f-divergences other than
-``reverse_kl`` with losses where TRL 1.16's new score constants do not cancel.
+other formula: DPO f-divergences other than ``reverse_kl`` with losses where
+TRL 1.16's new score constants do not cancel. (TRL 1.16's GRPO normalizers —
+the dapo/cispo/vespo token count, their entropy bonus, luspo's aggregation —
+are posttrain's ``steps_per_generation`` option, which the adapter sets.)
 
 Tested against trl 1.16.0 (``python/tests/test_trl_e2e.py`` and
 ``python/tests/test_trl_dpo_e2e.py``: GRPO and DPO training runs with and
@@ -106,35 +108,8 @@ def grpo_loss_config(trainer: Any, inputs: Dict[str, Any]) -> Dict[str, Any]:
     return cfg
 
 
-def _grpo_unsupported(trainer: Any) -> str:
-    """Why posttrain cannot reproduce this GRPOTrainer configuration of the
-    installed TRL (1.16 changed these since the commit posttrain's vectors
-    pin, and posttrain has no switch for them yet), or ``""``."""
-    lt = trainer.loss_type
-    if lt == "luspo" and (
-        trainer.importance_sampling_level != "sequence"
-        or trainer.beta != 0.0
-        or trainer.top_entropy_quantile < 1.0
-        or (trainer.use_vllm and getattr(trainer, "vllm_importance_sampling_correction", False))
-    ):
-        return (
-            "luspo with a per-token loss (token-level importance sampling, beta != 0, an entropy mask or a "
-            "token IS ratio): TRL 1.16 sums each row over its valid tokens, TRL f2cd577 (posttrain) weights "
-            "every position by the row length"
-        )
-    if lt in ("dapo", "cispo", "vespo") and trainer._entropy_bonus_enabled:
-        return (
-            f"the entropy bonus with {lt}: TRL 1.16 takes the token mean of the entropies over the "
-            "accumulation steps, TRL f2cd577 (posttrain) divides by num_items_in_batch / num_processes"
-        )
-    return ""
-
-
 def _compute_loss(self: Any, model: Any, inputs: Dict[str, Any]) -> torch.Tensor:
     """``GRPOTrainer._compute_loss`` with posttrain's loss (see the module docs)."""
-    why = _grpo_unsupported(self)
-    if why:
-        raise NotImplementedError(f"posttrain's GRPO adapter: {why}")
     prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
     completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -387,9 +362,6 @@ def use_posttrain(trainer: Any) -> Any:
     is a token-level NLL TRL builds from the model's outputs)."""
     cls_name = type(trainer).__name__
     if hasattr(trainer, "_get_per_token_logps_and_entropies") and hasattr(trainer, "loss_type"):
-        why = _grpo_unsupported(trainer)
-        if why:
-            raise NotImplementedError(f"posttrain's GRPO adapter: {why}")
         trainer._compute_loss = types.MethodType(_compute_loss, trainer)
     elif hasattr(trainer, "loss_types") and hasattr(trainer, "precompute_ref_logps"):
         bad = [t for t in trainer.loss_types if t not in _DPO_SUPPORTED]
