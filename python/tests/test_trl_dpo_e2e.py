@@ -89,28 +89,7 @@ def make_dpo_trainer(output_dir, *, seed: int = 0, use_posttrain: bool = False, 
     model = trl_tiny.make_model(tokenizer, seed=seed)
     ref_model = trl_tiny.make_model(tokenizer, seed=seed)
 
-    config = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        report_to=[],
-        per_device_train_batch_size=4,
-        max_length=32,
-        max_steps=3,
-        logging_steps=1,
-        seed=seed,
-        data_seed=seed,
-        # Plain SGD without gradient clipping (see trl_tiny).
-        optim="sgd",
-        learning_rate=1.0,
-        max_grad_norm=0.0,
-        beta=0.1,
-        save_strategy="no",
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
+    config = trl_tiny.cpu_training_args(output_dir, seed, max_length=32, learning_rate=1.0, beta=0.1)
     config.update(dpo_config_overrides)
     args = DPOConfig(**config)
 

@@ -93,6 +93,32 @@ def count_char_reward(completions, **kwargs):
     return [float(c.count(REWARD_CHAR)) for c in completions]
 
 
+def cpu_training_args(output_dir, seed: int, **specific) -> dict:
+    """The trainer arguments both e2e suites share: a deterministic CPU run of
+    3 steps with plain SGD and no gradient clipping (AdamW's normalised first
+    steps and norm clipping would hide a wrong gradient scale in the updated
+    parameters), plus the trainer-specific ``specific``."""
+    return dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=4,
+        max_steps=3,
+        logging_steps=1,
+        seed=seed,
+        data_seed=seed,
+        optim="sgd",
+        max_grad_norm=0.0,
+        save_strategy="no",
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **specific,
+    )
+
+
 def make_trainer(output_dir, *, seed: int = 0, use_posttrain: bool = False, **grpo_config_overrides):
     """Build a tiny CPU ``GRPOTrainer``; with ``use_posttrain`` its loss goes through posttrain."""
     from trl import GRPOConfig, GRPOTrainer
@@ -109,30 +135,14 @@ def make_trainer(output_dir, *, seed: int = 0, use_posttrain: bool = False, **gr
     model.config._name_or_path = str(init_dir)
     model.name_or_path = str(init_dir)
 
-    config = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        report_to=[],
-        per_device_train_batch_size=4,
+    config = cpu_training_args(
+        output_dir,
+        seed,
         num_generations=4,
         max_completion_length=8,
-        max_steps=3,
-        logging_steps=1,
-        seed=seed,
-        data_seed=seed,
-        # Plain SGD without gradient clipping: AdamW's normalised first steps and
-        # norm clipping would hide a wrong gradient scale in the updated parameters.
-        optim="sgd",
         learning_rate=0.1,
-        max_grad_norm=0.0,
         beta=0.04,
         num_iterations=2,
-        save_strategy="no",
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         log_completions=False,
     )
     config.update(grpo_config_overrides)
