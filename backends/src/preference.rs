@@ -565,8 +565,8 @@ fn paired_core(
                 }
             }
             kind => {
-                let (sc, dsc) = cfg.divergence.score(e(lc.clone()));
-                let (sr, dsr) = cfg.divergence.score(e(lr.clone()));
+                let (sc, dsc) = cfg.score(e(lc.clone()));
+                let (sr, dsr) = cfg.score(e(lr.clone()));
                 let (ic, ir) = match &batch.lengths {
                     Some((a, b)) => (
                         a.clone().clamp_min(1.0).recip(),
@@ -597,7 +597,10 @@ fn paired_core(
 /// # Formula
 ///
 /// As [`posttrain_core::preference::paired::paired_loss`]:
-/// `ℓc = c − c₀`, `ℓr = r − r₀`, `sc = f(ℓc)`, `sr = f(ℓr)`,
+/// `ℓc = c − c₀`, `ℓr = r − r₀`, `sc = f(ℓc)`, `sr = f(ℓr)` (the core's
+/// [`PairedConfig::score`] kernel: `cfg.divergence_scores` picks TRL
+/// f2cd577's or TRL 1.16.0's scores, and with the latter
+/// [`PairedConfig::pair_term`] reads raw log-ratios for the pointwise losses),
 /// `lossᵢ = ωᵢ Σₖ wₖ · termₖ(pair i)` ([`PairedConfig::pair_term`] on the
 /// whole `[B]` tensors), `loss = (1/B) Σᵢ lossᵢ`. `Aot` pairs the j-th
 /// smallest `c − r` with the j-th smallest `c₀ − r₀`, `AotUnpaired` the j-th

@@ -9,8 +9,8 @@ use posttrain_core::preference::odds_ratio::{
     self as core_or, CpoConfig, CpoLossType, OrpoCotangents,
 };
 use posttrain_core::preference::paired::{
-    self as core_paired, FDivergence, LogitsPairBatch, LossTerm, PairBatch, PairGrads,
-    PairedConfig, PairedLoss, Reference, SftInput,
+    self as core_paired, FDivergence, FDivergenceScores, LogitsPairBatch, LossTerm, PairBatch,
+    PairGrads, PairedConfig, PairedLoss, Reference, SftInput,
 };
 use posttrain_core::preference::unpaired::{
     self as core_un, KtoConfig, KtoLossType, PrmConfig, RunningMoments,
@@ -198,6 +198,148 @@ fn paired_loss_sorted_and_sft_terms_match_core() {
                 .unwrap();
                 close(&format!("{ctx} per-pair vjp c"), &to_vec(gu_c), &uc, TOL);
                 close(&format!("{ctx} per-pair vjp r"), &to_vec(gu_r), &ur, TOL);
+            }
+        }
+    }
+}
+
+/// Every score-reading loss with every divergence and both kinds of
+/// f-divergence scores (TRL f2cd577's dropped constants, TRL 1.16.0's zero
+/// at the reference with raw log-ratios for the pointwise losses): the
+/// tensors agree with the core's slice driver, values and VJPs.
+#[test]
+fn paired_f_divergence_scores_match_core() {
+    let mut rng = Rng::new(17);
+    let kinds = [
+        PairedLoss::Sigmoid,
+        PairedLoss::Hinge,
+        PairedLoss::Ipo,
+        PairedLoss::ExoPair,
+        PairedLoss::NcaPair,
+        PairedLoss::Robust,
+        PairedLoss::BcoPair,
+        PairedLoss::SppoHard,
+        PairedLoss::ApoZero,
+        PairedLoss::ApoDown,
+        PairedLoss::Discopop,
+        PairedLoss::SigmoidNorm,
+    ];
+    let divs = [
+        FDivergence::ForwardKl,
+        FDivergence::JsDivergence,
+        FDivergence::Alpha(0.5),
+        FDivergence::Alpha(1.5),
+    ];
+    let n = 5;
+    for scores in [
+        FDivergenceScores::ConstantsDropped,
+        FDivergenceScores::ZeroAtReference,
+    ] {
+        for div in divs {
+            // Small log-ratios (the divergences exponentiate them).
+            let c = rng.vec(n, -12.0, -2.0);
+            let r = rng.vec(n, -12.0, -2.0);
+            let c0: Vec<f64> = c
+                .iter()
+                .map(|&x| (x + rng.uniform(-1.0, 1.0)) as f32 as f64)
+                .collect();
+            let r0: Vec<f64> = r
+                .iter()
+                .map(|&x| (x + rng.uniform(-1.0, 1.0)) as f32 as f64)
+                .collect();
+            let lc: Vec<f64> = (0..n).map(|i| (i % 4) as f64).collect();
+            let lr: Vec<f64> = (0..n).map(|i| (1 + 2 * i) as f64).collect();
+            for kind in kinds {
+                let terms = [LossTerm::new(kind)];
+                let cfg = PairedConfig::new(0.3, 0.2, false, 0.0, div, 0.5)
+                    .unwrap()
+                    .with_divergence_scores(scores);
+                let tb = PairTensors::new(t1(&c), t1(&r))
+                    .with_reference(t1(&c0), t1(&r0))
+                    .with_lengths(t1(&lc), t1(&lr));
+                let cb = PairBatch::new(&c, &r)
+                    .with_reference(&c0, &r0)
+                    .with_lengths(&lc, &lr);
+                let u = rng.vec(n, -1.0, 1.0);
+                let (gu_c, gu_r) = pref::paired_loss_vjp(&cfg, &terms, &tb, t1(&u)).unwrap();
+                let out = pref::paired_loss(&cfg, &terms, tb).unwrap();
+                let (mut dc, mut dr, mut pp) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+                let want = core_paired::paired_loss(
+                    &cfg,
+                    &terms,
+                    &cb,
+                    Some(&mut pp),
+                    Some(PairGrads::of_mean(1.0, &mut dc, &mut dr)),
+                    &mut [],
+                )
+                .unwrap();
+                let ctx = format!("{kind:?} {div:?} {scores:?}");
+                close(&format!("{ctx} loss"), &to_vec(out.loss), &[want.loss], TOL);
+                close(&format!("{ctx} per pair"), &to_vec(out.per_pair), &pp, TOL);
+                close(&format!("{ctx} dc"), &to_vec(out.grad_chosen), &dc, TOL);
+                close(&format!("{ctx} dr"), &to_vec(out.grad_rejected), &dr, TOL);
+                let (mut uc, mut ur) = (vec![0.0; n], vec![0.0; n]);
+                core_paired::paired_loss(
+                    &cfg,
+                    &terms,
+                    &cb,
+                    None,
+                    Some(PairGrads::of_per_pair(&u, &mut uc, &mut ur)),
+                    &mut [],
+                )
+                .unwrap();
+                close(&format!("{ctx} per-pair vjp c"), &to_vec(gu_c), &uc, TOL);
+                close(&format!("{ctx} per-pair vjp r"), &to_vec(gu_r), &ur, TOL);
+                // The settings differ where TRL 1.16.0 differs from f2cd577.
+                if scores == FDivergenceScores::ZeroAtReference {
+                    let dropped = cfg.with_divergence_scores(FDivergenceScores::ConstantsDropped);
+                    let other =
+                        core_paired::paired_loss(&dropped, &terms, &cb, None, None, &mut [])
+                            .unwrap();
+                    let differs = (other.loss - want.loss).abs() > 1e-9 * (1.0 + want.loss.abs());
+                    let expected = matches!(
+                        kind,
+                        PairedLoss::Ipo
+                            | PairedLoss::SigmoidNorm
+                            | PairedLoss::NcaPair
+                            | PairedLoss::BcoPair
+                            | PairedLoss::SppoHard
+                            | PairedLoss::ApoDown
+                    );
+                    assert_eq!(differs, expected, "{ctx}: {} vs {}", other.loss, want.loss);
+                }
+            }
+        }
+    }
+}
+
+/// TRL's whole step from logits with TRL 1.16.0's f-divergence scores.
+#[test]
+fn dpo_from_logits_zero_at_reference_scores_match_core() {
+    let mut rng = Rng::new(31);
+    let term_sets: Vec<Vec<LossTerm>> = vec![
+        vec![LossTerm::new(PairedLoss::Ipo)],
+        vec![LossTerm::new(PairedLoss::SigmoidNorm)],
+        vec![
+            LossTerm::weighted(PairedLoss::Sigmoid, 0.5),
+            LossTerm::weighted(PairedLoss::NcaPair, 0.3),
+            LossTerm::weighted(PairedLoss::ApoDown, 0.2),
+            LossTerm::weighted(PairedLoss::SppoHard, 0.1),
+        ],
+    ];
+    let k = dpo_case(&mut rng, 3, 6, 5);
+    for (ti, terms) in term_sets.iter().enumerate() {
+        for div in [
+            FDivergence::ForwardKl,
+            FDivergence::JsDivergence,
+            FDivergence::Alpha(0.5),
+        ] {
+            for (pre, wpo) in [(true, false), (false, true)] {
+                let cfg = PairedConfig::new(0.2, 0.1, false, 0.0, div, 0.05)
+                    .unwrap()
+                    .with_divergence_scores(FDivergenceScores::ZeroAtReference);
+                let what = format!("terms#{ti} {div:?} pre={pre} wpo={wpo}");
+                check_dpo(&what, &k, &k.logits, &k.ids, &cfg, terms, pre, None, wpo);
             }
         }
     }

@@ -22,6 +22,11 @@ const ALL: [PairedLoss; 15] = [
     PairedLoss::Sft,
 ];
 
+const SCORES: [FDivergenceScores; 2] = [
+    FDivergenceScores::ConstantsDropped,
+    FDivergenceScores::ZeroAtReference,
+];
+
 fn divergence(i: usize) -> FDivergence {
     match i % 5 {
         0 => FDivergence::ReverseKl,
@@ -102,13 +107,14 @@ fn objective(
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
-    /// The closed-form VJP of every loss type (and every divergence) matches
-    /// central finite differences.
+    /// The closed-form VJP of every loss type (and every divergence, both
+    /// kinds of f-divergence scores) matches central finite differences.
     #[test]
-    fn gradient_matches_finite_differences(d in data(4), k in 0usize..15, div in 0usize..5, beta in 0.1f64..1.0) {
+    fn gradient_matches_finite_differences(d in data(4), k in 0usize..15, div in 0usize..5, beta in 0.1f64..1.0, sc in 0usize..2) {
         let kind = ALL[k];
         let ls = if kind == PairedLoss::ExoPair || kind == PairedLoss::Robust { 0.2 } else { 0.1 };
-        let cfg = PairedConfig::new(beta, ls, true, 0.05, divergence(div), 0.5).unwrap();
+        let cfg = PairedConfig::new(beta, ls, true, 0.05, divergence(div), 0.5).unwrap()
+            .with_divergence_scores(SCORES[sc]);
         let terms = [LossTerm::weighted(kind, 0.8), LossTerm::weighted(PairedLoss::Sigmoid, 0.3)];
         let (_, dc, dr) = objective(&cfg, &terms, &d, &d.pc, &d.pr, true);
         let h = 1e-6;
@@ -472,4 +478,250 @@ fn all_masked_batch_is_finite_and_zero_gradient() {
     assert_eq!(out.loss, core::f64::consts::LN_2);
     assert_eq!(m.entropy, 0.0);
     assert!(g.iter().all(|&x| x == 0.0));
+}
+
+/// `f(x) = ` each divergence's score under both settings, by hand.
+#[test]
+fn divergence_scores_by_hand() {
+    use FDivergenceScores::{ConstantsDropped as D, ZeroAtReference as Z};
+    let l2 = core::f64::consts::LN_2;
+    let close = |a: (f64, f64), b: (f64, f64)| {
+        assert!(
+            (a.0 - b.0).abs() < 1e-15 && (a.1 - b.1).abs() < 1e-15,
+            "{a:?} vs {b:?}"
+        );
+    };
+    let fk = FDivergence::ForwardKl;
+    close(fk.score_with(D, l2), (-0.5, 0.5));
+    close(fk.score_with(Z, l2), (0.5, 0.5));
+    close(fk.score(l2), (-0.5, 0.5));
+    // JS at 0: log σ(0) = −ln 2, σ(−0) = ½.
+    let js = FDivergence::JsDivergence;
+    close(js.score_with(D, 0.0), (-l2, 0.5));
+    close(js.score_with(Z, 0.0), (0.0, 0.5));
+    // JS at ln 3: σ = ¾, log σ = ln 3 − 2 ln 2; σ(−x) = ¼.
+    let l3 = 3.0f64.ln();
+    close(js.score_with(D, l3), (l3 - 2.0 * l2, 0.25));
+    close(js.score_with(Z, l3), (l3 - l2, 0.25));
+    // α = ½ at x = 2 ln 2: e^{(α−1)x} = ½, divided by α − 1 = −½.
+    let a = FDivergence::Alpha(0.5);
+    close(a.score_with(D, 2.0 * l2), (-1.0, 0.5));
+    close(a.score_with(Z, 2.0 * l2), (1.0, 0.5));
+    // α = 3 at x = 50: the clamp (80 < 100) is active, derivative 0.
+    let a3 = FDivergence::Alpha(3.0);
+    let e80 = 80.0f64.exp();
+    close(a3.score_with(D, 50.0), (e80 / 2.0, 0.0));
+    close(a3.score_with(Z, 50.0), ((e80 - 1.0) / 2.0, 0.0));
+    // α ≈ 1 and reverse KL: the log-ratio itself under both.
+    for s in [D, Z] {
+        close(
+            FDivergence::Alpha(1.0 + 1e-7).score_with(s, 0.3),
+            (0.3, 1.0),
+        );
+        close(FDivergence::ReverseKl.score_with(s, -0.7), (-0.7, 1.0));
+    }
+    // f32: the same operations.
+    let (v, d) = FDivergence::ForwardKl.score_with(Z, 0.25f32);
+    assert_eq!(v, 1.0f32 - (-0.25f32).exp());
+    assert_eq!(d, (-0.25f32).exp());
+    let (v, _) = js.score_with(Z, 0.25f32);
+    assert_eq!(
+        v,
+        core::f32::consts::LN_2 + <f32 as posttrain_core::ElemExt>::log_sigmoid(0.25f32)
+    );
+}
+
+/// Every score's derivative matches central finite differences, both settings.
+#[test]
+fn divergence_score_derivative_matches_finite_differences() {
+    let h = 1e-6;
+    for s in SCORES {
+        for i in 0..5 {
+            let f = divergence(i);
+            for x in [-3.0f64, -0.4, 0.0, 0.7, 2.5] {
+                let (_, d): (f64, f64) = f.score_with(s, x);
+                let fd = (f.score_with(s, x + h).0 - f.score_with(s, x - h).0) / (2.0 * h);
+                assert!(
+                    (fd - d).abs() < 1e-7 * (1.0 + d.abs()),
+                    "{f:?} {s:?} x {x}: fd {fd} vs {d}"
+                );
+            }
+        }
+    }
+}
+
+/// One pair (β = ½, `ℓc = ln 2`, `ℓr = −ln 2`, no lengths), forward KL: the
+/// pointwise losses by hand under both settings.
+#[test]
+fn pointwise_losses_by_hand() {
+    use FDivergenceScores::{ConstantsDropped as D, ZeroAtReference as Z};
+    let l2 = core::f64::consts::LN_2;
+    let (c, r, c0, r0) = ([l2 - 1.0], [-l2 - 2.0], [-1.0], [-2.0]);
+    let run = |s: FDivergenceScores, kind: PairedLoss| {
+        let mut cfg = PairedConfig::preset(Preset::Trl, 0.5).unwrap();
+        cfg.divergence = FDivergence::ForwardKl;
+        let cfg = cfg.with_divergence_scores(s);
+        let (mut dc, mut dr) = ([0.0], [0.0]);
+        let b = PairBatch::new(&c[..], &r[..]).with_reference(&c0[..], &r0[..]);
+        let out = paired_loss(
+            &cfg,
+            &[LossTerm::new(kind)],
+            &b,
+            None,
+            Some(PairGrads::of_mean(1.0, &mut dc, &mut dr)),
+            &mut [],
+        )
+        .unwrap();
+        (out.loss, dc[0], dr[0])
+    };
+    let close = |a: (f64, f64, f64), b: (f64, f64, f64)| {
+        let ok =
+            (a.0 - b.0).abs() < 1e-14 && (a.1 - b.1).abs() < 1e-14 && (a.2 - b.2).abs() < 1e-14;
+        assert!(ok, "{a:?} vs {b:?}");
+    };
+    let sig = |z: f64| 1.0 / (1.0 + (-z).exp());
+    let lsig = |z: f64| sig(z).ln();
+    // Dropped: sc = −e^{−ln 2} = −½, sr = −e^{ln 2} = −2; f′ = ½ and 2.
+    // At the reference the pointwise losses read ℓc = ln 2, ℓr = −ln 2, f′ = 1.
+    let (sc, sr, fc, fr) = (-0.5, -2.0, 0.5, 2.0);
+    let (xc, xr) = (l2, -l2);
+    // sppo_hard: (u − 1)² + (v + 1)², ∂ = 2(u − 1), 2(v + 1).
+    close(
+        run(D, PairedLoss::SppoHard),
+        (
+            (sc - 1.0f64).powi(2) + (sr + 1.0f64).powi(2),
+            2.0 * (sc - 1.0) * fc,
+            2.0 * (sr + 1.0) * fr,
+        ),
+    );
+    close(
+        run(Z, PairedLoss::SppoHard),
+        (
+            (xc - 1.0f64).powi(2) + (xr + 1.0f64).powi(2),
+            2.0 * (xc - 1.0),
+            2.0 * (xr + 1.0),
+        ),
+    );
+    // bco_pair: −log σ(βu) − log σ(−βv), ∂ = −βσ(−βu), βσ(βv).
+    let bco = |u: f64, v: f64, fu: f64, fv: f64| {
+        (
+            -lsig(0.5 * u) - lsig(-0.5 * v),
+            -0.5 * sig(-0.5 * u) * fu,
+            0.5 * sig(0.5 * v) * fv,
+        )
+    };
+    close(run(D, PairedLoss::BcoPair), bco(sc, sr, fc, fr));
+    close(run(Z, PairedLoss::BcoPair), bco(xc, xr, 1.0, 1.0));
+    // nca_pair: −log σ(βu) − ½ log σ(−βu) − ½ log σ(−βv).
+    let nca = |u: f64, v: f64, fu: f64, fv: f64| {
+        let (a, b) = (0.5 * u, 0.5 * v);
+        (
+            -lsig(a) - 0.5 * lsig(-a) - 0.5 * lsig(-b),
+            0.5 * (-sig(-a) + 0.5 * sig(a)) * fu,
+            0.5 * 0.5 * sig(b) * fv,
+        )
+    };
+    close(run(D, PairedLoss::NcaPair), nca(sc, sr, fc, fr));
+    close(run(Z, PairedLoss::NcaPair), nca(xc, xr, 1.0, 1.0));
+    // apo_down: σ(βℓc) + 1 − σ(βΔ); Δ = sc − sr (dropped) or ℓc − ℓr.
+    let apo = |d: f64, fu: f64, fv: f64| {
+        let (a, z) = (0.5 * xc, 0.5 * d);
+        let dd = -0.5 * sig(z) * sig(-z);
+        (
+            sig(a) + 1.0 - sig(z),
+            0.5 * sig(a) * sig(-a) + dd * fu,
+            -dd * fv,
+        )
+    };
+    close(run(D, PairedLoss::ApoDown), apo(sc - sr, fc, fr));
+    close(run(Z, PairedLoss::ApoDown), apo(xc - xr, 1.0, 1.0));
+    // The losses of Δ agree (the constant cancels); apo_zero / aot_unpaired
+    // never read scores: identical.
+    for kind in [PairedLoss::Sigmoid, PairedLoss::Hinge, PairedLoss::Discopop] {
+        let (a, b) = (run(D, kind), run(Z, kind));
+        assert!(
+            (a.0 - b.0).abs() < 1e-14 && (a.1 - b.1).abs() < 1e-14 && (a.2 - b.2).abs() < 1e-14,
+            "{kind:?}"
+        );
+    }
+    assert_eq!(run(D, PairedLoss::ApoZero), run(Z, PairedLoss::ApoZero));
+}
+
+/// With reverse KL both settings give the same numbers, every loss type.
+#[test]
+fn reverse_kl_ignores_the_score_setting() {
+    let (c, r, c0, r0) = (
+        [-2.0f64, -1.0, -3.0],
+        [-2.5, -0.5, -1.0],
+        [-2.2, -1.5, -2.0],
+        [-2.0, -1.0, -1.5],
+    );
+    let (nc, nr, sft) = ([3.0, 1.0, 4.0], [2.0, 5.0, 1.0], [-4.0, -2.0, -3.0]);
+    for kind in ALL {
+        let ls = if matches!(kind, PairedLoss::ExoPair | PairedLoss::Robust) {
+            0.2
+        } else {
+            0.1
+        };
+        let run = |s: FDivergenceScores| {
+            let cfg = PairedConfig::new(0.3, ls, false, 0.0, FDivergence::ReverseKl, 0.5)
+                .unwrap()
+                .with_divergence_scores(s);
+            let b = PairBatch::new(&c[..], &r[..])
+                .with_reference(&c0[..], &r0[..])
+                .with_lengths(&nc[..], &nr[..])
+                .with_sft(SftInput {
+                    chosen_logps: &sft[..],
+                    tokens: 8.0,
+                });
+            let (mut dc, mut dr) = ([0.0; 3], [0.0; 3]);
+            let mut order = [0usize; 6];
+            let out = paired_loss(
+                &cfg,
+                &[LossTerm::new(kind)],
+                &b,
+                None,
+                Some(PairGrads::of_mean(1.0, &mut dc, &mut dr)),
+                &mut order,
+            )
+            .unwrap();
+            (out, dc, dr)
+        };
+        assert_eq!(
+            run(FDivergenceScores::ConstantsDropped),
+            run(FDivergenceScores::ZeroAtReference),
+            "{kind:?}"
+        );
+    }
+}
+
+#[test]
+fn divergence_scores_options() {
+    for s in SCORES {
+        assert_eq!(s.name().parse::<FDivergenceScores>().unwrap(), s);
+    }
+    assert!(matches!(
+        "trl_1.16".parse::<FDivergenceScores>(),
+        Err(Error::UnknownOption { .. })
+    ));
+    let cfg = PairedConfig::preset(Preset::Trl, 0.1).unwrap();
+    assert_eq!(cfg.divergence_scores, FDivergenceScores::ConstantsDropped);
+    assert_eq!(
+        FDivergenceScores::default(),
+        FDivergenceScores::ConstantsDropped
+    );
+    let z = cfg.with_divergence_scores(FDivergenceScores::ZeroAtReference);
+    assert!(z.validate().is_ok());
+    for kind in ALL {
+        let raw = matches!(
+            kind,
+            PairedLoss::NcaPair | PairedLoss::BcoPair | PairedLoss::SppoHard | PairedLoss::ApoDown
+        );
+        assert_eq!(
+            FDivergenceScores::ZeroAtReference.reads_logratios(kind),
+            raw,
+            "{kind:?}"
+        );
+        assert!(!FDivergenceScores::ConstantsDropped.reads_logratios(kind));
+    }
 }

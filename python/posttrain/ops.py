@@ -455,6 +455,9 @@ def verl_policy_loss(
 
 
 # TRL's DPOConfig defaults (trl 1.16.0) for what a caller leaves out.
+# (``f_divergence_scores`` is posttrain's release switch, not a DPOConfig
+# field: absent, the handler takes TRL f2cd577's scores; the TRL adapter
+# passes ``"zero_at_reference"``, trl 1.16.0's.)
 TRL_DPO_DEFAULTS: Dict[str, Any] = {
     "loss_type": ["sigmoid"],
     "beta": 0.1,
@@ -485,6 +488,16 @@ def dpo_pair_loss(
     ``f_alpha_divergence_coef``, ``discopop_tau``. ``chosen_len`` /
     ``rejected_len`` are the completion token counts (IPO and sigmoid_norm
     normalise by them); ``pair_weight`` multiplies each pair (WPO).
+
+    ``f_divergence_scores`` picks the release behaviour for an
+    ``f_divergence_type`` other than reverse_kl: ``"constants_dropped"``
+    (the default, TRL f2cd577 and the conformance vectors: scores
+    ``-exp(-x)``, ``logsigmoid(x)``, ``exp((α-1)x)/(α-1)``, read by every
+    score-based loss) or ``"zero_at_reference"`` (trl 1.16.0: scores
+    ``1 - exp(-x)``, ``log 2 + logsigmoid(x)``, ``(exp((α-1)x) - 1)/(α-1)``,
+    which no longer cancel in ipo / sigmoid_norm; nca_pair, bco_pair,
+    sppo_hard and apo_down read the raw log-ratios instead of the scores).
+    Gradients are exact for both.
 
     Returns ``(metrics, d loss/d chosen_logps, d loss/d rejected_logps)``
     with ``metrics["loss"]`` and the reward metrics TRL logs.

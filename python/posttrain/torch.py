@@ -173,7 +173,9 @@ def dpo_pair_loss(
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """TRL's DPO-family loss, differentiable with respect to
     ``chosen_logps`` and ``rejected_logps`` (arguments and ``config`` as
-    :func:`posttrain.ops.dpo_pair_loss`). Returns ``(loss, metrics)``."""
+    :func:`posttrain.ops.dpo_pair_loss`, ``f_divergence_scores`` included:
+    ``"zero_at_reference"`` gives trl 1.16.0's f-divergence scores, the
+    default ``"constants_dropped"`` TRL f2cd577's). Returns ``(loss, metrics)``."""
     metrics, gc, gr = _ops.dpo_pair_loss(
         _host(chosen_logps),
         _host(rejected_logps),

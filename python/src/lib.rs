@@ -618,7 +618,10 @@ macro_rules! dpo_pair_loss_fn {
         /// TRL `DPOTrainer`'s loss (every `loss_type` with `loss_weights`,
         /// `f_divergence_type`, `beta`, `label_smoothing`, …; not `sft`) from
         /// sequence log-probabilities `[B]`: returns `(metrics, d loss / d
-        /// chosen_logps, d loss / d rejected_logps)`.
+        /// chosen_logps, d loss / d rejected_logps)`. `f_divergence_scores`
+        /// in `params_json` selects the f-divergence scores:
+        /// `constants_dropped` (default, TRL f2cd577) or `zero_at_reference`
+        /// (TRL 1.16.0); another value is a `ValueError`.
         #[pyfunction]
         #[pyo3(signature = (params_json, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_len, rejected_len, pair_weight=None))]
         #[allow(clippy::too_many_arguments)]

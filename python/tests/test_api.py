@@ -214,6 +214,43 @@ def test_verl_policy_loss_with_kl_backward():
     assert torch.autograd.gradcheck(f, (lp,), eps=1e-7, atol=1e-6)
 
 
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm", "nca_pair", "bco_pair", "sppo_hard", "apo_down"])
+@pytest.mark.parametrize("scores", ["constants_dropped", "zero_at_reference"])
+def test_dpo_pair_loss_f_divergence_scores_backward(loss_type, scores):
+    """Both f-divergence score settings: the closed-form gradient matches finite differences, and the
+    two settings differ on these loss types (by hand: forward KL at x = 0 scores -1 or 0)."""
+    g = torch.Generator().manual_seed(7)
+    c = (torch.randn(4, dtype=torch.float64, generator=g) * 0.3 - 5).requires_grad_()
+    r = (torch.randn(4, dtype=torch.float64, generator=g) * 0.3 - 6).requires_grad_()
+    c0 = c.detach() + torch.randn(4, dtype=torch.float64, generator=g) * 0.5
+    r0 = r.detach() + torch.randn(4, dtype=torch.float64, generator=g) * 0.5
+    nc, nr = torch.tensor([3.0, 1.0, 5.0, 2.0], dtype=torch.float64), torch.tensor([2.0, 4.0, 1.0, 6.0], dtype=torch.float64)
+    cfg = dict(loss_type=loss_type, f_divergence_type="forward_kl", beta=0.5, f_divergence_scores=scores)
+
+    def f(x, y):
+        return pt.dpo_pair_loss(x, y, c0, r0, nc, nr, **cfg)[0]
+
+    assert torch.autograd.gradcheck(f, (c, r), eps=1e-7, atol=1e-6)
+    other = "zero_at_reference" if scores == "constants_dropped" else "constants_dropped"
+    a = f(c, r).item()
+    b = pt.dpo_pair_loss(c, r, c0, r0, nc, nr, **dict(cfg, f_divergence_scores=other))[0].item()
+    assert abs(a - b) > 1e-6
+    # At x = 0 (policy = reference) forward KL scores -1 (constants dropped) or 0: by hand for IPO,
+    # ((sc/nc - sr/nr) - 1/(2β))² = (-1/2 + 1/1 - 1)² = 1/4 or (0 - 1)² = 1.
+    if loss_type == "ipo":
+        z = torch.zeros(1, dtype=torch.float64)
+        m, _, _ = ops.dpo_pair_loss(z.numpy(), z.numpy(), z.numpy(), z.numpy(), np.array([2.0]), np.array([1.0]), **cfg)
+        assert m["loss"] == (0.25 if scores == "constants_dropped" else 1.0)
+
+
+def test_dpo_pair_loss_refuses_unknown_f_divergence_scores():
+    x = np.zeros(2)
+    with pytest.raises(ValueError, match=r"unsupported `f_divergence_scores` = \"trl_1.16\""):
+        ops.dpo_pair_loss(x, x, x, x, np.ones(2), np.ones(2), f_divergence_scores="trl_1.16")
+    with pytest.raises(ValueError, match=r"unknown parameter `f_divergence_score`"):
+        ops.dpo_pair_loss(x, x, x, x, np.ones(2), np.ones(2), f_divergence_score="zero_at_reference")
+
+
 def test_unknown_parameters_are_refused():
     x = np.zeros((2, 3))
     with pytest.raises(ValueError, match=r"unknown parameter `kl_penaltyy`"):

@@ -1555,7 +1555,9 @@ DPO_LOSSES = [
     "sigmoid_norm",
 ]
 DPO_DIVERGENCES = ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
-# Loss types TRL 1.16 allows with a divergence other than reverse_kl.
+# Loss types whose score computation runs with a divergence other than reverse_kl (called unbound:
+# trl 1.16's DPOTrainer.__init__ accepts only sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop
+# and sft with one, but its _compute_loss computes every loss type).
 DPO_F_LOSSES = {"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm"}
 # Where the release's scores for non-reverse-KL divergences differ from f2cd577 (test_release_difference_dpo_f_divergence_scores).
 DPO_F_SCORE_DIFFERENCES = {"ipo", "sigmoid_norm", "nca_pair", "bco_pair", "sppo_hard", "apo_down"}
@@ -1729,29 +1731,44 @@ def test_dpo_loss_real_fused_head(over, dt):
         compare_dpo(cfg, dpo_data(("fused",) + tuple(over.items()), *shape), dt, head="fused")
 
 
-DPO_F_DIFF_CASES = [
+DPO_F_RELEASE_CASES = [
     (lt, fd, coef)
-    for lt in sorted(DPO_F_SCORE_DIFFERENCES)
-    for fd, coef in [("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.5)]
+    for lt in sorted(DPO_F_LOSSES)
+    for fd, coef in [("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.5), ("alpha_divergence", 1.5)]
 ]
 
 
 @release_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="trl 1.16.0 differs from f2cd577 (DPOTrainer._compute_loss, f_divergence_type != 'reverse_kl'): "
-    "the scores keep the constant f'(1) terms, forward_kl 1 - exp(-x) (f2cd577: -exp(-x)), js_divergence "
-    "log 2 + logsigmoid(x) (f2cd577: logsigmoid(x)), alpha_divergence (exp((α-1)x) - 1)/(α-1) (f2cd577: "
-    "exp((α-1)x)/(α-1)), which no longer cancel in ipo / sigmoid_norm (scores divided by each completion's "
-    "length); and nca_pair, bco_pair, sppo_hard, apo_down use the raw log-ratios x instead of the scores; "
-    "posttrain has no option yet",
-)
 @pytest.mark.parametrize("dt", ["f32"])  # trl 1.16's alpha_divergence has no float64 path
-@pytest.mark.parametrize("loss_type,fdiv,coef", DPO_F_DIFF_CASES, ids=[f"{a}-{b}" for a, b, _ in DPO_F_DIFF_CASES])
+@pytest.mark.parametrize("loss_type,fdiv,coef", DPO_F_RELEASE_CASES, ids=[f"{a}-{b}-{c}" for a, b, c in DPO_F_RELEASE_CASES])
 def test_release_difference_dpo_f_divergence_scores(loss_type, fdiv, coef, dt):
-    cfg = dpo_cfg(loss_type=[loss_type], f_divergence_type=fdiv, f_alpha_divergence_coef=coef, precompute_ref_log_probs=False)
+    """trl 1.16.0 differs from f2cd577 (DPOTrainer._compute_loss, f_divergence_type != 'reverse_kl'): the
+    scores keep the constant f'(1) terms, forward_kl 1 - exp(-x) (f2cd577: -exp(-x)), js_divergence
+    log 2 + logsigmoid(x) (f2cd577: logsigmoid(x)), alpha_divergence (exp((α-1)x) - 1)/(α-1) (f2cd577:
+    exp((α-1)x)/(α-1)), which no longer cancel in ipo / sigmoid_norm (scores divided by each completion's
+    length); and nca_pair, bco_pair, sppo_hard, apo_down read the raw log-ratios instead of the scores.
+    posttrain selects 1.16's with ``f_divergence_scores="zero_at_reference"``: every loss type that
+    reads scores matches the release; the default (f2cd577's) differs exactly on DPO_F_SCORE_DIFFERENCES."""
+    base = dpo_cfg(loss_type=[loss_type], f_divergence_type=fdiv, f_alpha_divergence_coef=coef, precompute_ref_log_probs=False)
+    cfg = dict(base, f_divergence_scores="zero_at_reference")
     for shape in DPO_SHAPES[1:]:
-        compare_dpo(cfg, dpo_data(("fdiff", loss_type, fdiv), *shape, ref_near=True), dt)
+        d = dpo_data(("fdiff", loss_type, fdiv, coef), *shape, ref_near=True)
+        loss, g, m = trl_dpo(cfg, d, dt)
+        r = pt_dpo(cfg, d, dt)
+        assert_close(r["loss"], loss, dt, "loss")
+        assert_close(r.grads["logits"], g, dt, "d loss/d logits")
+        compare_metrics(r, m, dt)
+        old = pt_dpo(base, d, dt)  # f2cd577's scores
+        same = np.isclose(old["loss"], loss, rtol=TOL[dt][0], atol=TOL[dt][1])
+        assert bool(same) == (loss_type not in DPO_F_SCORE_DIFFERENCES), (old["loss"], loss)
+
+
+@pytest.mark.parametrize("bad", ["trl_1.16", "", 3])
+def test_dpo_f_divergence_scores_refuses_unknown_values(bad):
+    d = dpo_data(("fdiff-bad",), *DPO_SHAPES[1], ref_near=True)
+    cfg = dpo_cfg(loss_type=["ipo"], f_divergence_type="forward_kl", f_divergence_scores=bad)
+    with pytest.raises(ValueError, match="f_divergence_scores"):
+        pt_dpo(cfg, d, "f64")
 
 
 # ---------------------------------------------------------------------------

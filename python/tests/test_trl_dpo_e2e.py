@@ -16,6 +16,13 @@ Setup notes:
   first steps and norm clipping would hide a wrong gradient scale.
 - Chosen and rejected completions differ in length (so IPO / sigmoid_norm's
   length normalisation and LD-DPO's tail masks matter).
+- f-divergences: TRL 1.16's scores keep their constants (``1 - exp(-x)``, …)
+  and its pointwise losses (nca_pair, bco_pair, sppo_hard, apo_down) read raw
+  log-ratios; the adapter selects that (``f_divergence_scores``). TRL 1.16's
+  ``DPOTrainer`` refuses a divergence with those pointwise losses when it is
+  built, so those cases build the trainer with ``reverse_kl`` and set
+  ``trainer.f_divergence_type`` (and the α coefficient) afterwards: both
+  runs then train through ``_compute_loss``'s f-divergence path.
 """
 
 from __future__ import annotations
@@ -78,8 +85,14 @@ def make_dpo_dataset():
     )
 
 
-def make_dpo_trainer(output_dir, *, seed: int = 0, use_posttrain: bool = False, **dpo_config_overrides):
-    """Build a tiny CPU ``DPOTrainer``; with ``use_posttrain`` its loss goes through posttrain."""
+# DPOConfig fields that the f-divergence cases with pointwise losses set on
+# the built trainer (TRL 1.16's constructor refuses them with those losses).
+AFTER_BUILD = ("f_divergence_type", "f_alpha_divergence_coef")
+
+
+def make_dpo_trainer(output_dir, *, seed: int = 0, use_posttrain: bool = False, after_build=None, **dpo_config_overrides):
+    """Build a tiny CPU ``DPOTrainer``; with ``use_posttrain`` its loss goes through posttrain.
+    ``after_build``: trainer attributes set once it is built."""
     from trl import DPOConfig, DPOTrainer
 
     output_dir = Path(output_dir)
@@ -100,6 +113,8 @@ def make_dpo_trainer(output_dir, *, seed: int = 0, use_posttrain: bool = False, 
         train_dataset=make_dpo_dataset(),
         processing_class=tokenizer,
     )
+    for k, v in (after_build or {}).items():
+        setattr(trainer, k, v)
     if use_posttrain:
         from posttrain.integrations.trl import use_posttrain as _use_posttrain
 
@@ -133,14 +148,66 @@ CASES = [
         "fdiv-alpha",
         dict(loss_type=["sigmoid"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.5),
     ),
+    # f-divergences with the losses whose scores do not enter as a plain
+    # chosen − rejected difference (TRL 1.16's constants do not cancel there).
+    # (The exponential scores — forward KL e^{-x}, α-divergence — grow fast as
+    # the log-ratios move: smaller steps keep TRL's own run finite.)
+    ("fdiv-forward_kl-ipo", dict(loss_type=["ipo"], f_divergence_type="forward_kl", learning_rate=0.005)),
+    ("fdiv-js-ipo", dict(loss_type=["ipo"], f_divergence_type="js_divergence", learning_rate=0.05)),
+    (
+        "fdiv-alpha-ipo",
+        dict(loss_type=["ipo"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.5, learning_rate=0.005),
+    ),
+    ("fdiv-forward_kl-sigmoid_norm", dict(loss_type=["sigmoid_norm"], f_divergence_type="forward_kl")),
+    ("fdiv-js-sigmoid_norm", dict(loss_type=["sigmoid_norm"], f_divergence_type="js_divergence")),
+    (
+        "fdiv-alpha-sigmoid_norm",
+        dict(loss_type=["sigmoid_norm"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.5),
+    ),
+    ("fdiv-js-discopop", dict(loss_type=["discopop"], f_divergence_type="js_divergence")),
+    (
+        "fdiv-forward_kl-mix",
+        dict(loss_type=["hinge", "robust", "exo_pair"], loss_weights=[0.5, 0.3, 0.2], label_smoothing=0.1,
+             f_divergence_type="forward_kl", learning_rate=0.1),
+    ),
+    # The pointwise losses (raw log-ratios in TRL 1.16), divergence set after build.
+    ("fdiv-forward_kl-nca_pair", dict(loss_type=["nca_pair"], f_divergence_type="forward_kl")),
+    ("fdiv-js-bco_pair", dict(loss_type=["bco_pair"], f_divergence_type="js_divergence")),
+    (
+        "fdiv-alpha-sppo_hard",
+        dict(loss_type=["sppo_hard"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.5,
+             learning_rate=0.005),
+    ),
+    ("fdiv-forward_kl-apo_down", dict(loss_type=["apo_down"], f_divergence_type="forward_kl")),
+    (
+        "fdiv-alpha-mix-pointwise",
+        dict(loss_type=["sigmoid", "nca_pair", "apo_down", "ipo"], loss_weights=[0.4, 0.3, 0.2, 0.1],
+             f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.5, learning_rate=0.2),
+    ),
     ("ld_alpha", dict(loss_type=["sigmoid"], ld_alpha=0.5)),
     ("wpo", dict(loss_type=["sigmoid"], use_weighting=True)),
     ("precompute_ref", dict(loss_type=["sigmoid"], precompute_ref_log_probs=True)),
 ]
 
 
+# The loss types TRL 1.16's DPOTrainer accepts with a divergence other than reverse_kl.
+FDIV_ACCEPTED = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+
+
+def _split(overrides):
+    """(DPOConfig overrides, attributes set after build): a divergence goes
+    after the build when a loss type TRL 1.16's constructor refuses it with."""
+    if set(overrides.get("loss_type", ["sigmoid"])) <= FDIV_ACCEPTED:
+        return overrides, None
+    after = {k: overrides[k] for k in AFTER_BUILD if k in overrides}
+    return {k: v for k, v in overrides.items() if k not in AFTER_BUILD}, after
+
+
 def _run(tmp_path, name, overrides, use_posttrain):
-    trainer = make_dpo_trainer(tmp_path / name, seed=0, use_posttrain=use_posttrain, **overrides)
+    config, after = _split(overrides)
+    trainer = make_dpo_trainer(tmp_path / name, seed=0, use_posttrain=use_posttrain, after_build=after, **config)
+    if after:
+        assert trainer.f_divergence_type == after["f_divergence_type"] != "reverse_kl"
     init = trl_tiny.snapshot_params(trainer.model)
     losses, params = trl_tiny.train_and_collect(trainer)
     return trainer, init, losses, params
@@ -212,3 +279,20 @@ def test_use_posttrain_rejects_sft(tmp_path):
     trainer = make_dpo_trainer(tmp_path / "sft_only", loss_type=["sft"])
     with pytest.raises(NotImplementedError):
         use_posttrain(trainer)
+
+
+@pytest.mark.parametrize("loss_type", ["nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "aot", "aot_unpaired"])
+def test_trl_refuses_f_divergence_with_pointwise_losses(tmp_path, loss_type):
+    """TRL 1.16's DPOTrainer refuses a divergence other than reverse_kl with these loss types when it is
+    built (the cases above set it afterwards); the list the e2e cases rely on is the release's."""
+    with pytest.raises(ValueError, match="f_divergence_type"):
+        make_dpo_trainer(tmp_path / loss_type, loss_type=[loss_type], f_divergence_type="forward_kl")
+    assert loss_type not in FDIV_ACCEPTED
+
+
+def test_use_posttrain_accepts_f_divergences(tmp_path):
+    """f-divergences are no longer refused (the adapter selects TRL 1.16's scores)."""
+    from posttrain.integrations.trl import use_posttrain
+
+    trainer = make_dpo_trainer(tmp_path / "ipo-js", loss_type=["ipo"], f_divergence_type="js_divergence")
+    assert use_posttrain(trainer) is trainer

@@ -5,8 +5,8 @@ use crate::case::{Ctx, Fail, OpResult, Outputs};
 use posttrain_core::error::check_len;
 use posttrain_core::preference::paired::{
     dpo_from_logits, dpo_from_logits_scratch_len, implicit_rewards, paired_loss,
-    pairwise_reward_loss, FDivergence, LogitsPairBatch, LossTerm, PairBatch, PairGrads,
-    PairedConfig, PairedLoss, Reference,
+    pairwise_reward_loss, FDivergence, FDivergenceScores, LogitsPairBatch, LossTerm, PairBatch,
+    PairGrads, PairedConfig, PairedLoss, Reference,
 };
 use posttrain_core::{Dims, Error, Preset, Real};
 use serde_json::Value;
@@ -58,7 +58,10 @@ pub fn trl_terms(ctx: &Ctx) -> Result<Vec<LossTerm>, Fail> {
         .collect())
 }
 
-/// TRL `DPOTrainer`'s config and loss terms from the case parameters.
+/// TRL `DPOTrainer`'s config and loss terms from the case parameters;
+/// `f_divergence_scores` (`constants_dropped`, the default, or
+/// `zero_at_reference`) selects TRL f2cd577's or TRL 1.16.0's
+/// f-divergence scores ([`FDivergenceScores`]).
 pub fn trl_dpo_config(ctx: &Ctx) -> Result<(PairedConfig, Vec<LossTerm>), Fail> {
     let terms = trl_terms(ctx)?;
     let div = match FDivergence::from_trl(
@@ -69,6 +72,14 @@ pub fn trl_dpo_config(ctx: &Ctx) -> Result<(PairedConfig, Vec<LossTerm>), Fail> 
         Err(Error::UnknownOption { .. }) => return Err(ctx.unsupported("f_divergence_type")),
         Err(e) => return Err(e.into()),
     };
+    // Which f-divergence scores the losses read (absent: TRL f2cd577's, the
+    // vectors'; `zero_at_reference`: TRL 1.16.0's); another value is refused.
+    let scores = match ctx.p_opt_str("f_divergence_scores")? {
+        None => FDivergenceScores::default(),
+        Some(s) => s
+            .parse::<FDivergenceScores>()
+            .map_err(|_| ctx.unsupported("f_divergence_scores"))?,
+    };
     let cfg = PairedConfig::new(
         ctx.p_f64("beta")?,
         ctx.p_f64("label_smoothing")?,
@@ -76,7 +87,8 @@ pub fn trl_dpo_config(ctx: &Ctx) -> Result<(PairedConfig, Vec<LossTerm>), Fail> 
         0.0,
         div,
         ctx.p_f64("discopop_tau")?,
-    )?;
+    )?
+    .with_divergence_scores(scores);
     Ok((cfg, terms))
 }
 

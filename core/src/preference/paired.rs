@@ -53,6 +53,29 @@
 //! TRL's `ipo` is length-normalised because the TRL driver passes completion
 //! lengths; the others pass none.
 //!
+//! ## f-divergence scores: TRL f2cd577 and TRL 1.16.0
+//!
+//! For a divergence other than reverse KL the two TRL releases differ, and
+//! [`PairedConfig::divergence_scores`] ([`FDivergenceScores`]) selects one:
+//!
+//! | | f2cd577 (`ConstantsDropped`, default) | 1.16.0 (`ZeroAtReference`) |
+//! |---|---|---|
+//! | forward KL score | `−e^{−x}` | `1 − e^{−x}` |
+//! | JS score | `log σ(x)` | `ln 2 + log σ(x)` |
+//! | α score | `e^{(α−1)x}/(α−1)` | `(e^{(α−1)x} − 1)/(α−1)` |
+//! | `sigmoid`, `hinge`, `exo_pair`, `robust`, `discopop` | `Δ = sc − sr` | the same `Δ` (the constants cancel) |
+//! | `ipo`, `sigmoid_norm` | `sc/nc − sr/nr` | the same with the shifted scores (the constants do not cancel) |
+//! | `nca_pair`, `bco_pair`, `sppo_hard` | scores `sc`, `sr` | raw log-ratios `ℓc`, `ℓr` |
+//! | `apo_down` | `σ(βℓc) + 1 − σ(βΔ)` | `σ(βℓc) + 1 − σ(β(ℓc − ℓr))` |
+//! | `aot`, `aot_unpaired`, `apo_zero`, `sft` | no scores | no scores |
+//!
+//! The scores' derivatives are the same (`e^{−x}`, `σ(−x)`, `e^{(α−1)x}`);
+//! where 1.16.0 reads raw log-ratios the gradient has no `f′` factor. TRL
+//! 1.16.0's `DPOTrainer` also refuses, at construction, a divergence other
+//! than `reverse_kl` with `nca_pair`, `bco_pair`, `sppo_hard`, `aot`,
+//! `aot_unpaired`, `apo_zero` or `apo_down`; posttrain computes what its
+//! `_compute_loss` would.
+//!
 //! # Example
 //!
 //! ```
@@ -215,21 +238,28 @@ impl LossTerm {
     }
 }
 
-/// How a log-ratio `x = log π − log π_ref` becomes a score (the derivative
-/// `f′` of the f-divergence's generator, constants dropped).
+/// How a log-ratio `x = log π − log π_ref` becomes a score: the derivative
+/// `f′(eˣ)` of the f-divergence's generator, up to an additive constant
+/// that [`FDivergenceScores`] keeps or drops.
 ///
 /// # Formula
+/// With [`FDivergenceScores::ConstantsDropped`] (the default, [`score`](Self::score)):
 /// ```text
 /// reverse KL   f(x) = x
 /// forward KL   f(x) = −e^{−x}
 /// JS           f(x) = log σ(x)
 /// α-divergence f(x) = e^{min((α−1)x, 80)} / (α−1)   (reverse KL when |α−1| < 1e-6)
 /// ```
+/// With [`FDivergenceScores::ZeroAtReference`] each score is shifted by a
+/// constant so that `f(0) = 0`: `1 − e^{−x}`, `ln 2 + log σ(x)`,
+/// `(e^{min((α−1)x, 80)} − 1)/(α−1)` (see [`score_with`](Self::score_with)).
 /// # Gradient
-/// `1`, `e^{−x}`, `σ(−x)`, `e^{(α−1)x}` (0 where the clamp at 80 is active).
+/// `1`, `e^{−x}`, `σ(−x)`, `e^{(α−1)x}` (0 where the clamp at 80 is active),
+/// either way (the constants do not change it).
 /// # Peers
 /// TRL `f_divergence_type` (`reverse_kl`, `forward_kl`, `js_divergence`,
-/// `alpha_divergence` with `f_alpha_divergence_coef`).
+/// `alpha_divergence` with `f_alpha_divergence_coef`); which constants TRL
+/// keeps depends on the release ([`FDivergenceScores`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum FDivergence {
@@ -285,15 +315,52 @@ impl FDivergence {
         })
     }
 
-    /// The score `f(x)` and its derivative `f′(x)` (see the type docs).
+    /// The score `f(x)` with its constant dropped and its derivative
+    /// `f′(x)` (see the type docs): [`score_with`](Self::score_with) for
+    /// [`FDivergenceScores::ConstantsDropped`].
     pub fn score<E: Elem>(&self, x: E) -> (E, E) {
+        self.score_with(FDivergenceScores::ConstantsDropped, x)
+    }
+
+    /// The score `f(x)` and its derivative `f′(x)`, with the constants that
+    /// `scores` selects.
+    ///
+    /// # Formula
+    /// ```text
+    ///                  ConstantsDropped               ZeroAtReference
+    /// reverse KL       x                              x
+    /// forward KL       −e^{−x}                        1 − e^{−x}
+    /// JS               log σ(x)                       ln 2 + log σ(x)
+    /// α-divergence     e^{min((α−1)x, 80)}/(α−1)      (e^{min((α−1)x, 80)} − 1)/(α−1)
+    /// ```
+    /// (α-divergence: reverse KL when `|α − 1| < 1e-6`.) For example, the
+    /// forward KL at `x = ln 2` is `−½` (dropped) or `½` (at the
+    /// reference), both with derivative `½`.
+    /// # Gradient
+    /// `1`, `e^{−x}`, `σ(−x)`, `e^{(α−1)x}` (0 where the clamp at 80 is
+    /// active), for both.
+    /// # Peers
+    /// TRL f2cd577 computes the first column, TRL 1.16.0 the second (same
+    /// operations in the same order: `1 − e^{−x}`, `ln 2 + log σ(x)`,
+    /// `(e^{t} − 1)·(1/(α−1))`).
+    pub fn score_with<E: Elem>(&self, scores: FDivergenceScores, x: E) -> (E, E) {
+        let keep = scores == FDivergenceScores::ZeroAtReference;
         match *self {
             FDivergence::ReverseKl => (x.clone(), x.full_like(1.0)),
             FDivergence::ForwardKl => {
                 let e = x.neg().exp();
-                (e.clone().neg(), e)
+                let s = e.clone().neg();
+                (if keep { s.add_scalar(1.0) } else { s }, e)
             }
-            FDivergence::JsDivergence => (x.clone().log_sigmoid(), x.neg().sigmoid()),
+            FDivergence::JsDivergence => {
+                let s = x.clone().log_sigmoid();
+                let s = if keep {
+                    s.add_scalar(core::f64::consts::LN_2)
+                } else {
+                    s
+                };
+                (s, x.neg().sigmoid())
+            }
             FDivergence::Alpha(a) => {
                 if <f64 as Elem>::abs(a - 1.0) < 1e-6 {
                     return (x.clone(), x.full_like(1.0));
@@ -303,8 +370,135 @@ impl FDivergence {
                 let e = t.clone().min(t.full_like(ALPHA_EXP_CLAMP)).exp();
                 let zero = e.full_like(0.0);
                 let d = E::select(&inside, e.clone(), zero);
-                (e.mul_scalar(1.0 / (a - 1.0)), d)
+                let s = if keep { e.add_scalar(-1.0) } else { e };
+                (s.mul_scalar(1.0 / (a - 1.0)), d)
             }
+        }
+    }
+}
+
+/// Which f-divergence scores the score-reading losses see: the two
+/// behaviours of TRL's DPO releases for `f_divergence_type ≠ reverse_kl`
+/// (with [`FDivergence::ReverseKl`] they coincide).
+///
+/// # Formula
+/// * [`ConstantsDropped`](Self::ConstantsDropped): the scores of
+///   [`FDivergence::score`] (`−e^{−x}`, `log σ(x)`, `e^{(α−1)x}/(α−1)`), read
+///   by every loss that reads scores: `Sigmoid`, `Hinge`, `Ipo`, `ExoPair`,
+///   `NcaPair`, `Robust`, `BcoPair`, `SppoHard`, `ApoDown` (its `σ(βΔ)`
+///   part), `Discopop`, `SigmoidNorm`.
+/// * [`ZeroAtReference`](Self::ZeroAtReference): the scores shifted to
+///   vanish at `x = 0` (`1 − e^{−x}`, `ln 2 + log σ(x)`,
+///   `(e^{(α−1)x} − 1)/(α−1)`, [`FDivergence::score_with`]), read only by
+///   the losses of the score difference `Δ = sc − sr` (`Sigmoid`, `Hinge`,
+///   `ExoPair`, `Robust`, `Discopop`, where the shift cancels) and of the
+///   length-normalised scores (`Ipo`, `SigmoidNorm`: `sc/nc − sr/nr`, where
+///   it does not); the pointwise losses `NcaPair`, `BcoPair`, `SppoHard` and
+///   `ApoDown` read the raw log-ratios `ℓc`, `ℓr` in place of `sc`, `sr`
+///   whatever the divergence.
+///
+/// `Aot`, `AotUnpaired`, `ApoZero` and `Sft` never read scores; the logged
+/// rewards are `β·ℓ` under both.
+///
+/// See the example below: by hand, with β = ½ (so `1/(2β) = 1`), forward
+/// KL, `ℓc = ln 2`, `ℓr = 0` (`f′(ℓc) = ½`, `f′(ℓr) = 1`), completion
+/// lengths 2 and 1:
+///
+/// | | `ConstantsDropped` | `ZeroAtReference` |
+/// |---|---|---|
+/// | `sc`, `sr` | `−½`, `−1` | `½`, `0` |
+/// | `Ipo` `Δ̄ = sc/2 − sr` | `¾` | `¼` |
+/// | `Ipo` loss `(Δ̄ − 1)²` | `1/16` | `9/16` |
+/// | `Ipo` `∂/∂c = 2(Δ̄ − 1)·f′(ℓc)/2` | `−⅛` | `−⅜` |
+/// | `SppoHard` loss `(u − 1)² + (v + 1)²` | `(−3/2)² + 0² = 9/4` | `(ln 2 − 1)² + 1` (`u, v = ℓc, ℓr`) |
+/// | `SppoHard` `∂/∂c` | `2(−3/2)·½ = −3/2` | `2(ln 2 − 1)` (no `f′`) |
+///
+/// # Gradient
+/// The scores' derivatives are the same for both. With
+/// `ZeroAtReference`, `NcaPair`, `BcoPair`, `SppoHard` and `ApoDown` take
+/// their derivative with respect to the log-ratios directly (no `f′`
+/// factor): [`PairedConfig::pair_term`] reports it in
+/// `d_chosen_logratio`/`d_rejected_logratio` and 0 for the scores.
+///
+/// # Peers
+/// TRL commit f2cd577 (the conformance vectors): `ConstantsDropped`. TRL
+/// 1.16.0 (`DPOTrainer._compute_loss`): `ZeroAtReference`; its
+/// `DPOTrainer.__init__` also refuses a divergence other than `reverse_kl`
+/// with any loss outside `sigmoid, sigmoid_norm, hinge, ipo, exo_pair,
+/// robust, discopop, sft` (the pointwise losses then read the same raw
+/// log-ratios as under `reverse_kl`). The other peers have no f-divergence.
+///
+/// # Example
+/// ```
+/// use posttrain_core::preference::paired::*;
+/// use posttrain_core::Preset;
+/// let (c, r, c0, r0) = ([2.0f64.ln()], [0.0f64], [0.0f64], [0.0f64]);
+/// let (nc, nr) = ([2.0f64], [1.0f64]);
+/// let batch = PairBatch::new(&c, &r).with_reference(&c0, &r0).with_lengths(&nc, &nr);
+/// let run = |scores: FDivergenceScores, kind: PairedLoss| {
+///     let mut cfg = PairedConfig::preset(Preset::Trl, 0.5).unwrap();
+///     cfg.divergence = FDivergence::ForwardKl;
+///     let cfg = cfg.with_divergence_scores(scores);
+///     let (mut dc, mut dr) = ([0.0], [0.0]);
+///     let out = paired_loss(&cfg, &[LossTerm::new(kind)], &batch, None,
+///         Some(PairGrads::of_mean(1.0, &mut dc, &mut dr)), &mut []).unwrap();
+///     (out.loss, dc[0])
+/// };
+/// let close = |a: (f64, f64), b: (f64, f64)| (a.0 - b.0).abs() < 1e-15 && (a.1 - b.1).abs() < 1e-15;
+/// use FDivergenceScores::{ConstantsDropped, ZeroAtReference};
+/// assert!(close(run(ConstantsDropped, PairedLoss::Ipo), (1.0 / 16.0, -1.0 / 8.0)));
+/// assert!(close(run(ZeroAtReference, PairedLoss::Ipo), (9.0 / 16.0, -3.0 / 8.0)));
+/// let l2 = 2.0f64.ln();
+/// assert!(close(run(ConstantsDropped, PairedLoss::SppoHard), (9.0 / 4.0, -1.5)));
+/// assert!(close(run(ZeroAtReference, PairedLoss::SppoHard), ((l2 - 1.0).powi(2) + 1.0, 2.0 * (l2 - 1.0))));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum FDivergenceScores {
+    /// Constants dropped, read by every score-reading loss (TRL f2cd577;
+    /// the default).
+    #[default]
+    ConstantsDropped,
+    /// Zero at the reference (`f(0) = 0`), read only by the `Δ` and
+    /// length-normalised losses; the pointwise losses read raw log-ratios
+    /// (TRL 1.16.0).
+    ZeroAtReference,
+}
+
+impl FDivergenceScores {
+    /// The option's name: `constants_dropped` or `zero_at_reference`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FDivergenceScores::ConstantsDropped => "constants_dropped",
+            FDivergenceScores::ZeroAtReference => "zero_at_reference",
+        }
+    }
+
+    /// Whether `kind` reads the raw log-ratios in place of the scores.
+    pub fn reads_logratios(self, kind: PairedLoss) -> bool {
+        self == FDivergenceScores::ZeroAtReference
+            && matches!(
+                kind,
+                PairedLoss::NcaPair
+                    | PairedLoss::BcoPair
+                    | PairedLoss::SppoHard
+                    | PairedLoss::ApoDown
+            )
+    }
+}
+
+impl FromStr for FDivergenceScores {
+    type Err = Error;
+    /// Parses [`name`](Self::name)'s names.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "constants_dropped" => Ok(FDivergenceScores::ConstantsDropped),
+            "zero_at_reference" => Ok(FDivergenceScores::ZeroAtReference),
+            _ => Err(Error::unknown_option(
+                "f-divergence scores",
+                s,
+                "constants_dropped, zero_at_reference",
+            )),
         }
     }
 }
@@ -337,6 +531,13 @@ pub struct PairedConfig {
     pub divergence: FDivergence,
     /// τ (> 0) of [`PairedLoss::Discopop`]'s modulation `σ(βΔ/τ)`.
     pub discopop_tau: f64,
+    /// Which scores the losses read for a divergence other than reverse KL
+    /// (TRL f2cd577 or 1.16.0, see [`FDivergenceScores`]); [`new`](Self::new)
+    /// and [`preset`](Self::preset) set the default
+    /// [`FDivergenceScores::ConstantsDropped`], [`with_divergence_scores`](Self::with_divergence_scores)
+    /// changes it.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub divergence_scores: FDivergenceScores,
 }
 
 impl PairedConfig {
@@ -392,7 +593,21 @@ impl PairedConfig {
             target_margin,
             divergence,
             discopop_tau,
+            divergence_scores: FDivergenceScores::ConstantsDropped,
         })
+    }
+
+    /// This config with `divergence_scores` (any value is valid).
+    pub fn with_divergence_scores(mut self, scores: FDivergenceScores) -> Self {
+        self.divergence_scores = scores;
+        self
+    }
+
+    /// The score of a log-ratio and its derivative under this config's
+    /// divergence and [`FDivergenceScores`]
+    /// ([`FDivergence::score_with`]).
+    pub fn score<E: Elem>(&self, x: E) -> (E, E) {
+        self.divergence.score_with(self.divergence_scores, x)
     }
 
     /// β with the peer's defaults: no smoothing, no margin, reverse KL,
@@ -500,15 +715,45 @@ impl PairedConfig {
     /// sr·inv_len_rejected` (pass 1 for no normalisation). `Sft` is not a
     /// per-pair loss: it returns 0 here (see [`paired_loss`]).
     ///
+    /// With [`FDivergenceScores::ZeroAtReference`], `NcaPair`, `BcoPair`,
+    /// `SppoHard` and `ApoDown` read `chosen_logratio`/`rejected_logratio`
+    /// where the table reads `sc`/`sr` (TRL 1.16.0).
+    ///
     /// # Gradient
     /// [`PairTermValue`] holds `∂loss/∂` each of the four inputs (through the
     /// length normalisation, not through the divergence: chain with
-    /// [`FDivergence::score`]'s derivative).
+    /// [`PairedConfig::score`]'s derivative). Where a loss reads the
+    /// log-ratios in place of the scores, the whole derivative is in
+    /// `d_*_logratio` and `d_*_score` is 0.
     ///
     /// # Peers
     /// TRL `DPOTrainer._compute_loss` per loss type; OpenRLHF `DPOLoss`;
     /// torchtune `DPOLoss`, `IPOLoss`, `RSOLoss`, `SimPOLoss`.
     pub fn pair_term<E: Elem>(&self, kind: PairedLoss, a: &PairArgs<E>) -> PairTermValue<E> {
+        if !self.divergence_scores.reads_logratios(kind) {
+            return self.pair_term_on_scores(kind, a);
+        }
+        // The same formula with the log-ratios as its scores: every
+        // derivative is with respect to the log-ratios.
+        let raw = PairArgs {
+            chosen_score: a.chosen_logratio.clone(),
+            rejected_score: a.rejected_logratio.clone(),
+            ..a.clone()
+        };
+        let v = self.pair_term_on_scores(kind, &raw);
+        let zero = v.loss.full_like(0.0);
+        PairTermValue {
+            loss: v.loss,
+            d_chosen_score: zero.clone(),
+            d_rejected_score: zero,
+            d_chosen_logratio: v.d_chosen_logratio.add(v.d_chosen_score),
+            d_rejected_logratio: v.d_rejected_logratio.add(v.d_rejected_score),
+        }
+    }
+
+    /// [`pair_term`](Self::pair_term) reading the scores as the module
+    /// table does, whatever [`FDivergenceScores`].
+    fn pair_term_on_scores<E: Elem>(&self, kind: PairedLoss, a: &PairArgs<E>) -> PairTermValue<E> {
         let b = self.beta;
         let ls = self.label_smoothing;
         let zero = a.chosen_score.full_like(0.0);
@@ -1221,8 +1466,8 @@ pub fn paired_loss<F: Real>(
             kind => {
                 for i in 0..n {
                     let (lc, lr) = batch.logratios(i);
-                    let (sc, dsc) = cfg.divergence.score(lc);
-                    let (sr, dsr) = cfg.divergence.score(lr);
+                    let (sc, dsc) = cfg.score(lc);
+                    let (sr, dsr) = cfg.score(lr);
                     let (ic, ir) = batch.inv_lens(i);
                     let args = PairArgs {
                         chosen_score: sc,

@@ -39,13 +39,18 @@ every ``loss_type`` but ``sft``, ``loss_weights``, the f-divergences,
 ``label_smoothing``, LD-DPO's ``ld_alpha``, WPO's ``use_weighting`` — and its
 gradient are posttrain's (``posttrain.torch.dpo_pair_loss``).
 
-Where TRL 1.16 changed the math since the commit posttrain reproduces and
-posttrain has no switch yet, :func:`use_posttrain` raises
-``NotImplementedError`` naming the difference instead of training with the
-other formula: DPO f-divergences other than ``reverse_kl`` with losses where
-TRL 1.16's new score constants do not cancel. (TRL 1.16's GRPO normalizers —
-the dapo/cispo/vespo token count, their entropy bonus, luspo's aggregation —
-are posttrain's ``steps_per_generation`` option, which the adapter sets.)
+Release behaviour: for ``f_divergence_type`` other than ``reverse_kl``, TRL
+1.16 keeps the constant terms of the scores (forward_kl ``1 - exp(-x)``,
+js_divergence ``log 2 + logsigmoid(x)``, alpha_divergence
+``(exp((α-1)x) - 1)/(α-1)``), which do not cancel in ipo / sigmoid_norm, and
+nca_pair, bco_pair, sppo_hard and apo_down read the raw log-ratios; the
+adapter passes ``f_divergence_scores="zero_at_reference"``, which selects
+this in posttrain (the conformance vectors, from TRL f2cd577, have the scores
+without constants read by every loss — posttrain's default). (TRL 1.16's
+``DPOTrainer`` itself refuses a divergence with nca_pair, bco_pair,
+sppo_hard, aot, aot_unpaired, apo_zero, apo_down when it is built; the
+adapter computes what ``_compute_loss`` does if the attribute is changed
+afterwards.)
 
 Tested against trl 1.16.0 (``python/tests/test_trl_e2e.py`` and
 ``python/tests/test_trl_dpo_e2e.py``: GRPO and DPO training runs with and
@@ -235,11 +240,6 @@ _DPO_SUPPORTED = {
 }
 
 
-# Loss types whose f-divergence scores enter only as chosen − rejected, where
-# TRL 1.16's added constants cancel.
-_DPO_FDIV_SAFE = {"sigmoid", "hinge", "robust", "exo_pair"}
-
-
 def _dpo_compute_loss(self: Any, model: Any, inputs: Dict[str, Any], return_outputs: bool = False) -> Any:
     """``DPOTrainer._compute_loss`` with posttrain's loss: the model forwards
     (policy and reference) are TRL's; the loss over the sequence
@@ -311,6 +311,8 @@ def _dpo_compute_loss(self: Any, model: Any, inputs: Dict[str, Any], return_outp
         label_smoothing=self.label_smoothing,
         f_divergence_type=self.f_divergence_type,
         f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+        # TRL 1.16's f-divergence scores (f2cd577's are posttrain's default).
+        f_divergence_scores="zero_at_reference",
         discopop_tau=self.args.discopop_tau,
     )
     self._posttrain_calls = getattr(self, "_posttrain_calls", 0) + 1
@@ -367,16 +369,6 @@ def use_posttrain(trainer: Any) -> Any:
         bad = [t for t in trainer.loss_types if t not in _DPO_SUPPORTED]
         if bad:
             raise NotImplementedError(f"posttrain's DPO adapter does not compute loss_type {bad} (supported: {sorted(_DPO_SUPPORTED)})")
-        if trainer.f_divergence_type != "reverse_kl":
-            # TRL 1.16 added constants to the f-divergence scores (log 2, 1, …)
-            # and feeds raw log-ratios to some losses; only where the scores
-            # enter as a chosen − rejected difference do the two agree.
-            differ = [t for t in trainer.loss_types if t not in _DPO_FDIV_SAFE]
-            if differ:
-                raise NotImplementedError(
-                    f"posttrain's DPO adapter: f_divergence_type={trainer.f_divergence_type!r} with loss_type {differ}: "
-                    "TRL 1.16's scores differ from TRL f2cd577's (posttrain) there"
-                )
         trainer._compute_loss = types.MethodType(_dpo_compute_loss, trainer)
     else:
         raise TypeError(f"use_posttrain expects a trl GRPOTrainer or DPOTrainer, got {cls_name}")
