@@ -65,7 +65,7 @@ use posttrain_core::policy::{ppo_clipped_surrogate, ClipConfig};
 use posttrain_core::Error;
 
 use crate::elem::{ElemMask, ElemTensor};
-use crate::util::{check_shape, count, keep, to_vec, to_vec_bool};
+use crate::util::{check_shape, count, keep, nan_log_diff, to_vec, to_vec_bool};
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -410,7 +410,8 @@ pub fn grpo_loss(cfg: &GrpoConfig, x: GrpoTensors) -> Result<GrpoLossOutput, Err
     // Off-policy row mask (keep_i).
     let keep_row = cfg.off_policy_mask_threshold.map(|th| {
         let samp = x.sampling_log_probs.clone().unwrap_or_else(|| old.clone());
-        let kl = row_sum(samp - lp.clone(), &mask) / nf.clone();
+        let d = nan_log_diff(cfg.off_policy_nan_sampler_log_probs, samp - lp.clone());
+        let kl = row_sum(d, &mask) / nf.clone();
         off_policy_keep(th, &ElemTensor(adv_col.clone()), &ElemTensor(kl))
             .0
             .expand(shape)

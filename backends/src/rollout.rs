@@ -43,16 +43,16 @@ use burn::tensor::{Bool, Tensor};
 use posttrain_core::policy::ppo_clipped_surrogate;
 use posttrain_core::policy::rollout::{
     rejection_divergence, safe_importance_weight, threshold_importance_weight, BypassConfig,
-    BypassLoss, Divergence, IsConfig, IsLevel, IsMetrics, OffPolicyMetrics, RejectionMetrics,
-    RolloutCorrectionConfig, RolloutCorrectionMetrics, RsAggregation, RsConfig, RsOptionMetrics,
-    VllmIsConfig, VllmIsMetrics, SAFETY_BOUND,
+    BypassLoss, Divergence, IsConfig, IsLevel, IsMetrics, NanSamplerLogProbs, OffPolicyMetrics,
+    RejectionMetrics, RolloutCorrectionConfig, RolloutCorrectionMetrics, RsAggregation, RsConfig,
+    RsOptionMetrics, VllmIsConfig, VllmIsMetrics, SAFETY_BOUND,
 };
 use posttrain_core::policy::token::log_prob_token;
 use posttrain_core::Error;
 
 use crate::aggregate::{aggregation_weights, weighted_sum};
 use crate::elem::ElemTensor;
-use crate::util::{check_shape, count, keep, to_vec, to_vec_bool};
+use crate::util::{check_shape, count, keep, nan_log_diff, to_vec, to_vec_bool};
 
 /// verl's masked-mean epsilon.
 const MEAN_EPS: f64 = 1e-8;
@@ -751,10 +751,13 @@ pub fn bypass_policy_loss(
 /// # Formula
 ///
 /// As [`posttrain_core::policy::rollout::vllm_importance_sampling_ratio`]:
-/// `d = select(mask, old − sampling, 0)`; token modes
-/// `ratio = `[`VllmIsConfig::ratio`]`(d)` (padding gets `ratio(0)`),
-/// sequence modes `ratioᵢ = ratio(Σₜ dᵢₜ)`; metrics over valid tokens
-/// (token modes) or all rows (sequence modes), 0 when empty.
+/// `d = select(mask, nan(old − sampling), 0)` with `nan` the
+/// [`NanSamplerLogProbs`] choice (as is, TRL f2cd577; `nan_to_num`, TRL
+/// 1.16.0); token modes `ratio = `[`VllmIsConfig::ratio`]`(d)` (padding gets
+/// `ratio(0)`), sequence modes `ratioᵢ = ratio(Σₜ dᵢₜ)`; ratio metrics over
+/// valid tokens (token modes) or all rows (sequence modes), the
+/// log-prob-difference metrics over valid tokens (TRL 1.16.0: those whose
+/// difference is not NaN), 0 when empty.
 ///
 /// # Gradient
 ///
@@ -774,7 +777,8 @@ pub fn vllm_importance_sampling_ratio(
     sampling_log_prob: T2,
     mask: &M2,
 ) -> Result<(T2, VllmIsMetrics<T1>), Error> {
-    let cfg = VllmIsConfig::new(cfg.mode, cfg.clip_min, cfg.clip_max)?;
+    let cfg = VllmIsConfig::new(cfg.mode, cfg.clip_min, cfg.clip_max)?
+        .with_nan_sampler_log_probs(cfg.nan_sampler_log_probs);
     let dims = mask.dims();
     let [batch, _] = dims;
     check_all(
@@ -785,11 +789,22 @@ pub fn vllm_importance_sampling_ratio(
         ],
     )?;
     let n_valid: usize = row_counts(mask).iter().sum();
-    let d = keep(old_log_prob - sampling_log_prob, mask);
-    let delta = d.clone().abs();
+    let raw = old_log_prob - sampling_log_prob;
+    // The log-prob-difference metrics: every valid token, or (TRL 1.16.0)
+    // those whose difference is not NaN.
+    let (delta, delta_mask) = match cfg.nan_sampler_log_probs {
+        NanSamplerLogProbs::Propagate => (keep(raw.clone(), mask).abs(), mask.clone()),
+        NanSamplerLogProbs::AsOnPolicy => {
+            let m = mask.clone().bool_and(raw.clone().is_nan().bool_not());
+            (keep(raw.clone(), &m).abs(), m)
+        }
+    };
+    let n_delta: usize = row_counts(&delta_mask).iter().sum();
+    let d = keep(nan_log_diff(cfg.nan_sampler_log_probs, raw), mask);
     let or_zero = |x: T1, n: usize| if n == 0 { x.zeros_like() } else { x };
-    let logp_difference_mean = masked_sum(delta.clone(), mask).div_scalar(n_valid.max(1) as f64);
-    let logp_difference_max = or_zero(masked_max(delta, mask), n_valid);
+    let logp_difference_mean =
+        masked_sum(delta.clone(), &delta_mask).div_scalar(n_delta.max(1) as f64);
+    let logp_difference_max = or_zero(masked_max(delta, &delta_mask), n_delta);
     let (ratio, rmin, rmean, rmax) = if cfg.mode.is_sequence() {
         let r = cfg.ratio(ElemTensor(d.sum_dim(1))).0;
         (

@@ -35,13 +35,14 @@
 //! ```
 
 use burn::tensor::{Bool, Int, Tensor};
+use posttrain_core::policy::rollout::NanSamplerLogProbs;
 use posttrain_core::sequence::{
     off_policy_keep, quantile_position, torch_lerp, PfPpoReweight, RewardPenaltyConfig,
 };
 use posttrain_core::{Dims, Error};
 
 use crate::elem::ElemTensor;
-use crate::util::{check_shape, keep};
+use crate::util::{check_shape, keep, nan_log_diff};
 
 /// `1[id ∈ tokens]` for every position (false everywhere for no tokens).
 fn is_any_of(ids: &Tensor<2, Int>, tokens: &[i64]) -> Tensor<2, Bool> {
@@ -211,8 +212,11 @@ pub fn high_entropy_mask(
 ///
 /// # Formula
 ///
-/// `KLᵢ = Σ_{valid t} (log μ_t − log π_t) / max(nᵢ, 1)` (row sums of a
-/// selection), `keepᵢ` = [`off_policy_keep`]`(Aᵢ, KLᵢ, δ)`.
+/// `KLᵢ = Σ_{valid t} nan(log μ_t − log π_t) / max(nᵢ, 1)` (row sums of a
+/// selection), `keepᵢ` = [`off_policy_keep`]`(Aᵢ, KLᵢ, δ)`, with `nan` the
+/// [`NanSamplerLogProbs`] choice: a NaN difference propagates (TRL f2cd577:
+/// the row's KL is NaN and an `A < 0` row is dropped) or counts as 0 over
+/// the same `nᵢ` (TRL 1.16.0, `torch.nan_to_num`).
 ///
 /// # Gradient
 ///
@@ -220,8 +224,9 @@ pub fn high_entropy_mask(
 ///
 /// # Peers
 ///
-/// TRL `GRPOTrainer.get_off_policy_mask` (TRL multiplies by the mask, so NaN
-/// in padding drops the row there; here, as in the core, it is selected away).
+/// TRL `GRPOTrainer.get_off_policy_mask` (TRL f2cd577 multiplies by the
+/// mask, so NaN in padding drops the row there; here, as in the core, it is
+/// selected away).
 ///
 /// # Errors
 ///
@@ -233,6 +238,7 @@ pub fn off_policy_sequence_mask(
     sampling_log_prob: Tensor<2>,
     mask: &Tensor<2, Bool>,
     threshold: f64,
+    nan: NanSamplerLogProbs,
 ) -> Result<Tensor<1, Bool>, Error> {
     // The core's parameter validation (an empty call).
     posttrain_core::sequence::off_policy_sequence_mask::<f64>(
@@ -242,13 +248,14 @@ pub fn off_policy_sequence_mask(
         &[],
         &[],
         threshold,
+        nan,
         &mut [],
     )?;
     let [b, s] = log_prob.dims();
     check_shape("sampling_per_token_logps", sampling_log_prob.dims(), [b, s])?;
     check_shape("mask", mask.dims(), [b, s])?;
     check_shape("advantages", advantages.dims(), [b])?;
-    let sum = keep(sampling_log_prob - log_prob, mask).sum_dim(1);
+    let sum = keep(nan_log_diff(nan, sampling_log_prob - log_prob), mask).sum_dim(1);
     let n = mask.clone().float().sum_dim(1).clamp_min(1.0);
     let kl = (sum / n).reshape([b]);
     Ok(off_policy_keep(ElemTensor(advantages), ElemTensor(kl), threshold).0)

@@ -108,6 +108,32 @@ pub(crate) fn check_shape<const D: usize>(
     })
 }
 
+/// A per-token log-difference under the core's
+/// [`NanSamplerLogProbs`](posttrain_core::policy::rollout::NanSamplerLogProbs)
+/// choice: `d` as is, or `torch.nan_to_num(d, nan=0.0)` (NaN → 0, ±inf → ±the
+/// dtype's largest finite value), as
+/// [`NanSamplerLogProbs::log_diff`](posttrain_core::policy::rollout::NanSamplerLogProbs::log_diff).
+pub(crate) fn nan_log_diff<const D: usize>(
+    nan: posttrain_core::policy::rollout::NanSamplerLogProbs,
+    d: Tensor<D>,
+) -> Tensor<D> {
+    use burn::tensor::DType;
+    use posttrain_core::policy::rollout::NanSamplerLogProbs;
+    match nan {
+        NanSamplerLogProbs::Propagate => d,
+        NanSamplerLogProbs::AsOnPolicy => {
+            let max = match d.dtype() {
+                DType::F64 => f64::MAX,
+                DType::F16 => 65504.0,
+                DType::BF16 => 3.389_531_389_251_535_5e38,
+                _ => f32::MAX as f64,
+            };
+            let nan_at = d.clone().is_nan();
+            d.mask_fill(nan_at, 0.0).clamp(-max, max)
+        }
+    }
+}
+
 /// `x` where `mask`, else 0 (a selection: masked NaN/inf never reaches the result).
 pub(crate) fn keep<const D: usize>(x: Tensor<D>, mask: &Tensor<D, Bool>) -> Tensor<D> {
     x.zeros_like().mask_where(mask.clone(), x)

@@ -10,6 +10,7 @@ use posttrain_core::policy::grpo::{
     self as cg, AdaptiveEntropy, EntropyBonus, GmpoConfig, GrpoConfig, GrpoInputs, GrpoLossType,
     ImportanceSamplingLevel, RlooConfig, TokenOrRow, VespoGamma,
 };
+use posttrain_core::policy::rollout::NanSamplerLogProbs;
 use posttrain_core::policy::sequence_mean::{
     self as cs, HiddenGrads, SequenceMeanConfig, SequenceMeanOutput, TokenCountGuard,
 };
@@ -369,6 +370,41 @@ fn grpo_loss_masked_nan_changes_nothing() {
             check_grpo(&format!("poisoned {}", lt.name()), &got, &want);
         }
     }
+}
+
+/// Sampler log-probs vLLM could not score (NaN) on valid tokens, with the
+/// off-policy mask: TRL f2cd577 drops those `A < 0` rows, TRL 1.16.0 counts
+/// the tokens as KL 0; the tensor path agrees with the core either way.
+#[test]
+fn grpo_loss_nan_sampler_log_probs_match_core() {
+    let mut n = 0;
+    for (k, &(b, t)) in SHAPES.iter().enumerate() {
+        let mut x = data(41 + k as u64, b, t);
+        for i in (0..x.d.len()).step_by(4) {
+            x.samp[i] = f64::NAN;
+        }
+        for lt in GrpoLossType::ALL {
+            for (cfg, with_is, row_is) in grpo_configs(lt) {
+                if cfg.off_policy_mask_threshold.is_none() {
+                    continue;
+                }
+                for nan in [
+                    NanSamplerLogProbs::Propagate,
+                    NanSamplerLogProbs::AsOnPolicy,
+                ] {
+                    let mut cfg = cfg;
+                    cfg.off_policy_nan_sampler_log_probs = nan;
+                    let want = core_grpo(&cfg, &x, with_is, row_is);
+                    assert!(want.out.loss.is_finite());
+                    let got = tensor_grpo(&cfg, &x, with_is, row_is, &x.lp, &x.old);
+                    let what = format!("{}/{}/b{b}t{t}/{nan:?}", lt.name(), cfg.level.name());
+                    check_grpo(&what, &got, &want);
+                    n += 1;
+                }
+            }
+        }
+    }
+    assert!(n >= 4 * 8 * 2 * 2, "{n}");
 }
 
 #[test]

@@ -98,8 +98,8 @@ use posttrain_burn::{to_vec, to_vec_bool};
 use posttrain_core::aggregate::{AggMode, GlobalNorm};
 use posttrain_core::policy::rollout::{
     self as core, BypassBuffers, BypassConfig, BypassLoss, CorrectionBuffers, IsConfig, IsLevel,
-    IsMetrics, IsThreshold, OffPolicyMetrics, RejectionMetrics, RolloutCorrectionConfig, RsConfig,
-    VllmIsConfig,
+    IsMetrics, IsThreshold, NanSamplerLogProbs, OffPolicyMetrics, RejectionMetrics,
+    RolloutCorrectionConfig, RsConfig, VllmIsConfig,
 };
 use posttrain_core::Error;
 
@@ -504,6 +504,79 @@ fn vllm_ratio_matches_core() {
                     ("rmax", m.ratio_max, wm.ratio_max),
                 ] {
                     close(&format!("{ctx} {n}"), &[a], &[w], TOL);
+                }
+            }
+        }
+    }
+}
+
+/// A sampler log-prob vLLM could not score (NaN) on valid tokens, both
+/// [`NanSamplerLogProbs`] choices: the ratio and every metric as the core's
+/// (NaN where the core has NaN), with NaN/±inf padding.
+#[test]
+fn vllm_ratio_nan_sampler_log_probs_match_core() {
+    let mut rng = Rng::new(36);
+    for (b, s) in SHAPES {
+        let d = Dims::new(b, s);
+        for mode in [
+            "token_truncate",
+            "token_mask",
+            "sequence_truncate",
+            "sequence_mask",
+        ] {
+            for nan in [
+                NanSamplerLogProbs::Propagate,
+                NanSamplerLogProbs::AsOnPolicy,
+            ] {
+                let cfg = VllmIsConfig::new(mode.parse().unwrap(), Some(0.8), Some(1.3))
+                    .unwrap()
+                    .with_nan_sampler_log_probs(nan);
+                let old = rng.vec(d.len(), -3.0, -0.05);
+                let mut samp: Vec<f64> = old
+                    .iter()
+                    .map(|&x| (x + rng.uniform(-0.2, 0.2)) as f32 as f64)
+                    .collect();
+                let mask = rng.mask(d, 0.7);
+                // Row 0's first token (always valid) and a few others.
+                for t in (0..d.len()).step_by(3) {
+                    samp[t] = f64::NAN;
+                }
+                let (r, m) = vllm_importance_sampling_ratio(
+                    &cfg,
+                    t2(&poison(&old, &mask), d),
+                    t2(&poison(&samp, &mask), d),
+                    &m2(&mask, d),
+                )
+                .unwrap();
+                let mut want = vec![0.0; if cfg.mode.is_sequence() { b } else { d.len() }];
+                let wm =
+                    core::vllm_importance_sampling_ratio(&cfg, d, &old, &samp, &mask, &mut want)
+                        .unwrap();
+                let ctx = format!("{cfg:?} {b}x{s}");
+                let r = to_vec(r);
+                close(&format!("{ctx} ratio"), &r, &want, TOL);
+                assert_eq!(
+                    r.iter().any(|v| v.is_nan()),
+                    nan == NanSamplerLogProbs::Propagate,
+                    "{ctx}: {r:?}"
+                );
+                let m = vllm_metrics_to_host(m);
+                assert_eq!(m.num_items, wm.num_items);
+                let mut metrics = vec![
+                    ("rmin", m.ratio_min, wm.ratio_min),
+                    ("rmean", m.ratio_mean, wm.ratio_mean),
+                    ("rmax", m.ratio_max, wm.ratio_max),
+                    ("dmean", m.logp_difference_mean, wm.logp_difference_mean),
+                ];
+                // burn's `max` skips NaN on some backends; TRL 1.16.0 has none to skip.
+                if nan == NanSamplerLogProbs::AsOnPolicy {
+                    metrics.push(("dmax", m.logp_difference_max, wm.logp_difference_max));
+                }
+                for (n, a, w) in metrics {
+                    close(&format!("{ctx} {n}"), &[a], &[w], TOL);
+                    if nan == NanSamplerLogProbs::AsOnPolicy {
+                        assert!(a.is_finite(), "{ctx} {n} = {a}");
+                    }
                 }
             }
         }

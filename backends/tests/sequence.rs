@@ -7,7 +7,13 @@ use posttrain_burn::sequence::{
     reward_penalty_mask, truncate_at_first_stop_token,
 };
 use posttrain_burn::{device, mask2, tensor1, tensor2, to_vec, to_vec_bool, Device};
+use posttrain_core::policy::rollout::NanSamplerLogProbs;
 use posttrain_core::sequence::{self as core, PfPpoReweight, RewardPenaltyConfig};
+
+const NAN_CHOICES: [NanSamplerLogProbs; 2] = [
+    NanSamplerLogProbs::Propagate,
+    NanSamplerLogProbs::AsOnPolicy,
+];
 use posttrain_core::{Dims, Error};
 
 /// xorshift64*: deterministic, dependency-free (as `tests/ops.rs`).
@@ -133,19 +139,52 @@ fn float_masks_and_weights_match_the_core() {
     for thr in [0.0, 0.05, 0.3] {
         let adv = rng.vec(d.batch, -1.0, 1.0);
         let lp = rng.vec(d.len(), -2.0, 0.0);
-        let sp = rng.vec(d.len(), -2.0, 0.0);
+        let mut sp = rng.vec(d.len(), -2.0, 0.0);
         let m = rng.bools(d.len(), 0.7);
-        let mut want = vec![false; d.batch];
-        core::off_policy_sequence_mask(d, &adv, &lp, &sp, &m, thr, &mut want).unwrap();
+        // Tokens the sampler could not score (NaN), valid ones included,
+        // and an infinite difference.
+        for t in [1, 7, 8, 20] {
+            sp[t] = f64::NAN;
+        }
+        sp[13] = f64::NEG_INFINITY;
+        for nan in NAN_CHOICES {
+            let mut want = vec![false; d.batch];
+            core::off_policy_sequence_mask(d, &adv, &lp, &sp, &m, thr, nan, &mut want).unwrap();
+            let got = off_policy_sequence_mask(
+                tensor1(&adv, &dev),
+                tensor2(&lp, [4, 6], &dev).unwrap(),
+                tensor2(&sp, [4, 6], &dev).unwrap(),
+                &mask2(&m, [4, 6], &dev).unwrap(),
+                thr,
+                nan,
+            )
+            .unwrap();
+            assert_eq!(to_vec_bool(got), want, "{nan:?}");
+        }
+    }
+    // Explicit: row 0 has A < 0, a small KL and one valid NaN token.
+    let d1 = Dims::new(2, 3);
+    let lp = [-1.0; 6];
+    let sp = [-0.97, f64::NAN, -1.0, -0.5, -0.5, -0.5];
+    let adv = [-1.0, 1.0];
+    for (nan, want) in [
+        (NanSamplerLogProbs::Propagate, [false, true]),
+        (NanSamplerLogProbs::AsOnPolicy, [true, true]),
+    ] {
         let got = off_policy_sequence_mask(
             tensor1(&adv, &dev),
-            tensor2(&lp, [4, 6], &dev).unwrap(),
-            tensor2(&sp, [4, 6], &dev).unwrap(),
-            &mask2(&m, [4, 6], &dev).unwrap(),
-            thr,
+            tensor2(&lp, [2, 3], &dev).unwrap(),
+            tensor2(&sp, [2, 3], &dev).unwrap(),
+            &mask2(&[true; 6], [2, 3], &dev).unwrap(),
+            0.02,
+            nan,
         )
         .unwrap();
-        assert_eq!(to_vec_bool(got), want);
+        assert_eq!(to_vec_bool(got), want, "{nan:?}");
+        let mut core_keep = [false; 2];
+        core::off_policy_sequence_mask(d1, &adv, &lp, &sp, &[true; 6], 0.02, nan, &mut core_keep)
+            .unwrap();
+        assert_eq!(core_keep, want);
     }
     let scores = rng.vec(d.len(), -1.0, 1.0);
     for method in [
@@ -195,17 +234,27 @@ fn masked_nan_changes_nothing() {
         .map(|(&v, &k)| if k { v } else { f64::NAN })
         .collect();
     let zero = tensor2(&vec![-0.5; d.len()], [3, 5], &dev).unwrap();
-    let a = off_policy_sequence_mask(
-        adv.clone(),
-        tensor2(&lp, [3, 5], &dev).unwrap(),
-        zero.clone(),
-        &mt,
-        0.2,
-    )
-    .unwrap();
-    let b =
-        off_policy_sequence_mask(adv, tensor2(&pl, [3, 5], &dev).unwrap(), zero, &mt, 0.2).unwrap();
-    assert_eq!(to_vec_bool(a), to_vec_bool(b));
+    for nan in NAN_CHOICES {
+        let a = off_policy_sequence_mask(
+            adv.clone(),
+            tensor2(&lp, [3, 5], &dev).unwrap(),
+            zero.clone(),
+            &mt,
+            0.2,
+            nan,
+        )
+        .unwrap();
+        let b = off_policy_sequence_mask(
+            adv.clone(),
+            tensor2(&pl, [3, 5], &dev).unwrap(),
+            zero.clone(),
+            &mt,
+            0.2,
+            nan,
+        )
+        .unwrap();
+        assert_eq!(to_vec_bool(a), to_vec_bool(b), "{nan:?}");
+    }
 }
 
 #[test]
@@ -228,12 +277,20 @@ fn bad_input_is_a_typed_error() {
             h.clone(),
             h.clone(),
             &ok,
-            f64::NAN
+            f64::NAN,
+            NanSamplerLogProbs::Propagate,
         ),
         Err(Error::OutOfRange { .. })
     ));
     assert!(matches!(
-        off_policy_sequence_mask(tensor1(&[0.0; 3], &dev), h.clone(), h, &ok, 0.1),
+        off_policy_sequence_mask(
+            tensor1(&[0.0; 3], &dev),
+            h.clone(),
+            h,
+            &ok,
+            0.1,
+            NanSamplerLogProbs::AsOnPolicy
+        ),
         Err(Error::ShapeMismatch { .. })
     ));
 }

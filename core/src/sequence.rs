@@ -31,6 +31,7 @@
 
 use crate::elem::{Elem, MaskElem, Real};
 use crate::error::{check_len, check_param, Error};
+use crate::policy::rollout::NanSamplerLogProbs;
 use crate::shape::Dims;
 
 /// Marks, per row, every position up to and including the first EOS token.
@@ -345,14 +346,22 @@ pub fn high_entropy_mask<F: Real>(
 
 /// The off-policy sequence mask: keep a sequence when its advantage is
 /// non-negative or its mean per-token KL from the sampling policy is at
-/// most `threshold`. Writes one flag per row into `keep`.
+/// most `threshold`. Writes one flag per row into `keep`. `nan` says what a
+/// NaN per-token difference does (a token the sampler could not score).
 ///
 /// # Formula
 ///
 /// ```text
-/// KL_i = Σ_{valid t} (log μ_t − log π_t) / max(n_i, 1)
+/// KL_i = Σ_{valid t} nan(log μ_t − log π_t) / max(n_i, 1)
 /// keep_i = A_i ≥ 0  or  KL_i ≤ δ
 /// ```
+///
+/// `nan` is [`NanSamplerLogProbs::log_diff`]:
+/// [`Propagate`](NanSamplerLogProbs::Propagate) (TRL f2cd577) leaves a NaN
+/// difference, so `KL_i` is NaN, `NaN ≤ δ` is false and a row with `A_i < 0`
+/// is dropped; [`AsOnPolicy`](NanSamplerLogProbs::AsOnPolicy) (TRL 1.16.0,
+/// `torch.nan_to_num(…, nan=0.0)`) counts it as 0, and `n_i` still counts it
+/// (the denominator is every valid token).
 ///
 /// # Gradient
 ///
@@ -361,8 +370,11 @@ pub fn high_entropy_mask<F: Real>(
 /// # Peers
 ///
 /// TRL `GRPOTrainer.get_off_policy_mask` (DeepSeek-V3.2's off-policy
-/// sequence masking). TRL multiplies by the mask, so NaN in padding drops
-/// the row there; posttrain selects and keeps it.
+/// sequence masking): f2cd577 with
+/// [`Propagate`](NanSamplerLogProbs::Propagate), 1.16.0 with
+/// [`AsOnPolicy`](NanSamplerLogProbs::AsOnPolicy). TRL f2cd577 multiplies by
+/// the mask, so NaN in padding drops the row there; posttrain selects and
+/// keeps it (TRL 1.16.0 zeroes the NaN first and keeps it too).
 ///
 /// # Errors
 ///
@@ -372,16 +384,26 @@ pub fn high_entropy_mask<F: Real>(
 /// # Example
 ///
 /// ```
+/// use posttrain_core::policy::rollout::NanSamplerLogProbs;
 /// use posttrain_core::sequence::off_policy_sequence_mask;
 /// use posttrain_core::Dims;
 /// let adv = [-1.0f64, 1.0];
 /// let lp = [-1.0, -1.0, -1.0, -1.0];
 /// let sampling = [-0.5, -0.5, -0.5, -0.5]; // mean KL 0.5 in both rows
 /// let mut keep = [false; 2];
-/// off_policy_sequence_mask(Dims::new(2, 2), &adv, &lp, &sampling, &[true; 4], 0.1, &mut keep)?;
+/// let nan = NanSamplerLogProbs::Propagate;
+/// off_policy_sequence_mask(Dims::new(2, 2), &adv, &lp, &sampling, &[true; 4], 0.1, nan, &mut keep)?;
 /// assert_eq!(keep, [false, true]);
+/// // A token the sampler could not score (NaN) in a row of small KL and A < 0:
+/// let sampling = [-1.01, f64::NAN, -0.5, -0.5];
+/// off_policy_sequence_mask(Dims::new(2, 2), &adv, &lp, &sampling, &[true; 4], 0.1, nan, &mut keep)?;
+/// assert_eq!(keep, [false, true]); // TRL f2cd577: the NaN mean drops it
+/// let nan = NanSamplerLogProbs::AsOnPolicy;
+/// off_policy_sequence_mask(Dims::new(2, 2), &adv, &lp, &sampling, &[true; 4], 0.1, nan, &mut keep)?;
+/// assert_eq!(keep, [true, true]); // TRL 1.16.0: KL = (−0.01 + 0) / 2 ≤ 0.1
 /// # Ok::<(), posttrain_core::Error>(())
 /// ```
+#[allow(clippy::too_many_arguments)]
 pub fn off_policy_sequence_mask<F: Real>(
     dims: Dims,
     advantages: &[F],
@@ -389,6 +411,7 @@ pub fn off_policy_sequence_mask<F: Real>(
     sampling_log_prob: &[F],
     mask: &[bool],
     threshold: f64,
+    nan: NanSamplerLogProbs,
     keep: &mut [bool],
 ) -> Result<(), Error> {
     check_len("advantages", advantages.len(), dims.batch)?;
@@ -411,7 +434,7 @@ pub fn off_policy_sequence_mask<F: Real>(
         let mut n = 0usize;
         for t in dims.row(r) {
             if mask[t] {
-                sum += sampling_log_prob[t] - log_prob[t];
+                sum += nan.log_diff(sampling_log_prob[t] - log_prob[t]);
                 n += 1;
             }
         }

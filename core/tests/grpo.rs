@@ -7,6 +7,7 @@ use posttrain_core::policy::grpo::{
     gmpo_loss, grpo_loss, rloo_loss, EntropyBonus, GmpoConfig, GrpoConfig, GrpoInputs,
     GrpoLossType, ImportanceSamplingLevel, RlooConfig, TokenOrRow,
 };
+use posttrain_core::policy::rollout::NanSamplerLogProbs;
 use posttrain_core::{Dims, Error};
 use proptest::prelude::*;
 
@@ -202,18 +203,29 @@ proptest! {
     }
 
     #[test]
-    fn masked_nan_changes_nothing(b in batch(), which in 0usize..8, seq in any::<bool>(), variant in 0u8..16) {
+    fn masked_nan_changes_nothing(
+        b in batch(),
+        which in 0usize..8,
+        seq in any::<bool>(),
+        variant in 0u8..16,
+        trl_1_16 in any::<bool>(),
+    ) {
         let lt = GrpoLossType::ALL[which];
         prop_assume!(lt != GrpoLossType::Luspo); // TRL's luspo reads padding by design
         let level = if seq { ImportanceSamplingLevel::Sequence } else { ImportanceSamplingLevel::Token };
         let mut cfg = config(lt, level, variant);
         cfg.off_policy_mask_threshold = Some(0.01);
+        if trl_1_16 {
+            cfg.off_policy_nan_sampler_log_probs = NanSamplerLogProbs::AsOnPolicy;
+        }
         cfg.entropy_bonus = Some(EntropyBonus { coef: 0.1, adaptive: None });
         let run = |bb: &Batch| {
             let mut g = vec![0.0; B * T];
             let mut ge = vec![0.0; B * T];
             let mut s = vec![0.0; B * T];
-            let o = grpo_loss(&cfg, &inputs(bb, &bb.lp), Some(&mut g), Some(&mut ge), &mut s).unwrap();
+            // The sampler's log-probs: `old`, NaN/±inf where `old` is.
+            let x = inputs(bb, &bb.lp).sampling_log_probs(&bb.old);
+            let o = grpo_loss(&cfg, &x, Some(&mut g), Some(&mut ge), &mut s).unwrap();
             (o, g, ge)
         };
         let mut poisoned = b.clone();
@@ -232,6 +244,54 @@ proptest! {
         prop_assert_eq!(o1, o2);
         prop_assert_eq!(g1, g2);
         prop_assert_eq!(e1, e2);
+    }
+
+    #[test]
+    fn off_policy_nan_sampler_as_on_policy_is_a_zero_difference(
+        b in batch(),
+        which in 0usize..8,
+        seq in any::<bool>(),
+        variant in 0u8..16,
+        nan_at in prop::collection::vec(any::<bool>(), B * T),
+        threshold in -0.05f64..0.1,
+    ) {
+        // TRL 1.16.0: a NaN sampler log-prob is the token's own log-prob
+        // (difference 0); the loss, both gradients and every metric are
+        // those of the batch where it is.
+        let lt = GrpoLossType::ALL[which];
+        let level = if seq { ImportanceSamplingLevel::Sequence } else { ImportanceSamplingLevel::Token };
+        let mut cfg = config(lt, level, variant);
+        cfg.off_policy_mask_threshold = Some(threshold);
+        cfg.entropy_bonus = Some(EntropyBonus { coef: 0.1, adaptive: None });
+        let samp: Vec<f64> = b.old.iter().map(|o| o + 0.02).collect();
+        let with_nan: Vec<f64> = samp.iter().zip(&nan_at).map(|(&s, &n)| if n { f64::NAN } else { s }).collect();
+        let own: Vec<f64> = samp.iter().zip(&nan_at).zip(&b.lp).map(|((&s, &n), &l)| if n { l } else { s }).collect();
+        let run = |cfg: &GrpoConfig, samp: &[f64]| {
+            let mut g = vec![0.0; B * T];
+            let mut ge = vec![0.0; B * T];
+            let mut s = vec![0.0; B * T];
+            let x = inputs(&b, &b.lp).sampling_log_probs(samp);
+            let o = grpo_loss(cfg, &x, Some(&mut g), Some(&mut ge), &mut s).unwrap();
+            (o, g, ge)
+        };
+        let mut on = cfg;
+        on.off_policy_nan_sampler_log_probs = NanSamplerLogProbs::AsOnPolicy;
+        let (o1, g1, e1) = run(&on, &with_nan);
+        let (o2, g2, e2) = run(&cfg, &own);
+        prop_assert!(o1.loss.is_finite());
+        prop_assert_eq!(o1, o2);
+        prop_assert_eq!(g1, g2);
+        prop_assert_eq!(e1, e2);
+        // f2cd577 (the default): every row with A < 0 and a valid NaN token
+        // is dropped, as by a threshold no KL passes.
+        let touched: Vec<bool> = (0..B).map(|i| (0..T).any(|t| b.mask[i * T + t] && nan_at[i * T + t])).collect();
+        prop_assume!(touched.iter().zip(&b.adv).all(|(&t, &a)| t || a >= 0.0));
+        let mut none = cfg;
+        none.off_policy_mask_threshold = Some(-1e300);
+        let (o3, g3, _) = run(&cfg, &with_nan);
+        let (o4, g4, _) = run(&none, &samp);
+        prop_assert_eq!(o3, o4);
+        prop_assert_eq!(g3, g4);
     }
 
     #[test]

@@ -369,3 +369,113 @@ proptest! {
         prop_assert!(!text.contains("inf") && !text.contains("NaN"), "{}", text);
     }
 }
+
+/// TRL's vLLM IS ratio on a sampler log-prob vLLM could not score (NaN):
+/// f2cd577 propagates it into the ratio and every metric; 1.16.0 takes the
+/// token's difference as 0 (ratio `bound(1)`), keeps it in the ratio
+/// metrics and leaves it out of the log-prob-difference ones. NaN in
+/// padding never reaches anything in either.
+#[test]
+fn vllm_ratio_nan_sampler_log_probs() {
+    let nan = f64::NAN;
+    let dims = Dims::new(2, 3);
+    let old = [-1.0, -2.0, -0.5, -1.0, -1.0, -1.0];
+    let samp = [-1.5, nan, -0.25, -1.0, -0.5, nan];
+    let mask = [true, true, true, true, true, false];
+    let run = |mode: VllmIsMode, lo, hi, nan_mode| {
+        let cfg = VllmIsConfig::new(mode, lo, hi)
+            .unwrap()
+            .with_nan_sampler_log_probs(nan_mode);
+        let mut r = vec![0.0; if mode.is_sequence() { 2 } else { 6 }];
+        let m = vllm_importance_sampling_ratio(&cfg, dims, &old, &samp, &mask, &mut r).unwrap();
+        (r, m)
+    };
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1.0);
+    let on = NanSamplerLogProbs::AsOnPolicy;
+    let off = NanSamplerLogProbs::Propagate;
+    assert_eq!(NanSamplerLogProbs::default(), off);
+    assert_eq!(
+        VllmIsConfig::new(VllmIsMode::TokenMask, None, None)
+            .unwrap()
+            .nan_sampler_log_probs,
+        off
+    );
+
+    // Token truncate, 1.16.0: d = [0.5, 0, −0.25, 0, −0.5, pad].
+    let (r, m) = run(VllmIsMode::TokenTruncate, None, Some(1.5), on);
+    let want = [1.5, 1.0, (-0.25f64).exp(), 1.0, (-0.5f64).exp(), 1.0];
+    for (a, b) in r.iter().zip(want) {
+        assert!(close(*a, b), "{r:?}");
+    }
+    // |d| over the 4 valid non-NaN tokens: (0.5 + 0.25 + 0 + 0.5) / 4.
+    assert!(close(m.logp_difference_mean, 1.25 / 4.0));
+    assert_eq!(m.logp_difference_max, 0.5);
+    // The NaN token is in the ratio metrics, as ratio 1.
+    assert_eq!(m.num_items, 5);
+    assert!(close(m.ratio_min, (-0.5f64).exp()));
+    assert_eq!(m.ratio_max, 1.5);
+    let mean = (1.5 + 1.0 + (-0.25f64).exp() + 1.0 + (-0.5f64).exp()) / 5.0;
+    assert!(close(m.ratio_mean, mean));
+    // A band that excludes 1 zeroes the NaN token's ratio in 1.16.0 too.
+    let (r, _) = run(VllmIsMode::TokenMask, Some(1.1), None, on);
+    assert_eq!(r[1], 0.0);
+    let (r, _) = run(VllmIsMode::TokenTruncate, Some(1.1), None, on);
+    assert_eq!(r[1], 1.1);
+
+    // f2cd577: NaN propagates through every mode's ratio (mask modes too:
+    // TRL zeroes only `r < min | r > max`) and the metrics.
+    for mode in [VllmIsMode::TokenTruncate, VllmIsMode::TokenMask] {
+        let (r, m) = run(mode, Some(0.5), Some(1.5), off);
+        assert!(r[1].is_nan(), "{mode:?} {r:?}");
+        assert!(r.iter().enumerate().all(|(i, v)| i == 1 || !v.is_nan()));
+        assert_eq!(r[5], 1.0); // padding: bound(1), never its NaN
+        assert!(m.logp_difference_mean.is_nan() && m.logp_difference_max.is_nan());
+        assert!(m.ratio_min.is_nan() && m.ratio_mean.is_nan() && m.ratio_max.is_nan());
+    }
+    for mode in [VllmIsMode::SequenceTruncate, VllmIsMode::SequenceMask] {
+        let (r, m) = run(mode, Some(0.5), Some(1.5), off);
+        assert!(r[0].is_nan(), "{mode:?} {r:?}");
+        assert!(!r[1].is_nan(), "padding NaN leaked into row 1");
+        assert!(m.ratio_mean.is_nan() && m.logp_difference_max.is_nan());
+    }
+
+    // Sequence modes, 1.16.0: Σd = 0.25 and −0.5 (the NaN adds nothing).
+    let (r, m) = run(VllmIsMode::SequenceTruncate, None, Some(3.0), on);
+    assert!(close(r[0], 0.25f64.exp()) && close(r[1], (-0.5f64).exp()));
+    assert!(close(m.ratio_mean, (0.25f64.exp() + (-0.5f64).exp()) / 2.0));
+    assert!(close(m.logp_difference_mean, 1.25 / 4.0));
+    let (r, _) = run(VllmIsMode::SequenceMask, Some(0.7), Some(1.3), on);
+    assert!(close(r[0], 0.25f64.exp()) && r[1] == 0.0);
+}
+
+/// Only NaN tokens on valid positions: the log-prob-difference metrics of
+/// 1.16.0 have nothing to average and are 0 (TRL's empty-selection value).
+#[test]
+fn vllm_ratio_all_nan_valid_tokens_as_on_policy() {
+    let dims = Dims::new(1, 2);
+    let cfg = VllmIsConfig::new(VllmIsMode::SequenceMask, None, Some(2.0))
+        .unwrap()
+        .with_nan_sampler_log_probs(NanSamplerLogProbs::AsOnPolicy);
+    let mut r = [0.0f32];
+    let m = vllm_importance_sampling_ratio(
+        &cfg,
+        dims,
+        &[-1.0f32, -2.0],
+        &[f32::NAN, f32::NAN],
+        &[true, true],
+        &mut r,
+    )
+    .unwrap();
+    assert_eq!(r, [1.0]);
+    assert_eq!((m.logp_difference_mean, m.logp_difference_max), (0.0, 0.0));
+    assert_eq!((m.ratio_min, m.ratio_mean, m.ratio_max), (1.0, 1.0, 1.0));
+    assert_eq!(
+        "as_on_policy".parse::<NanSamplerLogProbs>().unwrap(),
+        NanSamplerLogProbs::AsOnPolicy
+    );
+    assert_eq!(NanSamplerLogProbs::AsOnPolicy.name(), "as_on_policy");
+    assert!(matches!(
+        "zero".parse::<NanSamplerLogProbs>(),
+        Err(Error::UnknownOption { .. })
+    ));
+}

@@ -1,6 +1,7 @@
 //! Property tests of the sequence utilities.
 #![allow(clippy::needless_range_loop)]
 
+use posttrain_core::policy::rollout::NanSamplerLogProbs;
 use posttrain_core::sequence::*;
 use posttrain_core::{Dims, Error};
 use proptest::prelude::*;
@@ -100,17 +101,46 @@ proptest! {
     ) {
         let sampling: Vec<f64> = lp.iter().enumerate().map(|(i, x)| x + 0.1 * (i % 5) as f64).collect();
         let adv = &adv[..dims.batch];
-        let mut keep = vec![false; dims.batch];
-        off_policy_sequence_mask(dims, adv, &lp, &sampling, &mask, thr, &mut keep).unwrap();
+        for nan in [NanSamplerLogProbs::Propagate, NanSamplerLogProbs::AsOnPolicy] {
+            let mut keep = vec![false; dims.batch];
+            off_policy_sequence_mask(dims, adv, &lp, &sampling, &mask, thr, nan, &mut keep).unwrap();
+            for r in 0..dims.batch {
+                if adv[r] >= 0.0 {
+                    prop_assert!(keep[r]);
+                }
+            }
+            let poisoned: Vec<f64> = lp.iter().zip(&mask).map(|(&x, &m)| if m { x } else { f64::NAN }).collect();
+            let mut keep2 = vec![false; dims.batch];
+            off_policy_sequence_mask(dims, adv, &poisoned, &sampling, &mask, thr, nan, &mut keep2).unwrap();
+            prop_assert_eq!(&keep, &keep2);
+        }
+    }
+
+    #[test]
+    fn off_policy_mask_as_on_policy_is_a_zero_difference(
+        (dims, lp, mask) in floats(-3.0, 0.0),
+        adv in proptest::collection::vec(-1.0f64..1.0, 5),
+        thr in -0.1f64..0.3,
+        holes in proptest::collection::vec(any::<bool>(), 40),
+    ) {
+        // TRL 1.16.0: a NaN sampler log-prob is the token's own log-prob
+        // (difference 0), the row's valid-token count unchanged.
+        let adv = &adv[..dims.batch];
+        let sampling: Vec<f64> = lp.iter().enumerate().map(|(i, x)| x + 0.05 * (i % 7) as f64 - 0.1).collect();
+        let nan_at = |i: usize| holes[i % holes.len()];
+        let with_nan: Vec<f64> = sampling.iter().enumerate().map(|(i, &x)| if nan_at(i) { f64::NAN } else { x }).collect();
+        let on_policy: Vec<f64> = sampling.iter().zip(&lp).enumerate().map(|(i, (&x, &l))| if nan_at(i) { l } else { x }).collect();
+        let (mut a, mut b) = (vec![false; dims.batch], vec![false; dims.batch]);
+        off_policy_sequence_mask(dims, adv, &lp, &with_nan, &mask, thr, NanSamplerLogProbs::AsOnPolicy, &mut a).unwrap();
+        off_policy_sequence_mask(dims, adv, &lp, &on_policy, &mask, thr, NanSamplerLogProbs::Propagate, &mut b).unwrap();
+        prop_assert_eq!(&a, &b);
+        // f2cd577: a row with a valid NaN token keeps only if A ≥ 0.
+        off_policy_sequence_mask(dims, adv, &lp, &with_nan, &mask, thr, NanSamplerLogProbs::Propagate, &mut a).unwrap();
         for r in 0..dims.batch {
-            if adv[r] >= 0.0 {
-                prop_assert!(keep[r]);
+            if dims.row(r).any(|t| mask[t] && nan_at(t)) {
+                prop_assert_eq!(a[r], adv[r] >= 0.0);
             }
         }
-        let poisoned: Vec<f64> = lp.iter().zip(&mask).map(|(&x, &m)| if m { x } else { f64::NAN }).collect();
-        let mut keep2 = vec![false; dims.batch];
-        off_policy_sequence_mask(dims, adv, &poisoned, &sampling, &mask, thr, &mut keep2).unwrap();
-        prop_assert_eq!(keep, keep2);
     }
 
     #[test]
@@ -148,7 +178,103 @@ fn errors_are_typed() {
         &[0.0; 5],
         &[true; 6],
         0.1,
+        NanSamplerLogProbs::Propagate,
         &mut keep,
     );
     assert!(matches!(r, Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(
+        "nan_to_num".parse::<NanSamplerLogProbs>(),
+        Err(Error::UnknownOption { .. })
+    ));
+}
+
+/// TRL's `get_off_policy_mask` on a NaN sampler log-prob, row by row:
+/// f2cd577 drops an `A < 0` row (NaN mean), 1.16.0 counts the token as KL 0
+/// over the same valid-token count; NaN in padding never reaches a row.
+#[test]
+fn off_policy_mask_nan_sampler_log_probs() {
+    let nan = f64::NAN;
+    let dims = Dims::new(4, 3);
+    let adv = [-1.0, -1.0, 1.0, -1.0];
+    let lp = [-1.0; 12];
+    #[rustfmt::skip]
+    let sampling = [
+        -0.97, nan, -1.0,  // A < 0, KL (0.03 + 0 + 0) / 3 = 0.01
+        -0.9, nan, -0.9,   // A < 0, KL (0.1 + 0 + 0.1) / 3 ≈ 0.067
+        nan, nan, nan,     // A ≥ 0: kept either way
+        -0.97, -1.0, nan,  // A < 0, NaN in padding only
+    ];
+    #[rustfmt::skip]
+    let mask = [
+        true, true, true,
+        true, true, true,
+        true, true, true,
+        true, true, false,
+    ];
+    let run = |nan: NanSamplerLogProbs, thr: f64| {
+        let mut keep = [false; 4];
+        off_policy_sequence_mask(dims, &adv, &lp, &sampling, &mask, thr, nan, &mut keep).unwrap();
+        keep
+    };
+    // f2cd577: the NaN mean fails `≤ δ`.
+    assert_eq!(
+        run(NanSamplerLogProbs::Propagate, 0.02),
+        [false, false, true, true]
+    );
+    assert_eq!(
+        run(NanSamplerLogProbs::Propagate, 1e9),
+        [false, false, true, true]
+    );
+    // 1.16.0: the NaN counts as 0 and stays in the denominator (0.03 / 3 =
+    // 0.01 ≤ 0.02 < 0.03 / 2; row 3: 0.03 / 2 = 0.015).
+    assert_eq!(
+        run(NanSamplerLogProbs::AsOnPolicy, 0.02),
+        [true, false, true, true]
+    );
+    assert_eq!(
+        run(NanSamplerLogProbs::AsOnPolicy, 0.012),
+        [true, false, true, false]
+    );
+    assert_eq!(
+        run(NanSamplerLogProbs::AsOnPolicy, 0.0),
+        [false, false, true, false]
+    );
+    assert_eq!(
+        run(NanSamplerLogProbs::AsOnPolicy, 0.07),
+        [true, true, true, true]
+    );
+    // f32 as well.
+    let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    let mut keep = [false; 4];
+    off_policy_sequence_mask(
+        dims,
+        &f(&adv),
+        &f(&lp),
+        &f(&sampling),
+        &mask,
+        0.02,
+        NanSamplerLogProbs::AsOnPolicy,
+        &mut keep,
+    )
+    .unwrap();
+    assert_eq!(keep, [true, false, true, true]);
+}
+
+/// `torch.nan_to_num(d, nan=0.0)`: ±inf become the type's largest finite
+/// value, so `+inf` and `−inf` in one row cancel (f2cd577: `inf − inf` is
+/// NaN and drops the row).
+#[test]
+fn off_policy_mask_as_on_policy_maps_infinities_like_nan_to_num() {
+    let dims = Dims::new(1, 3);
+    let lp = [-1.0f64, f64::NEG_INFINITY, -1.0];
+    let sampling = [f64::NEG_INFINITY, -1.0, -1.0];
+    let mut keep = [false];
+    let run = |nan, keep: &mut [bool; 1]| {
+        off_policy_sequence_mask(dims, &[-1.0], &lp, &sampling, &[true; 3], 0.01, nan, keep)
+            .unwrap()
+    };
+    run(NanSamplerLogProbs::Propagate, &mut keep);
+    assert_eq!(keep, [false]);
+    run(NanSamplerLogProbs::AsOnPolicy, &mut keep);
+    assert_eq!(keep, [true]);
 }

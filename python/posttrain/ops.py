@@ -296,7 +296,9 @@ def _opt(x: Any, dtype: np.dtype, name: str, n: Optional[int] = None) -> Optiona
     return None if x is None else _flat(x, dtype, name, n)
 
 
-# TRL's GRPOConfig defaults (trl 1.16.0) for what a caller leaves out.
+# TRL's GRPOConfig defaults (trl 1.16.0) for what a caller leaves out, and
+# trl 1.16.0's behaviour where it changed since the vectors' commit f2cd577
+# (posttrain's release switches: "propagate" is f2cd577's NaN handling).
 TRL_GRPO_DEFAULTS: Dict[str, Any] = {
     "loss_type": "dapo",
     "importance_sampling_level": "token",
@@ -305,6 +307,7 @@ TRL_GRPO_DEFAULTS: Dict[str, Any] = {
     "beta": 0.0,
     "top_entropy_quantile": 1.0,
     "use_bias_correction_kl": True,
+    "off_policy_mask_nan_sampler_logps": "as_on_policy",
     "num_processes": 1,
     "current_gradient_accumulation_steps": 1,
     "mode": "train",
@@ -334,7 +337,11 @@ def grpo_loss(
     (token, sequence, sequence_token), ``epsilon``, ``epsilon_high``,
     ``delta``, ``beta``, ``use_bias_correction_kl``,
     ``top_entropy_quantile``, ``use_vllm`` +
-    ``vllm_importance_sampling_correction``, ``off_policy_mask_threshold``,
+    ``vllm_importance_sampling_correction``, ``off_policy_mask_threshold``
+    (with ``off_policy_mask_nan_sampler_logps``: ``"as_on_policy"``, the
+    default, is trl 1.16.0's mask, where a NaN sampler log-prob — a token
+    vLLM could not score — counts as KL 0; ``"propagate"`` is f2cd577's,
+    where it drops an ``A < 0`` row),
     ``sapo_temperature_pos/neg``, ``vespo_*``, ``entropy_coef`` (and the
     adaptive-entropy fields), and the trainer state ``max_completion_length``
     (default ``T``), ``num_items_in_batch`` (default: the mask's count),

@@ -101,7 +101,10 @@ def grpo_loss(
     ``per_token_logps`` and ``entropies`` (the entropy bonus).
 
     Arguments and ``config`` as :func:`posttrain.ops.grpo_loss` (TRL's
-    ``GRPOConfig`` names). ``old_per_token_logps=None`` means on-policy
+    ``GRPOConfig`` names; what is left out takes trl 1.16.0's defaults,
+    :data:`posttrain.ops.TRL_GRPO_DEFAULTS`, including its off-policy mask
+    on NaN sampler log-probs, ``off_policy_mask_nan_sampler_logps``).
+    ``old_per_token_logps=None`` means on-policy
     (TRL's ``per_token_logps.detach()``). Returns ``(loss, metrics)``: the
     scalar TRL's ``_compute_loss`` returns and its logged metrics.
     """

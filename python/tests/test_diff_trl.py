@@ -1254,50 +1254,121 @@ def _nan_sampling_case(dt):
     return d
 
 
-@release_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="trl 1.16.0 differs from f2cd577: get_off_policy_mask replaces NaN sampler log-prob differences "
-    "by 0 (torch.nan_to_num) before the sequence KL mean, so a NaN token no longer drops an A < 0 row "
-    "(f2cd577: the mean is NaN, NaN <= threshold is False, the row is dropped); posttrain has no option yet",
-)
-@pytest.mark.parametrize("dt", DTYPES)
-def test_release_difference_off_policy_mask_nan_sampler_logps(dt):
-    d = _nan_sampling_case(dt)
-    adv = d["advantages"][:, None]
+@contextlib.contextmanager
+def trl_f2cd577_nan_handling():
+    """trl 1.16.0's code with f2cd577's NaN handling: the two release differences below are each one
+    ``torch.nan_to_num(..., nan=0.0)`` line that f2cd577 does not have (get_off_policy_mask, and the
+    vLLM IS ratio of _generate_and_score_completions; its advantages' nan_to_num sees no NaN here).
+    f2cd577's ``sampling/sampling_logp_difference/*`` also keep the NaN tokens; that filter is not a
+    nan_to_num, so those two metrics still show 1.16.0's values under this patch."""
+    real = torch.nan_to_num
+    torch.nan_to_num = lambda x, *a, **k: x
+    try:
+        yield
+    finally:
+        torch.nan_to_num = real
+
+
+def _trl_off_policy_mask(d, dt):
     with default_dtype(dt):
-        m = GRPOTrainer.get_off_policy_mask(
-            t(adv, dt),
-            t(d["per_token_logps"], dt),
-            t(d["sampling_per_token_logps"], dt),
-            t(d["completion_mask"].astype(np.int64)),
-            0.02,
+        return _np(
+            GRPOTrainer.get_off_policy_mask(
+                t(d["advantages"][:, None], dt),
+                t(d["per_token_logps"], dt),
+                t(d["sampling_per_token_logps"], dt),
+                t(d["completion_mask"].astype(np.int64)),
+                0.02,
+            )
         )
-    assert _np(m)[1, 0] == 1  # the release keeps the row
+
+
+def _pt_off_policy_mask(d, dt, **kw):
     r = ops.call(
         "trl.get_off_policy_mask",
         dtype=dt,
-        advantages=adv,
+        advantages=d["advantages"][:, None],
         per_token_logps=d["per_token_logps"],
         sampling_per_token_logps=d["sampling_per_token_logps"],
         mask=d["completion_mask"],
         off_policy_threshold=0.02,
+        **kw,
     )
-    np.testing.assert_array_equal(np.asarray(r["off_policy_mask"]).reshape(m.shape), _np(m))
-    compare_grpo({"off_policy_mask_threshold": 0.02, "loss_type": "grpo"}, d, dt)
+    return np.asarray(r["off_policy_mask"]).reshape(-1, 1)
 
 
 @release_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="trl 1.16.0 differs from f2cd577: _generate_and_score_completions (vLLM IS ratio) maps sampler "
-    "log-probs vLLM could not score (None -> NaN) to a zero log-difference (ratio 1) and leaves them out of "
-    "sampling/sampling_logp_difference/{mean,max} (f2cd577: NaN propagates into the ratio and the metrics); "
-    "posttrain has no option yet",
-)
 @pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("mode", IS_MODES)
-def test_release_difference_vllm_is_ratio_nan_sampler_logps(mode, dt):
+def test_release_difference_off_policy_mask_nan_sampler_logps(dt):
+    """trl 1.16.0 differs from f2cd577: get_off_policy_mask replaces NaN sampler log-prob differences by 0
+    (torch.nan_to_num, before the mask product; the row mean still divides by every valid token), so a
+    NaN token no longer drops an A < 0 row (f2cd577: the mean is NaN, NaN <= threshold is False, the row
+    is dropped). posttrain: ``off_policy_mask_nan_sampler_logps="as_on_policy"``, which ops.grpo_loss
+    (and the TRL adapter) select by default; ops.call keeps the vectors' f2cd577."""
+    d = _nan_sampling_case(dt)
+    m = _trl_off_policy_mask(d, dt)
+    assert m[1, 0] == 1  # the release keeps the row
+    np.testing.assert_array_equal(_pt_off_policy_mask(d, dt, off_policy_mask_nan_sampler_logps="as_on_policy"), m)
+    assert ops.TRL_GRPO_DEFAULTS["off_policy_mask_nan_sampler_logps"] == "as_on_policy"
+    compare_grpo({"off_policy_mask_threshold": 0.02, "loss_type": "grpo"}, d, dt)
+    compare_grpo({"off_policy_mask_threshold": 0.02, "loss_type": "dapo", "importance_sampling_level": "sequence"}, d, dt)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_off_policy_mask_nan_sampler_logps_default_is_f2cd577(dt):
+    """posttrain's default (ops.call, the conformance handler) is the vectors' f2cd577: the NaN token's
+    row (A < 0) is dropped; ops.grpo_loss gives it with ``off_policy_mask_nan_sampler_logps="propagate"``."""
+    d = _nan_sampling_case(dt)
+    with trl_f2cd577_nan_handling():
+        m = _trl_off_policy_mask(d, dt)
+        assert m[1, 0] == 0
+        np.testing.assert_array_equal(_pt_off_policy_mask(d, dt), m)
+        np.testing.assert_array_equal(_pt_off_policy_mask(d, dt, off_policy_mask_nan_sampler_logps="propagate"), m)
+        compare_grpo({"off_policy_mask_threshold": 0.02, "loss_type": "grpo", "off_policy_mask_nan_sampler_logps": "propagate"}, d, dt)
+    # NaN in padding (masked) never reaches a row, whichever the choice.
+    p = {k: v.copy() for k, v in d.items()}
+    p["sampling_per_token_logps"][1, 3] = p["per_token_logps"][1, 3]
+    p["completion_mask"][0, -1] = False
+    p["sampling_per_token_logps"][0, -1] = np.nan
+    p["advantages"][0] = -1.0
+    for kw in ({}, {"off_policy_mask_nan_sampler_logps": "as_on_policy"}):
+        clean = {k: v.copy() for k, v in p.items()}
+        clean["sampling_per_token_logps"][0, -1] = -0.5
+        np.testing.assert_array_equal(_pt_off_policy_mask(p, dt, **kw), _pt_off_policy_mask(clean, dt, **kw))
+    with pytest.raises(ValueError, match="propagate, as_on_policy"):
+        _pt_off_policy_mask(d, dt, off_policy_mask_nan_sampler_logps="zero")
+
+
+@release_only
+@pytest.mark.parametrize("dt", DTYPES)
+def test_trl_adapter_selects_1_16_off_policy_mask_nan_sampler_logps(dt):
+    """The GRPOTrainer adapter's loss configuration selects trl 1.16.0's off-policy mask on NaN sampler
+    log-probs: the loss and its gradient through posttrain.torch match TRL's _compute_loss."""
+    pt = pytest.importorskip("posttrain.torch")
+    from posttrain.integrations.trl import grpo_loss_config
+
+    d = _nan_sampling_case(dt)
+    cfg = {"off_policy_mask_threshold": 0.02, "loss_type": "grpo"}
+    loss, g_lp, _, _, s = trl_grpo(cfg, d, dt)
+    c = grpo_loss_config(s, {"num_items_in_batch": float(d["completion_mask"].sum())})
+    assert c["off_policy_mask_nan_sampler_logps"] == "as_on_policy"
+    with default_dtype(dt):
+        lp = t(d["per_token_logps"], dt, grad=True)
+        ours, _ = pt.grpo_loss(
+            lp,
+            t(d["entropies"], dt),
+            t(d["completion_mask"]),
+            t(d["advantages"], dt),
+            old_per_token_logps=t(d["old_per_token_logps"], dt),
+            sampling_per_token_logps=t(d["sampling_per_token_logps"], dt),
+            **c,
+        )
+        ours.backward()
+    assert_close(ours.item(), loss, dt, "loss")
+    assert_close(lp.grad, g_lp, dt, "d loss/d per_token_logps")
+
+
+def _vllm_is_nan_case(mode, dt):
+    """One sampler log-prob vLLM could not score (None) on a valid token; TRL's own generation step."""
     c = generation_case(("vllm-is-nan", mode), 4, 1, 1)
     c["sampling"][0][1] = None
     s = _generation_self(GRPOTrainer, dt, num_generations=1, rewards=c["rewards"], reward_weights=[1.0], old_logps=c["old"])
@@ -1317,8 +1388,11 @@ def test_release_difference_vllm_is_ratio_nan_sampler_logps(mode, dt):
     )
     with default_dtype(dt):
         out = GRPOTrainer._generate_and_score_completions(s, c["inputs"])
-    assert np.isfinite(_np(out["importance_sampling_ratio"])).all()
-    r = ops.call(
+    return c, s, out
+
+
+def _pt_vllm_is(c, out, mode, dt, **kw):
+    return ops.call(
         "trl.grpo_vllm_importance_sampling_ratio",
         dtype=dt,
         old_per_token_logps=c["old"],
@@ -1327,11 +1401,51 @@ def test_release_difference_vllm_is_ratio_nan_sampler_logps(mode, dt):
         vllm_importance_sampling_mode=mode,
         vllm_importance_sampling_clip_min=None,
         vllm_importance_sampling_clip_max=3.0,
+        **kw,
     )
+
+
+@release_only
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("mode", IS_MODES)
+def test_release_difference_vllm_is_ratio_nan_sampler_logps(mode, dt):
+    """trl 1.16.0 differs from f2cd577: _generate_and_score_completions (vLLM IS ratio) maps sampler
+    log-probs vLLM could not score (None -> NaN) to a zero log-difference (nan_to_num after the mask
+    product: ratio bound(exp(0)) in token modes, nothing added to the row's sum in sequence modes), keeps
+    them in sampling/importance_sampling_ratio/* and leaves them out of
+    sampling/sampling_logp_difference/{mean,max} (f2cd577: NaN propagates into the ratio and the
+    metrics). posttrain: ``vllm_importance_sampling_nan_sampler_logps="as_on_policy"``."""
+    c, s, out = _vllm_is_nan_case(mode, dt)
+    assert np.isfinite(_np(out["importance_sampling_ratio"])).all()
+    r = _pt_vllm_is(c, out, mode, dt, vllm_importance_sampling_nan_sampler_logps="as_on_policy")
     assert_close(r["importance_sampling_ratio"], out["importance_sampling_ratio"], dt, "importance_sampling_ratio")
-    for k, v in last_metrics(s._metrics["train"]).items():
-        if k.startswith("sampling/"):
-            assert_close(r[k], v, dt, k)
+    metrics = {k: v for k, v in last_metrics(s._metrics["train"]).items() if k.startswith("sampling/")}
+    assert len(metrics) == 5
+    for k, v in metrics.items():
+        assert math.isfinite(v), k
+        assert_close(r[k], v, dt, k)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("mode", IS_MODES)
+def test_vllm_is_ratio_nan_sampler_logps_default_is_f2cd577(mode, dt):
+    """posttrain's default is the vectors' f2cd577: the NaN propagates into its token's (token modes) or
+    row's (sequence modes) ratio, into every mode (TRL's band mask keeps NaN), and into the metrics."""
+    with trl_f2cd577_nan_handling():
+        c, s, out = _vllm_is_nan_case(mode, dt)
+    want = _np(out["importance_sampling_ratio"])
+    assert np.isnan(want).sum() == 1
+    metrics = last_metrics(s._metrics["train"])
+    for kw in ({}, {"vllm_importance_sampling_nan_sampler_logps": "propagate"}):
+        r = _pt_vllm_is(c, out, mode, dt, **kw)
+        assert_close(r["importance_sampling_ratio"], want, dt, "importance_sampling_ratio")
+        for k in ("min", "mean", "max"):
+            name = f"sampling/importance_sampling_ratio/{k}"
+            assert math.isnan(metrics[name]), name
+            assert_close(r[name], metrics[name], dt, name)
+        # f2cd577 keeps the NaN token in the mean / max of |old - sampling| (torch.mean / torch.max: NaN).
+        for k in ("mean", "max"):
+            assert math.isnan(r[f"sampling/sampling_logp_difference/{k}"]), k
 
 
 # ---------------------------------------------------------------------------

@@ -23,8 +23,8 @@ use posttrain_core::policy::ppo::{
 };
 use posttrain_core::policy::rollout::{
     bypass_policy_loss_vec, rollout_correction_and_rejection_vec, vllm_importance_sampling_ratio,
-    BypassConfig, BypassLoss, IsConfig, IsLevel, IsThreshold, RolloutCorrectionConfig, RsConfig,
-    VllmIsConfig, VllmIsMode,
+    BypassConfig, BypassLoss, IsConfig, IsLevel, IsThreshold, NanSamplerLogProbs,
+    RolloutCorrectionConfig, RsConfig, VllmIsConfig, VllmIsMode,
 };
 use posttrain_core::policy::sequence_mean::{
     completion_clipped_loss, on_policy_loss, token_clipped_loss, SequenceMeanConfig,
@@ -475,6 +475,9 @@ fn openrlhf_policy(u: &mut Unstructured) -> ArbResult<()> {
 
 struct GrpoCase {
     cfg: GrpoConfig,
+    /// `cfg.off_policy_nan_sampler_log_probs`, drawn after every other byte
+    /// (so that the committed inputs keep their meaning).
+    nan: core::cell::Cell<NanSamplerLogProbs>,
     d: Dims,
     m: Vec<bool>,
     with_old: bool,
@@ -504,7 +507,9 @@ fn grpo_call<F: Real>(c: &GrpoCase, x: &[Vec<f64>]) -> Result<Vec<f64>, Error> {
     let mut gl = vec![F::zero(); n];
     let mut ge = vec![F::zero(); n];
     let mut scratch = vec![F::zero(); n];
-    let o = grpo_loss(&c.cfg, &inp, Some(&mut gl), Some(&mut ge), &mut scratch)?;
+    let mut cfg = c.cfg;
+    cfg.off_policy_nan_sampler_log_probs = c.nan.get();
+    let o = grpo_loss(&cfg, &inp, Some(&mut gl), Some(&mut ge), &mut scratch)?;
     let mut out = wide(&[
         o.loss,
         o.policy_loss,
@@ -596,6 +601,7 @@ fn grpo(u: &mut Unstructured) -> ArbResult<()> {
     let (na, bad) = maybe_wrong_len(u, d.batch)?;
     let case = GrpoCase {
         cfg,
+        nan: core::cell::Cell::new(NanSamplerLogProbs::Propagate),
         d,
         m: mask(u, n)?,
         with_old: u.arbitrary()?,
@@ -646,6 +652,11 @@ fn grpo(u: &mut Unstructured) -> ArbResult<()> {
     x[3] = log_probs(u, n)?;
     x[4] = log_probs(u, n)?;
     x[5] = log_probs(u, n)?;
+    // Sampler log-probs vLLM could not score: both releases' off-policy mask.
+    case.nan.set(*u.choose(&[
+        NanSamplerLogProbs::Propagate,
+        NanSamplerLogProbs::AsOnPolicy,
+    ])?);
     let m = &case.m[..];
     // TRL's luspo weighs every (B, T) entry, padding included (documented in
     // `policy::grpo`): no masked-invariance check for it.
@@ -903,8 +914,12 @@ fn sequence_helpers(u: &mut Unstructured) -> ArbResult<()> {
             let lp = floats(u, n, 30.0, false)?;
             let sp = floats(u, n, 30.0, false)?;
             let m = mask(u, n)?;
+            let nan = *u.choose(&[
+                NanSamplerLogProbs::Propagate,
+                NanSamplerLogProbs::AsOnPolicy,
+            ])?;
             let mut keep = vec![false; n];
-            let r = off_policy_sequence_mask(d, &adv, &lp, &sp, &m, th, &mut keep);
+            let r = off_policy_sequence_mask(d, &adv, &lp, &sp, &m, th, nan, &mut keep);
             if bad {
                 expect_err("off_policy_sequence_mask", r, |e| {
                     is_shape(e) || is_out_of_range(e)
@@ -914,8 +929,9 @@ fn sequence_helpers(u: &mut Unstructured) -> ArbResult<()> {
                 let mut k2 = vec![false; n];
                 let p = |x: &[f64]| fill_masked(&finite_only(x), &m, true);
                 let z = |x: &[f64]| fill_masked(&finite_only(x), &m, false);
-                off_policy_sequence_mask(d, &adv, &z(&lp), &z(&sp), &m, th, &mut keep).unwrap();
-                off_policy_sequence_mask(d, &adv, &p(&lp), &p(&sp), &m, th, &mut k2).unwrap();
+                off_policy_sequence_mask(d, &adv, &z(&lp), &z(&sp), &m, th, nan, &mut keep)
+                    .unwrap();
+                off_policy_sequence_mask(d, &adv, &p(&lp), &p(&sp), &m, th, nan, &mut k2).unwrap();
                 assert_eq!(keep, k2, "off-policy mask read padding");
             }
         }
@@ -1026,6 +1042,8 @@ fn rollout(u: &mut Unstructured) -> ArbResult<()> {
             } else {
                 None
             };
+            // Drawn after every other byte (committed inputs keep their meaning).
+            let nan = core::cell::Cell::new(NanSamplerLogProbs::Propagate);
             let cfg = match VllmIsConfig::new(mode, lo, hi) {
                 Ok(c) => c,
                 Err(e) => {
@@ -1036,6 +1054,7 @@ fn rollout(u: &mut Unstructured) -> ArbResult<()> {
             let call = |x: &[Vec<f64>]| -> Result<Vec<f64>, Error> {
                 let seq = mode.is_sequence();
                 let mut r = vec![0.0; if seq { d.batch } else { n }];
+                let cfg = cfg.with_nan_sampler_log_probs(nan.get());
                 let mt = vllm_importance_sampling_ratio(&cfg, d, &x[0], &x[1], &m, &mut r)?;
                 let mut out = vec![mt.ratio_mean, mt.ratio_min, mt.ratio_max];
                 if seq {
@@ -1054,8 +1073,22 @@ fn rollout(u: &mut Unstructured) -> ArbResult<()> {
                 finite_only(&raw[0]).iter().map(|v| -v.abs()).collect(),
                 log_probs(u, n)?,
             ];
+            nan.set(*u.choose(&[
+                NanSamplerLogProbs::Propagate,
+                NanSamplerLogProbs::AsOnPolicy,
+            ])?);
             let a = call(&x).unwrap();
             assert_finite("vllm IS ratio", &a);
+            if nan.get() == NanSamplerLogProbs::AsOnPolicy {
+                // TRL 1.16.0: a token vLLM could not score is on-policy.
+                let mut xn = x.clone();
+                for (i, v) in xn[1].iter_mut().enumerate() {
+                    if i % 2 == 0 {
+                        *v = f64::NAN;
+                    }
+                }
+                assert_finite("vllm IS ratio (NaN sampler, 1.16)", &call(&xn).unwrap());
+            }
             let z = call(&[fill_masked(&x[0], &m, false), fill_masked(&x[1], &m, false)]).unwrap();
             let p = call(&[fill_masked(&x[0], &m, true), fill_masked(&x[1], &m, true)]).unwrap();
             assert_same_bits("vllm IS masked", &z, &p);

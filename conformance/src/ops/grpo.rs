@@ -2,6 +2,7 @@
 //! `gspo_token_loss`, `gmpo_loss`, `rloo_loss`) and VESPO's gamma weights.
 
 use crate::case::{Ctx, Fail, OpResult, Outputs};
+use crate::ops::rollout::nan_sampler_log_probs;
 use posttrain_core::policy::grpo::{
     gmpo_loss, grpo_loss, rloo_loss, vespo_gamma_weights, AdaptiveEntropy, ClipMetrics,
     EntropyBonus, GmpoConfig, GrpoConfig, GrpoInputs, GrpoLossType, ImportanceSamplingLevel,
@@ -65,7 +66,10 @@ pub(crate) fn put_clip(o: &mut Outputs, c: &ClipMetrics<impl Real>) {
 
 /// TRL's `GRPOConfig` fields (and trainer state: `current_gradient_accumulation_steps`,
 /// `num_items_in_batch`, `mode`, …) from the case's parameters, as a validated [`GrpoConfig`];
-/// `gspo_token` admits `importance_sampling_level = "sequence_token"`.
+/// `gspo_token` admits `importance_sampling_level = "sequence_token"`. Release switches
+/// beyond the vectors' TRL f2cd577: `steps_per_generation` (TRL 1.16.0's normalizers) and
+/// `off_policy_mask_nan_sampler_logps = "as_on_policy"` (TRL 1.16.0's off-policy mask on
+/// NaN sampler log-probs).
 pub fn grpo_config(ctx: &Ctx, gspo_token: bool) -> Result<GrpoConfig, Fail> {
     let loss_type: GrpoLossType = ctx.p_str("loss_type")?.parse()?;
     let mut cfg = GrpoConfig::trl(loss_type);
@@ -82,6 +86,8 @@ pub fn grpo_config(ctx: &Ctx, gspo_token: bool) -> Result<GrpoConfig, Fail> {
     cfg.vllm_is_correction =
         opt_bool(ctx, "use_vllm")? && opt_bool(ctx, "vllm_importance_sampling_correction")?;
     cfg.off_policy_mask_threshold = ctx.p_opt_f64("off_policy_mask_threshold")?;
+    cfg.off_policy_nan_sampler_log_probs =
+        nan_sampler_log_probs(ctx.p_opt_str("off_policy_mask_nan_sampler_logps")?)?;
     if let Some(v) = ctx.p_opt_f64("sapo_temperature_pos")? {
         cfg.sapo_temperature_pos = v;
     }

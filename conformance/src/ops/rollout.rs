@@ -7,8 +7,9 @@ use posttrain_core::aggregate::{AggMode, GlobalNorm};
 use posttrain_core::policy::rollout::{
     bypass_policy_loss, rollout_correction_and_rejection, rollout_correction_weights,
     rollout_rejection_mask, vllm_importance_sampling_ratio, BypassBuffers, BypassConfig,
-    BypassLoss, CorrectionBuffers, IsConfig, IsMetrics, IsThreshold, OffPolicyMetrics,
-    RejectionMetrics, RolloutCorrectionConfig, RolloutCorrectionMetrics, RsConfig, VllmIsConfig,
+    BypassLoss, CorrectionBuffers, IsConfig, IsMetrics, IsThreshold, NanSamplerLogProbs,
+    OffPolicyMetrics, RejectionMetrics, RolloutCorrectionConfig, RolloutCorrectionMetrics,
+    RsConfig, VllmIsConfig,
 };
 use posttrain_core::Real;
 use serde_json::Value;
@@ -298,14 +299,30 @@ fn verl_bypass<F: Real>(ctx: &Ctx) -> OpResult {
     Ok(o)
 }
 
-/// TRL's vLLM IS configuration from the case parameters.
+/// A [`NanSamplerLogProbs`] choice from a string parameter's value:
+/// `"propagate"` (TRL f2cd577, the vectors' commit; also when absent or
+/// null) or `"as_on_policy"` (TRL 1.16.0); another value is a typed
+/// [`UnknownOption`](posttrain_core::Error::UnknownOption) error.
+pub(crate) fn nan_sampler_log_probs(value: Option<&str>) -> Result<NanSamplerLogProbs, Fail> {
+    match value {
+        None => Ok(NanSamplerLogProbs::Propagate),
+        Some(s) => Ok(s.parse()?),
+    }
+}
+
+/// TRL's vLLM IS configuration from the case parameters;
+/// `vllm_importance_sampling_nan_sampler_logps` selects how sampler
+/// log-probs vLLM could not score (NaN) are treated
+/// ([`nan_sampler_log_probs`]).
 pub(crate) fn vllm_config(ctx: &Ctx) -> Result<VllmIsConfig, Fail> {
     let mode = ctx.p_str("vllm_importance_sampling_mode")?.parse()?;
+    let nan = ctx.p_opt_str("vllm_importance_sampling_nan_sampler_logps")?;
     Ok(VllmIsConfig::new(
         mode,
         ctx.p_opt_f64("vllm_importance_sampling_clip_min")?,
         ctx.p_opt_f64("vllm_importance_sampling_clip_max")?,
-    )?)
+    )?
+    .with_nan_sampler_log_probs(nan_sampler_log_probs(nan)?))
 }
 
 /// `completion_mask ∧ tool_mask` (when a tool mask is given).

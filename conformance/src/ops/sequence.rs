@@ -2,6 +2,7 @@
 //! entropy and off-policy masks, PF-PPO sampling weights.
 
 use crate::case::{Ctx, Fail, OpResult, Outputs};
+use crate::ops::rollout::nan_sampler_log_probs;
 use posttrain_core::sequence::{
     high_entropy_mask, off_policy_sequence_mask, pf_ppo_sampling_weights, response_mask_from_eos,
     reward_penalty_mask, truncate_at_first_stop_token, PfPpoReweight, RewardPenaltyConfig,
@@ -85,15 +86,19 @@ fn trl_entropy_mask<F: Real>(ctx: &Ctx) -> OpResult {
     Ok(o)
 }
 
+/// TRL's `get_off_policy_mask`; `off_policy_mask_nan_sampler_logps`
+/// (`"propagate"`: f2cd577, the default; `"as_on_policy"`: TRL 1.16.0) says
+/// what a NaN sampler log-prob does.
 fn trl_off_policy_mask<F: Real>(ctx: &Ctx) -> OpResult {
     let thr = ctx.p_f64("off_policy_threshold")?;
+    let nan = nan_sampler_log_probs(ctx.p_opt_str("off_policy_mask_nan_sampler_logps")?)?;
     let dims = ctx.dims("per_token_logps")?;
     let adv = ctx.f::<F>("advantages")?;
     let lp = ctx.f::<F>("per_token_logps")?;
     let sp = ctx.f::<F>("sampling_per_token_logps")?;
     let mask = ctx.mask("mask")?;
     let mut keep = vec![false; dims.batch];
-    off_policy_sequence_mask(dims, &adv, &lp, &sp, &mask, thr, &mut keep)?;
+    off_policy_sequence_mask(dims, &adv, &lp, &sp, &mask, thr, nan, &mut keep)?;
     let mut o = Outputs::new();
     o.put_bool("off_policy_mask", &keep);
     Ok(o)

@@ -51,6 +51,10 @@
 //! ratios beyond `e^{20} ≈ 4.9·10⁸`, where TRL's loss is dominated by one
 //! token or overflows to inf/NaN); an active clamp zeroes the gradient
 //! through that exponent. Set it to `None` for TRL's unclamped numbers.
+//! A NaN sampler log-prob on a valid token (one vLLM could not score)
+//! drops an `A < 0` row from the off-policy mask, as TRL f2cd577 does, or
+//! counts as on-policy (KL 0), as TRL 1.16.0 does:
+//! [`GrpoConfig::off_policy_nan_sampler_log_probs`].
 //!
 //! # Example
 //!
@@ -76,6 +80,7 @@ use crate::aggregate;
 use crate::elem::{Elem, ElemExt, MaskElem, Real};
 use crate::error::{check_finite_nonneg, check_len, check_param, Error};
 use crate::kl::{KlConfig, KlEstimator};
+use crate::policy::rollout::NanSamplerLogProbs;
 use crate::policy::{ppo_clipped_surrogate, ClipConfig};
 use crate::shape::Dims;
 
@@ -550,6 +555,14 @@ pub struct GrpoConfig {
     /// Drop rows with `A < 0` whose mean `log π_sampler − log π` exceeds this
     /// (TRL `off_policy_mask_threshold`, DeepSeek-V3.2's off-policy sequence mask).
     pub off_policy_mask_threshold: Option<f64>,
+    /// What a NaN `log π_sampler − log π` does in that mean (a token vLLM
+    /// could not score): [`Propagate`](NanSamplerLogProbs::Propagate), TRL
+    /// f2cd577 and the default, makes the mean NaN and drops an `A < 0` row;
+    /// [`AsOnPolicy`](NanSamplerLogProbs::AsOnPolicy), TRL 1.16.0, counts it
+    /// as 0 over the same `max(n_i, 1)` valid tokens
+    /// ([`off_policy_sequence_mask`](crate::sequence::off_policy_sequence_mask)).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub off_policy_nan_sampler_log_probs: NanSamplerLogProbs,
     /// SAPO temperature for `A > 0`.
     pub sapo_temperature_pos: f64,
     /// SAPO temperature for `A ≤ 0`.
@@ -580,6 +593,7 @@ impl GrpoConfig {
             top_entropy_quantile: 1.0,
             vllm_is_correction: false,
             off_policy_mask_threshold: None,
+            off_policy_nan_sampler_log_probs: NanSamplerLogProbs::Propagate,
             sapo_temperature_pos: 1.0,
             sapo_temperature_neg: 1.05,
             vespo: VespoGamma::default(),
@@ -1614,7 +1628,7 @@ pub fn grpo_loss<F: Real>(
                 for k in row.clone() {
                     if mask[k] {
                         let samp = x.sampling_log_probs.map_or(old(k), |v| v[k]);
-                        kl += samp - lp[k];
+                        kl += cfg.off_policy_nan_sampler_log_probs.log_diff(samp - lp[k]);
                     }
                 }
                 off_policy_keep(th, &a, &(kl / nf))

@@ -1803,6 +1803,112 @@ pub fn bypass_policy_loss<F: Real>(
 // TRL: vLLM importance-sampling ratio
 // ---------------------------------------------------------------------------
 
+/// What a NaN log-difference between the trainer's and the sampler's
+/// log-probs does: TRL's tokens the sampler (vLLM) could not score, whose
+/// log-prob it hands over as `None`, turned into NaN.
+///
+/// Two TRL releases differ here, in the vLLM importance-sampling ratio
+/// ([`VllmIsConfig::nan_sampler_log_probs`]) and in the off-policy sequence
+/// mask ([`off_policy_sequence_mask`](crate::sequence::off_policy_sequence_mask),
+/// [`GrpoConfig::off_policy_nan_sampler_log_probs`](crate::policy::grpo::GrpoConfig::off_policy_nan_sampler_log_probs)).
+/// Each of those has its own switch, and both default to
+/// [`Propagate`](Self::Propagate), TRL at the conformance vectors' commit
+/// f2cd577.
+///
+/// # Formula
+///
+/// With `d_t` the per-token difference (`log π_old − log μ` for the ratio,
+/// `log μ − log π` for the off-policy KL) on a valid token:
+///
+/// ```text
+/// Propagate:   d_t as is
+/// AsOnPolicy:  nan_to_num(d_t) = 0 if d_t is NaN, ±max finite if d_t = ±inf, else d_t
+/// ```
+///
+/// `AsOnPolicy` is exactly `torch.nan_to_num(d, nan=0.0)`, which also
+/// maps `±inf` to the largest finite value of the type (that matters only
+/// when `+inf` and `−inf` differences meet in one sum). A NaN difference
+/// comes from a NaN in either log-prob (or `inf − inf`); the token then
+/// counts as on-policy: KL 0 (still one of the row's `n` valid tokens in
+/// the mean) and an importance ratio `exp(0) = 1` (before its truncation
+/// or band mask). Masked positions are never read, whichever the choice.
+///
+/// # Peers
+///
+/// TRL 1.16.0 `GRPOTrainer.get_off_policy_mask` and
+/// `_generate_and_score_completions` apply `torch.nan_to_num(…, nan=0.0)`
+/// ([`AsOnPolicy`](Self::AsOnPolicy)); TRL f2cd577 does not
+/// ([`Propagate`](Self::Propagate): the row's mean KL is NaN, `NaN ≤ δ` is
+/// false and an `A < 0` row is dropped; the ratio is NaN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum NanSamplerLogProbs {
+    /// NaN propagates (TRL f2cd577, the default).
+    #[default]
+    Propagate,
+    /// NaN counts as an on-policy token, `torch.nan_to_num(d, nan=0.0)`
+    /// (TRL 1.16.0).
+    AsOnPolicy,
+}
+
+impl NanSamplerLogProbs {
+    /// One per-token log-difference under this choice.
+    ///
+    /// # Formula
+    ///
+    /// See [`NanSamplerLogProbs`]: `d` or `nan_to_num(d)`.
+    ///
+    /// ```
+    /// use posttrain_core::policy::rollout::NanSamplerLogProbs;
+    /// assert!(NanSamplerLogProbs::Propagate.log_diff(f64::NAN).is_nan());
+    /// assert_eq!(NanSamplerLogProbs::AsOnPolicy.log_diff(f64::NAN), 0.0);
+    /// assert_eq!(NanSamplerLogProbs::AsOnPolicy.log_diff(f32::INFINITY), f32::MAX);
+    /// assert_eq!(NanSamplerLogProbs::AsOnPolicy.log_diff(-0.5f64), -0.5);
+    /// ```
+    #[inline]
+    pub fn log_diff<F: Real>(self, d: F) -> F {
+        match self {
+            NanSamplerLogProbs::Propagate => d,
+            NanSamplerLogProbs::AsOnPolicy => {
+                if d.is_nan() {
+                    F::zero()
+                } else if d.is_finite() {
+                    d
+                } else if d > F::zero() {
+                    F::max_value()
+                } else {
+                    -F::max_value()
+                }
+            }
+        }
+    }
+
+    /// The name [`FromStr`](core::str::FromStr) parses.
+    pub fn name(self) -> &'static str {
+        match self {
+            NanSamplerLogProbs::Propagate => "propagate",
+            NanSamplerLogProbs::AsOnPolicy => "as_on_policy",
+        }
+    }
+}
+
+impl core::str::FromStr for NanSamplerLogProbs {
+    type Err = Error;
+    /// Parses `propagate` (TRL f2cd577) and `as_on_policy` (TRL 1.16.0).
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "propagate" => Ok(NanSamplerLogProbs::Propagate),
+            "as_on_policy" => Ok(NanSamplerLogProbs::AsOnPolicy),
+            _ => Err(Error::unknown_option(
+                "NaN sampler log-prob handling",
+                s,
+                "propagate, as_on_policy",
+            )),
+        }
+    }
+}
+
 /// TRL's `vllm_importance_sampling_mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -1861,6 +1967,12 @@ pub struct VllmIsConfig {
     pub clip_min: Option<f64>,
     /// Upper bound (`None`: none).
     pub clip_max: Option<f64>,
+    /// What a NaN `old − sampling` difference does (a token vLLM could not
+    /// score): TRL f2cd577 propagates it (the default), TRL 1.16.0 takes it as
+    /// on-policy — difference 0, ratio `bound(1)`, left out of the
+    /// log-prob-difference metrics. See [`NanSamplerLogProbs`].
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub nan_sampler_log_probs: NanSamplerLogProbs,
 }
 
 impl VllmIsConfig {
@@ -1903,7 +2015,22 @@ impl VllmIsConfig {
             mode,
             clip_min,
             clip_max,
+            nan_sampler_log_probs: NanSamplerLogProbs::Propagate,
         })
+    }
+
+    /// This configuration with the given [`NanSamplerLogProbs`] choice.
+    ///
+    /// ```
+    /// use posttrain_core::policy::rollout::{NanSamplerLogProbs, VllmIsConfig};
+    /// let trl_1_16 = VllmIsConfig::new("token_truncate".parse()?, None, Some(3.0))?
+    ///     .with_nan_sampler_log_probs(NanSamplerLogProbs::AsOnPolicy);
+    /// assert_eq!(trl_1_16.nan_sampler_log_probs, NanSamplerLogProbs::AsOnPolicy);
+    /// # Ok::<(), posttrain_core::Error>(())
+    /// ```
+    pub fn with_nan_sampler_log_probs(mut self, nan: NanSamplerLogProbs) -> Self {
+        self.nan_sampler_log_probs = nan;
+        self
     }
 
     /// The bounded ratio of one log-difference.
@@ -1911,9 +2038,12 @@ impl VllmIsConfig {
     /// # Formula
     ///
     /// ```text
-    /// r = exp(min(d, 80));  truncate: clamp(r, min, max);  mask: r if min ≤ r ≤ max else 0
+    /// r = exp(min(d, 80));  truncate: clamp(r, min, max);  mask: 0 if r < min or r > max else r
     /// (80: the safety cap [`LOG_RATIO_SAFETY`](crate::policy::LOG_RATIO_SAFETY), TRL has none)
     /// ```
+    ///
+    /// A NaN `d` gives NaN in every mode (TRL's `clamp` and `masked_fill`
+    /// both keep it).
     ///
     /// # Gradient
     ///
@@ -1938,9 +2068,10 @@ impl VllmIsConfig {
         } else {
             let lo = self.clip_min.unwrap_or(f64::NEG_INFINITY);
             let hi = self.clip_max.unwrap_or(f64::INFINITY);
-            let keep = r.ge_scalar(lo).and(r.le_scalar(hi));
+            // TRL zeroes `(r < min) | (r > max)`: a NaN ratio stays NaN.
+            let out = r.lt_scalar(lo).or(r.gt_scalar(hi));
             let zero = r.full_like(0.0);
-            E::select(&keep, r, zero)
+            E::select(&out, zero, r)
         }
     }
 }
@@ -1952,6 +2083,8 @@ pub struct VllmIsMetrics<F> {
     /// `num_items_in_batch` on one process.
     pub num_items: usize,
     /// Mean of `|log π_old − log π_vllm|` over valid tokens (0 if none).
+    /// With [`NanSamplerLogProbs::AsOnPolicy`] over the valid tokens whose
+    /// difference is not NaN (TRL 1.16.0); otherwise a NaN propagates.
     pub logp_difference_mean: F,
     /// Max of the same (0 if none).
     pub logp_difference_max: F,
@@ -1971,12 +2104,25 @@ pub struct VllmIsMetrics<F> {
 ///
 /// ```text
 /// d_t = old_t − sampling_t   on valid tokens, 0 elsewhere
+///       (nan_to_num(d_t) with NanSamplerLogProbs::AsOnPolicy)
 /// token modes:    ratio_t = bound(exp(d_t))          (padding: bound(1))
 /// sequence modes: ratio_i = bound(exp(Σ_t d_t))
+/// logp_difference_{mean,max} = mean, max of |old_t − sampling_t| over valid t
+///       (AsOnPolicy: over valid t whose difference is not NaN)
+/// importance_sampling_ratio/{min,mean,max} over the ratios of valid tokens
+///       (token modes) or of all rows (sequence modes)
 /// ```
 ///
 /// with `bound` the truncation or band mask of [`VllmIsConfig::ratio`]. No
-/// log-ratio clamp (TRL has none).
+/// log-ratio clamp (TRL has none). With
+/// [`cfg.nan_sampler_log_probs`](VllmIsConfig::nan_sampler_log_probs) =
+/// [`Propagate`](NanSamplerLogProbs::Propagate) (the default) a NaN
+/// log-prob on a valid token makes its ratio (token modes) or its row's
+/// (sequence modes) NaN, and the metrics NaN; with
+/// [`AsOnPolicy`](NanSamplerLogProbs::AsOnPolicy) it contributes 0 to the
+/// difference (ratio `bound(1)` in token modes, nothing to the row's sum in
+/// sequence modes), still counts in the ratio metrics, and is left out of
+/// the log-prob-difference metrics (0 when no valid token is left).
 ///
 /// # Gradient
 ///
@@ -1984,8 +2130,11 @@ pub struct VllmIsMetrics<F> {
 ///
 /// # Peers
 ///
-/// TRL `GRPOTrainer._generate_and_score_completions`. TRL multiplies the
-/// difference by the mask, so NaN padding gives NaN; posttrain selects.
+/// TRL `GRPOTrainer._generate_and_score_completions`: f2cd577
+/// ([`Propagate`](NanSamplerLogProbs::Propagate)) and 1.16.0
+/// ([`AsOnPolicy`](NanSamplerLogProbs::AsOnPolicy)). TRL f2cd577 multiplies
+/// the difference by the mask, so NaN padding gives NaN there; posttrain
+/// selects.
 ///
 /// # Errors
 ///
@@ -2029,6 +2178,8 @@ pub fn vllm_importance_sampling_ratio<F: Real>(
         num_items: row_valid_count(mask),
         ..Default::default()
     };
+    let nan = cfg.nan_sampler_log_probs;
+    let skip_nan = nan == NanSamplerLogProbs::AsOnPolicy;
     let mut delta = Stats::new();
     for ((&a, &b), _) in old_log_prob
         .iter()
@@ -2036,7 +2187,10 @@ pub fn vllm_importance_sampling_ratio<F: Real>(
         .zip(mask)
         .filter(|(_, &k)| k)
     {
-        delta.push((a - b).abs());
+        let v = (a - b).abs();
+        if !(skip_nan && v.is_nan()) {
+            delta.push(v);
+        }
     }
     m.logp_difference_mean = delta.mean();
     m.logp_difference_max = delta.max_or_zero();
@@ -2046,7 +2200,7 @@ pub fn vllm_importance_sampling_ratio<F: Real>(
         for (r, out) in ratio.iter_mut().enumerate() {
             let rr = dims.row(r);
             let s = rr.filter(|&t| mask[t]).fold(F::zero(), |acc, t| {
-                acc + (old_log_prob[t] - sampling_log_prob[t])
+                acc + nan.log_diff(old_log_prob[t] - sampling_log_prob[t])
             });
             *out = cfg.ratio(s);
             rs.push(*out);
@@ -2055,7 +2209,7 @@ pub fn vllm_importance_sampling_ratio<F: Real>(
         let pad = cfg.ratio(F::zero());
         for t in 0..dims.len() {
             ratio[t] = if mask[t] {
-                let v = cfg.ratio(old_log_prob[t] - sampling_log_prob[t]);
+                let v = cfg.ratio(nan.log_diff(old_log_prob[t] - sampling_log_prob[t]));
                 rs.push(v);
                 v
             } else {

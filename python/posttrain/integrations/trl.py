@@ -32,6 +32,12 @@ their entropy bonus as a token mean, and sums luspo's rows over valid tokens;
 the adapter passes ``steps_per_generation``, which selects these 1.16
 normalizers in posttrain (the conformance vectors, from TRL f2cd577, have
 the older ones — posttrain's default when ``steps_per_generation`` is absent).
+TRL 1.16's off-policy mask (``off_policy_mask_threshold``) counts a sampler
+log-prob vLLM could not score (NaN) as KL 0 instead of dropping the row
+with ``A < 0`` (f2cd577); the adapter passes
+``off_policy_mask_nan_sampler_logps="as_on_policy"``, which selects it. (The
+vLLM importance-sampling ratio itself stays TRL's: it is computed at
+generation, not in ``_compute_loss``.)
 
 ``DPOTrainer``: the policy and reference forwards stay TRL's (its fused LM
 head gives the token log-probs); the loss over the sequence log-probs —
@@ -51,6 +57,11 @@ without constants read by every loss — posttrain's default). (TRL 1.16's
 sppo_hard, aot, aot_unpaired, apo_zero, apo_down when it is built; the
 adapter computes what ``_compute_loss`` does if the attribute is changed
 afterwards.)
+
+TRL 1.16's other release behaviours are posttrain options the adapter sets:
+its GRPO normalizers (the dapo/cispo/vespo token count, their entropy bonus,
+luspo's aggregation) are ``steps_per_generation``, and its off-policy mask on
+NaN sampler log-probs is ``off_policy_mask_nan_sampler_logps="as_on_policy"``.
 
 Tested against trl 1.16.0 (``python/tests/test_trl_e2e.py`` and
 ``python/tests/test_trl_dpo_e2e.py``: GRPO and DPO training runs with and
@@ -87,6 +98,8 @@ def grpo_loss_config(trainer: Any, inputs: Dict[str, Any]) -> Dict[str, Any]:
         "use_vllm": bool(trainer.use_vllm),
         "vllm_importance_sampling_correction": bool(getattr(trainer, "vllm_importance_sampling_correction", False)),
         "off_policy_mask_threshold": trainer.off_policy_mask_threshold,
+        # TRL 1.16: a NaN sampler log-prob (vLLM could not score it) is KL 0.
+        "off_policy_mask_nan_sampler_logps": "as_on_policy",
         "sapo_temperature_pos": getattr(args, "sapo_temperature_pos", 1.0),
         "sapo_temperature_neg": getattr(args, "sapo_temperature_neg", 1.05),
         "max_completion_length": trainer.max_completion_length,

@@ -3,6 +3,7 @@
 
 use super::f2;
 use crate::case::{Ctx, OpResult, Outputs};
+use crate::ops::rollout::nan_sampler_log_probs;
 use crate::ops::sequence::int_list;
 use posttrain_burn::burn::tensor::{Int, Tensor, TensorData};
 use posttrain_burn::{mask2, tensor1, to_vec, to_vec_bool, Device};
@@ -101,13 +102,14 @@ fn entropy_mask(ctx: &Ctx, d: &Device) -> OpResult {
 
 fn off_policy(ctx: &Ctx, d: &Device) -> OpResult {
     let thr = ctx.p_f64("off_policy_threshold")?;
+    let nan = nan_sampler_log_probs(ctx.p_opt_str("off_policy_mask_nan_sampler_logps")?)?;
     let dims = ctx.dims("per_token_logps")?;
     let shape = [dims.batch, dims.seq];
     let adv = tensor1(&ctx.f::<f64>("advantages")?, d);
     let lp = f2(ctx, "per_token_logps", shape, d)?;
     let sp = f2(ctx, "sampling_per_token_logps", shape, d)?;
     let mask = mask2(&ctx.mask("mask")?, shape, d)?;
-    let keep = posttrain_burn::sequence::off_policy_sequence_mask(adv, lp, sp, &mask, thr)?;
+    let keep = posttrain_burn::sequence::off_policy_sequence_mask(adv, lp, sp, &mask, thr, nan)?;
     let mut o = Outputs::new();
     o.put_bool("off_policy_mask", &to_vec_bool(keep));
     Ok(o)
