@@ -69,6 +69,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use crate::util::Filled;
 use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use posttrain_core::advantage::{
     self as ca, GaeConfig, GroupNormConfig, MultiRewardConfig, OtbConfig, PassAtKConfig,
@@ -239,7 +240,7 @@ impl Groups {
     /// stands for non-members (the fold's start value).
     fn row_max(&self, x: Tensor<2>, fill: f64) -> Tensor<2> {
         let shape = self.members.dims();
-        let g = Tensor::full(shape, fill, &x.device())
+        let g = crate::util::filled(shape, fill, &x.device())
             .mask_where(self.members.clone(), x.expand(shape))
             .max_dim(0);
         self.per_row(g.reshape([shape[1], 1]))
@@ -517,7 +518,7 @@ pub fn pass_at_k_advantages(
     let running = keep(is_max.clone().float().expand(shape), &groups.members).cumsum(0);
     let rank = keep(running, &groups.members).sum_dim(1);
     let best = is_max.bool_and(rank.equal_elem(1.0));
-    let others = sel(best.clone(), s.full_like(f64::NEG_INFINITY), s.clone());
+    let others = sel(best.clone(), s.filled(f64::NEG_INFINITY), s.clone());
     let second = groups.row_max(others, f64::NEG_INFINITY);
     let mut a = s.clone() - second;
     if cfg.scale_by_std {
@@ -889,7 +890,8 @@ pub fn optimal_token_baseline_advantages(
     // Bucket of every valid token: group · seq + step; padding → a dump bucket.
     let gid = groups.ids.clone().reshape([b, 1]).expand(shape);
     let bucket = gid.mul_scalar(t as i64) + step.clone();
-    let bucket = Tensor::<2, Int>::full(shape, (g * t) as i64, &device)
+    let bucket = Tensor::<2, Int>::zeros(shape, &device)
+        .add_scalar((g * t) as i64)
         .mask_where(mask.clone(), bucket)
         .reshape([b * t]);
     let step = step.float();
@@ -918,7 +920,7 @@ pub fn optimal_token_baseline_advantages(
         let lmax = groups.row_max(len.clone(), -1.0);
         let is_max = len.clone().equal(lmax.clone());
         let count_max = groups.row_sum(is_max.clone().float());
-        let second = groups.row_max(sel(is_max.clone(), len.full_like(-1.0), len), -1.0);
+        let second = groups.row_max(sel(is_max.clone(), len.filled(-1.0), len), -1.0);
         let tail_row = multi
             .clone()
             .bool_and(is_max)
@@ -964,7 +966,7 @@ fn nan_moments(x: Tensor<2>) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
     let c = x - mean.clone().expand(shape);
     let sq = keep(c.square(), &ok).sum_dim(1);
     let std = (sq / n.clone().sub_scalar(1.0)).sqrt();
-    let std = sel(n.clone().lower_elem(2.0), std.full_like(f64::NAN), std);
+    let std = sel(n.clone().lower_elem(2.0), std.filled(f64::NAN), std);
     (n, mean, std)
 }
 
@@ -989,7 +991,7 @@ fn weighted_rewards(per_func: &Tensor<2>, weights: &[f64]) -> Tensor<2> {
     let ok = p.clone().is_nan().bool_not();
     let sum = keep(p, &ok).sum_dim(1);
     let all_nan = per_func.clone().is_nan().all_dim(1);
-    sel(all_nan, sum.full_like(f64::NAN), sum)
+    sel(all_nan, sum.filled(f64::NAN), sum)
 }
 
 fn check_multi(group_size: usize, per_func: &Tensor<2>, weights: &[f64]) -> Result<(), Error> {
@@ -1105,7 +1107,7 @@ pub fn multi_reward_group_advantages(
             }
             let all_nan = rewards_per_func.is_nan().all_dim(1).reshape([1, b]);
             let acc = acc.reshape([1, b]);
-            let r = sel(all_nan, acc.full_like(f64::NAN), acc);
+            let r = sel(all_nan, acc.filled(f64::NAN), acc);
             let (_, mean, std) = nan_moments(r.clone());
             let std = if b > 1 { std } else { std.zeros_like() };
             let out = (r - mean.expand([1, b])) / std.clone().add_scalar(eps).expand([1, b]);
@@ -1268,7 +1270,7 @@ pub fn kl_penalized_rewards(
     let k = k.0;
     let (k, row_n) = match mask {
         Some(m) => (keep(k, m), m.clone().float().sum_dim(1)),
-        None => (k, Tensor::full([b, 1], t as f64, &device)),
+        None => (k, crate::util::filled([b, 1], t as f64, &device)),
     };
     let rewards = scores - k.clone().mul_scalar(beta);
     let mean_kl = if b == 0 {
@@ -1366,7 +1368,7 @@ pub fn rewards_with_score_at_eos(
     let with_score = base.clone() + col(scores).expand(shape);
     Ok(EosRewards {
         rewards: sel(pos, with_score, base.clone()),
-        grad_kl: base.full_like(-beta),
+        grad_kl: base.filled(-beta),
     })
 }
 

@@ -21,6 +21,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use crate::util::Filled;
 use burn::tensor::{Bool, Tensor};
 use posttrain_core::aggregate::{AggMode, GlobalNorm};
 use posttrain_core::{Dims, Error};
@@ -87,13 +88,13 @@ pub fn aggregation_weights(
     let dp = norm.dp_size;
     let total_tokens = || -> Tensor<2> {
         match norm.batch_num_tokens {
-            Some(n) => n_row.full_like(n),
+            Some(n) => n_row.filled(n),
             None => maskf.clone().sum().reshape([1, 1]).expand([batch, 1]),
         }
     };
     let rows = || -> Tensor<2> {
         match norm.global_batch_size {
-            Some(g) => n_row.full_like(g),
+            Some(g) => n_row.filled(g),
             None => row_live
                 .clone()
                 .float()
@@ -104,7 +105,7 @@ pub fn aggregation_weights(
     };
     let w_row: Tensor<2> = match mode {
         AggMode::TokenMean => total_tokens().recip().mul_scalar(dp),
-        AggMode::TokenSum => n_row.full_like(dp),
+        AggMode::TokenSum => n_row.filled(dp),
         AggMode::SeqMeanTokenSum => rows().recip().mul_scalar(dp),
         AggMode::SeqMeanTokenMean => (rows() * n_row.clone().add_scalar(1e-8))
             .recip()

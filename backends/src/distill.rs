@@ -35,6 +35,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use crate::util::Filled;
 use burn::tensor::{Bool, DType, Tensor};
 use posttrain_core::distill::{DistillConfig, Jsd};
 use posttrain_core::logits::Temperature;
@@ -184,7 +185,7 @@ pub fn generalized_jsd_loss(
     };
     let loss = only_valid(val).sum().div_scalar(denom);
     let grad = cotangent.map(|c| {
-        let cot = d.full_like(c / denom);
+        let cot = d.filled(c / denom);
         only_valid(log_softmax_vjp(lp, chain(cot, d), t))
     });
     Ok((loss, grad))

@@ -71,7 +71,7 @@ impl<const D: usize> Elem for ElemTensor<D> {
     type Mask = ElemMask<D>;
 
     fn full_like(&self, v: f64) -> Self {
-        ElemTensor(self.0.full_like(v))
+        ElemTensor(crate::util::Filled::filled(&self.0, v))
     }
     fn add(self, rhs: Self) -> Self {
         ElemTensor(self.0 + rhs.0)

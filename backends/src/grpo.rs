@@ -49,6 +49,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use crate::util::Filled;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use posttrain_core::kl::{KlConfig, KlEstimator};
 use posttrain_core::logits::Temperature;
@@ -105,7 +106,7 @@ fn row_extreme(v: Tensor<2>, live: &Tensor<2, Bool>, max: bool) -> Tensor<1> {
     } else {
         f64::INFINITY
     };
-    let filled = v.clone().full_like(fill).mask_where(live.clone(), v);
+    let filled = v.clone().filled(fill).mask_where(live.clone(), v);
     let e = if max { filled.max() } else { filled.min() };
     let any = live.clone().any();
     e.zeros_like().mask_where(any, e)
@@ -133,7 +134,7 @@ fn entropy_mask(top: f64, ent: &Tensor<2>, mask: &Tensor<2, Bool>) -> Option<Ten
     let flat = ent.clone().reshape([n_all]);
     let m = mask.clone().reshape([n_all]);
     let any_nan = flat.clone().is_nan().bool_and(m.clone()).any();
-    let inf = flat.full_like(f64::INFINITY);
+    let inf = flat.filled(f64::INFINITY);
     let filled = inf.clone().mask_where(m.clone(), flat);
     let filled = filled.clone().mask_where(filled.clone().is_nan(), inf);
     let sorted = filled.sort(0);
@@ -149,7 +150,7 @@ fn entropy_mask(top: f64, ent: &Tensor<2>, mask: &Tensor<2, Bool>) -> Option<Ten
     let low_form = a + w.clone() * diff.clone();
     let high_form = bv - diff * (w.clone().neg().add_scalar(1.0));
     let th = high_form.mask_where(w.lower_elem(0.5), low_form);
-    let th = th.clone().mask_where(any_nan, th.full_like(f64::NAN));
+    let th = th.clone().mask_where(any_nan, th.filled(f64::NAN));
     let th = th.reshape([1, 1]).expand([b, s]);
     Some(mask.clone().bool_and(ent.clone().greater_equal(th)))
 }
@@ -592,13 +593,13 @@ pub fn grpo_loss(cfg: &GrpoConfig, x: GrpoTensors) -> Result<GrpoLossOutput, Err
         let h_sum = keep(ent.clone(), &emask_eff).sum();
         let h_cnt = count(&emask_eff);
         let den = if lt.uses_global_token_count() && !cfg.norm.is_trl_1_16() {
-            zero.full_like(cfg.norm.token_count())
+            zero.filled(cfg.norm.token_count())
         } else {
             at_least_one(h_cnt.clone()).mul_scalar(acc)
         };
         let c = bonus.applied_coef();
         loss = loss - (h_sum.clone() / den.clone()).mul_scalar(c);
-        let gv = den.full_like(-c) / den;
+        let gv = den.filled(-c) / den;
         grad_entropies = keep(gv.reshape([1, 1]).expand(shape), &emask_eff);
         world_entropy = h_sum / at_least_one(h_cnt);
         // The adaptive controller is a scalar state machine: one host read.

@@ -39,6 +39,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use crate::util::Filled;
 use burn::tensor::{Bool, Tensor};
 use posttrain_core::aggregate::{AggMode, GlobalNorm};
 use posttrain_core::policy::ppo::{
@@ -292,9 +293,7 @@ pub fn select_top(cand: Tensor<2, Bool>, key: Tensor<2>, k: usize) -> Tensor<2, 
     }
     let cand = cand.reshape([n]);
     let key = key.reshape([n]);
-    let key = key
-        .full_like(f64::NEG_INFINITY)
-        .mask_where(cand.clone(), key);
+    let key = key.filled(f64::NEG_INFINITY).mask_where(cand.clone(), key);
     let kk = k.min(n);
     let theta = key
         .clone()

@@ -53,6 +53,7 @@
 //! [`odds_ratio::shifted_sequence_logps`]: posttrain_core::preference::odds_ratio::shifted_sequence_logps
 //! [`Elem`]: posttrain_core::Elem
 
+use crate::util::Filled;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use posttrain_core::error::check_param;
 use posttrain_core::logits::Temperature;
@@ -1364,8 +1365,8 @@ pub fn bco_loss(
         running.update_moments(nc + nr, mv[0], mv[1]);
     }
     let delta = running.mean;
-    let (lc, dc) = bco_term(e(cr.clone()), e(cr.full_like(delta)), true);
-    let (lr, dr) = bco_term(e(rr.clone()), e(rr.full_like(delta)), false);
+    let (lc, dc) = bco_term(e(cr.clone()), e(cr.filled(delta)), true);
+    let (lr, dr) = bco_term(e(rr.clone()), e(rr.filled(delta)), false);
     let (grad_chosen, grad_rejected) = match cotangents {
         None => (None, None),
         Some(c) => (

@@ -39,6 +39,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use crate::util::Filled;
 use burn::tensor::{Bool, Tensor};
 use posttrain_core::policy::ppo_clipped_surrogate;
 use posttrain_core::policy::rollout::{
@@ -98,13 +99,11 @@ fn masked_sum<const D: usize>(x: Tensor<D>, m: &Tensor<D, Bool>) -> T1 {
 }
 
 fn masked_max<const D: usize>(x: Tensor<D>, m: &Tensor<D, Bool>) -> T1 {
-    x.full_like(f64::NEG_INFINITY)
-        .mask_where(m.clone(), x)
-        .max()
+    x.filled(f64::NEG_INFINITY).mask_where(m.clone(), x).max()
 }
 
 fn masked_min<const D: usize>(x: Tensor<D>, m: &Tensor<D, Bool>) -> T1 {
-    x.full_like(f64::INFINITY).mask_where(m.clone(), x).min()
+    x.filled(f64::INFINITY).mask_where(m.clone(), x).min()
 }
 
 /// verl's masked std `sqrt(max(E[x²] − E[x]², 0))`, `E = Σ/(n + 1e-8)`,
@@ -372,7 +371,7 @@ pub fn rollout_rejection_mask(
             }
             RsAggregation::SeqMax => {
                 let mx = div
-                    .full_like(f64::NEG_INFINITY)
+                    .filled(f64::NEG_INFINITY)
                     .mask_where(mask.clone(), div.clone())
                     .max_dim(1);
                 keep(mx, &row_live)

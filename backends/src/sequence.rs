@@ -34,6 +34,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use crate::util::Filled;
 use burn::tensor::{Bool, Int, Tensor};
 use posttrain_core::policy::rollout::NanSamplerLogProbs;
 use posttrain_core::sequence::{
@@ -193,13 +194,13 @@ pub fn high_entropy_mask(
     let any_nan = nan.clone().bool_and(mask.clone()).any();
     // Invalid (and NaN) entries sort last as +inf; the first n sorted entries
     // are then the valid entropies.
-    let fill = entropies.full_like(f64::INFINITY);
+    let fill = entropies.filled(f64::INFINITY);
     let sortable = fill.mask_where(mask.clone().bool_and(nan.bool_not()), entropies.clone());
     let sorted = sortable.reshape([len]).sort(0);
     let lo = sorted.clone().narrow(0, below, 1);
     let hi = sorted.narrow(0, above, 1);
     let tau = torch_lerp(ElemTensor(lo), ElemTensor(hi), w).0;
-    let tau = tau.full_like(f64::NAN).mask_where(any_nan.bool_not(), tau);
+    let tau = tau.filled(f64::NAN).mask_where(any_nan.bool_not(), tau);
     let out = mask
         .clone()
         .bool_and(entropies.greater_equal(tau.clone().reshape([1, 1]).expand(dims)));

@@ -44,6 +44,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use crate::util::Filled;
 use burn::tensor::{Bool, Tensor};
 use posttrain_core::stats::{MomentConfig, Reduce, WhitenConfig};
 use posttrain_core::Error;
@@ -85,7 +86,7 @@ fn unflat(c: Tensor<1>, reduce: Reduce, dims: [usize; 2]) -> Result<Tensor<2>, E
 
 /// `x` where `m`, else `fill` (a selection).
 fn select_or(x: Tensor<2>, m: &Tensor<2, Bool>, fill: f64) -> Tensor<2> {
-    x.full_like(fill).mask_where(m.clone(), x)
+    x.filled(fill).mask_where(m.clone(), x)
 }
 
 fn check_inputs(
@@ -445,10 +446,10 @@ fn nan_extreme<const D: usize>(values: Tensor<D>, max: bool) -> Tensor<1> {
     } else {
         f64::INFINITY
     };
-    let x = values.full_like(fill).mask_where(valid, values);
+    let x = values.filled(fill).mask_where(valid, values);
     let x = x.flatten::<1>(0, D - 1);
     let e = if max { x.max() } else { x.min() };
-    e.full_like(f64::NAN).mask_where(any, e)
+    e.filled(f64::NAN).mask_where(any, e)
 }
 
 /// The largest non-NaN entry, as a `[1]` tensor (NaN when there is none).
