@@ -216,8 +216,10 @@ def time_variant(ctx, impl, peer, call, step, leaves, checksum, extra=None):
                 gc.collect()
                 gc.disable()
                 try:
+                    ctx.sync()
                     t0 = time.perf_counter()
                     out = step()
+                    ctx.sync()
                     t1 = time.perf_counter()
                 finally:
                     gc.enable()
@@ -243,7 +245,9 @@ def time_variant(ctx, impl, peer, call, step, leaves, checksum, extra=None):
         if extra:
             rec.update(extra)
         rec["torch"] = torch.__version__
-        rec["device"] = "cpu"
+        rec["device"] = ctx.device_name
+        if ctx.ray_stub:
+            rec["ray"] = "stand-in"
         if not all(math.isfinite(v) for v in (cs, rec.get("grad_abs_sum", 0.0))):
             rec["error"] = "non-finite checksum"
             _errors.append(impl)
@@ -285,10 +289,11 @@ def wl_logprobs(ctx):
 
     B, T, V = ctx.shape
     g = torch.Generator().manual_seed(SEED)
-    logits = _randn(g, ctx.dtype, B, T, V).requires_grad_(True)
-    labels = torch.randint(0, V, (B, T), generator=g)
-    c1 = _randn(g, ctx.dtype, B, T)
-    c2 = _randn(g, ctx.dtype, B, T)
+    dev = ctx.device
+    logits = _randn(g, ctx.dtype, B, T, V).to(dev).requires_grad_(True)
+    labels = torch.randint(0, V, (B, T), generator=g).to(dev)
+    c1 = _randn(g, ctx.dtype, B, T).to(dev)
+    c2 = _randn(g, ctx.dtype, B, T).to(dev)
 
     def loss_of(logp, ent):
         loss = (logp * c1).sum()
@@ -342,6 +347,28 @@ def wl_logprobs(ctx):
     except Exception as e:
         _import_error(ctx, "verl.logprobs_from_logits+verl.entropy_from_logits", e)
 
+    try:
+        with quiet_stdout():
+            from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+        if logits.device.type != "cuda":
+            raise RuntimeError("Liger-Kernel's Triton kernels need a GPU")
+
+        def liger_logp(x, y):
+            # LigerCrossEntropyFunction.apply(input, target, weight, ignore_index,
+            # lse_square_scale, label_smoothing, reduction, softcap, return_z_loss, ...)
+            out = LigerCrossEntropyFunction.apply(x.reshape(-1, V), y.reshape(-1), None, -100, 0.0, 0.0, "none")
+            loss = out[0] if isinstance(out, tuple) else out
+            return -loss.view(B, T)
+
+        time_variant(
+            ctx, "liger_kernel.cross_entropy (logprob only)", peer_str("liger-kernel"),
+            "logp = -LigerCrossEntropyFunction.apply(logits.view(-1,V), labels.view(-1), None, -100, 0.0, 0.0, "
+            "'none').view(B,T); (logp*c1).sum().backward()  # Triton, gradient computed in the forward",
+            lambda: loss_of(liger_logp(logits, labels), None), [logits], cs)
+    except Exception as e:
+        if logits.device.type == "cuda":
+            _import_error(ctx, "liger_kernel.cross_entropy (logprob only)", e)
+
     time_variant(
         ctx, "torch.F.cross_entropy (logprob only)", peer_str("torch"),
         "logp = -F.cross_entropy(logits.view(-1,V), labels.view(-1), reduction='none').view(B,T); "
@@ -355,12 +382,14 @@ def wl_token_loss(ctx):
     B, T = ctx.shape
     g = torch.Generator().manual_seed(SEED)
     dt = ctx.dtype
+    dev = ctx.device
     lp0 = -_randn(g, dt, B, T).abs() * 2.0
-    old_log_prob = lp0 + (_rand(g, dt, B, T) * 0.6 - 0.3)
-    ref_log_prob = lp0 + (_rand(g, dt, B, T) * 0.6 - 0.3)
-    advantages = _randn(g, dt, B, 1).repeat(1, T)
+    old_log_prob = (lp0 + (_rand(g, dt, B, T) * 0.6 - 0.3)).to(dev)
+    ref_log_prob = (lp0 + (_rand(g, dt, B, T) * 0.6 - 0.3)).to(dev)
+    advantages = _randn(g, dt, B, 1).repeat(1, T).to(dev)
     response_mask, _ = masked_prefix(g, B, T)  # bool, as verl's ppo_loss passes it (.to(bool))
-    log_prob = lp0.clone().requires_grad_(True)
+    response_mask = response_mask.to(dev)
+    log_prob = lp0.clone().to(dev).requires_grad_(True)
 
     try:
         with quiet_stdout():
@@ -737,6 +766,29 @@ RUNNERS = {
 }
 
 
+def _stub_ray_if_missing():
+    """verl's package import (verl/__init__ -> verl/protocol.py) imports ray for
+    its distributed DataProto futures (``ray.ObjectRef`` annotations, ``ray.get``);
+    the loss functions timed here never touch it. Where ray cannot be installed
+    (the GPU machine: no registry, and ray's wheel is ~70 MB), an empty stand-in
+    module lets verl import; the peer lines then say ``"ray": "stand-in"``."""
+    try:
+        import ray  # noqa: F401
+
+        return False
+    except ImportError:
+        ray = types.ModuleType("ray")
+        ray.ObjectRef = type("ObjectRef", (), {})
+
+        def _unavailable(*a, **k):
+            raise RuntimeError("ray stand-in (bench/peers.py): ray is not installed")
+
+        ray.get = ray.put = ray.init = ray.remote = _unavailable
+        ray.is_initialized = lambda: False
+        sys.modules["ray"] = ray
+        return True
+
+
 def _import_error(ctx, impl, e):
     _errors.append(impl)
     emit({"workload": ctx.workload, "impl": impl, "shape": ctx.shape,
@@ -754,6 +806,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: logprobs and token_loss only")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--impl", action="append", default=None, help="only variants whose impl contains this")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 3 reps, 1 warmup (smoke test)")
@@ -784,7 +837,20 @@ def main(argv=None):
 
     import torch
 
+    ray_stub = _stub_ray_if_missing()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch sees no GPU")
+        gpu_ok = {"logprobs", "token_loss"}
+        if not set(names) <= gpu_ok:
+            p.error(f"--device cuda runs {sorted(gpu_ok)} only")
+        sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
+        device_name = f"{device} ({torch.cuda.get_device_name(device)})"
+    else:
+        sync = lambda: None  # noqa: E731
+        device_name = "cpu"
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
 
     for name in names:
@@ -801,7 +867,8 @@ def main(argv=None):
                 workload=name, shape=list(shape), dtype=dtype, dtype_name=args.dtype, threads=args.threads,
                 reps=args.reps if args.reps is not None else (3 if args.quick else default_reps),
                 warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
-                impl_filter=args.impl,
+                impl_filter=args.impl, device=device, device_name=device_name, sync=sync,
+                ray_stub=ray_stub,
             )
             RUNNERS[name](ctx)
             gc.collect()

@@ -58,6 +58,11 @@ struct Args {
     python: String,
     peers: bool,
     only: Option<Vec<String>>,
+    /// `--gpu`: workloads 1–2 on the GPU backends compiled in (tch CUDA,
+    /// wgpu) against the peers on CUDA.
+    gpu: bool,
+    /// `--gpu-ops`: with `--gpu`, also time the building blocks on each device.
+    gpu_ops: bool,
 }
 
 fn args() -> Args {
@@ -67,12 +72,19 @@ fn args() -> Args {
         python: std::env::var("POSTTRAIN_BENCH_PYTHON").unwrap_or_else(|_| "python3".into()),
         peers: true,
         only: None,
+        gpu: false,
+        gpu_ops: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
             "--quick" => a.quick = true,
             "--no-peers" => a.peers = false,
+            "--gpu" => a.gpu = true,
+            "--gpu-ops" => {
+                a.gpu = true;
+                a.gpu_ops = true
+            }
             // The fused loops on the build's baseline instruction set only (SSE2 on x86-64).
             "--no-simd" => posttrain_core::fused::use_simd_extensions(false),
             "--threads" => a.threads = it.next().and_then(|v| v.parse().ok()).expect("--threads N"),
@@ -87,7 +99,7 @@ fn args() -> Args {
                 )
             }
             "-h" | "--help" => {
-                println!("usage: posttrain-bench [--quick] [--threads N] [--python PATH] [--no-peers] [--no-simd] [--only logprobs,token_loss,advantages,gae,dpo,dpo_logits]");
+                println!("usage: posttrain-bench [--quick] [--threads N] [--python PATH] [--no-peers] [--no-simd] [--gpu] [--only logprobs,token_loss,advantages,gae,dpo,dpo_logits]");
                 std::process::exit(0);
             }
             other => {
@@ -184,22 +196,31 @@ fn run_peers(a: &Args, workload: &str, shape: &[usize]) -> Result<Vec<PeerTime>,
             &shape_s.join(","),
             "--threads",
             &a.threads.to_string(),
+            "--device",
+            if a.gpu { "cuda" } else { "cpu" },
         ])
         .output()
         .map_err(|e| format!("cannot run {}: {e}", a.python))?;
-    if !out.status.success() {
+    let failed = (!out.status.success()).then(|| {
         let err = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = err.lines().rev().take(6).collect();
-        return Err(format!(
+        format!(
             "peers.py {workload} failed ({}): {}",
             out.status,
             tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-        ));
-    }
+        )
+    });
     let mut v = vec![];
     for line in out.stdout.lines() {
         let line = line.map_err(|e| e.to_string())?;
         if let Ok(j) = serde_json::from_str::<Value>(&line) {
+            if let Some(e) = j["error"].as_str() {
+                eprintln!(
+                    "posttrain-bench: peer {} ({workload}): {e}",
+                    j["impl"].as_str().unwrap_or("?")
+                );
+                continue;
+            }
             if let (Some(imp), Some(m)) = (j["impl"].as_str(), j["median_s"].as_f64()) {
                 v.push(PeerTime {
                     imp: imp.to_string(),
@@ -209,8 +230,13 @@ fn run_peers(a: &Args, workload: &str, shape: &[usize]) -> Result<Vec<PeerTime>,
             }
         }
     }
-    if v.is_empty() {
-        return Err(format!("peers.py {workload} printed no timing"));
+    match failed {
+        // Some variants failed (an import, say) but others were timed: keep
+        // those, and say what failed (every failed variant prints an `error` line).
+        Some(e) if !v.is_empty() => eprintln!("posttrain-bench: {e}"),
+        Some(e) => return Err(e),
+        None if v.is_empty() => return Err(format!("peers.py {workload} printed no timing")),
+        None => {}
     }
     Ok(v)
 }
@@ -247,17 +273,50 @@ impl Report {
             v.map_or(Value::Null, |x| json!((x * 1000.0).round() / 1000.0)),
         );
     }
-    /// Adds the peer rows of a workload and returns `peer ÷ ours` for the headline peer.
-    fn peers(
-        &mut self,
-        a: &Args,
-        workload: &str,
-        shape: &[usize],
-        ours: f64,
-        headline: &str,
-    ) -> Option<f64> {
+    /// Prints the table, the peers' lines (with `POSTTRAIN_BENCH_PEER_LINES`)
+    /// and, last, the JSON object.
+    fn print(self) {
+        let w = [10, 16, 52, 12];
+        println!();
+        println!(
+            "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}",
+            "workload",
+            "shape",
+            "implementation",
+            "time",
+            w0 = w[0],
+            w1 = w[1],
+            w2 = w[2],
+            w3 = w[3]
+        );
+        for row in &self.rows {
+            println!(
+                "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {}",
+                row[0],
+                row[1],
+                row[2],
+                row[3],
+                row[4],
+                w0 = w[0],
+                w1 = w[1],
+                w2 = w[2],
+                w3 = w[3]
+            );
+        }
+        if std::env::var_os("POSTTRAIN_BENCH_PEER_LINES").is_some() {
+            let peers = Value::Object(self.peers_used);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&peers).unwrap_or_default()
+            );
+        }
+        println!("{}", Value::Object(self.json));
+    }
+    /// Adds every peer row of a workload (ratios against `ours`) and returns
+    /// the peers' times (none with `--no-peers` or when the peers failed).
+    fn peers_all(&mut self, a: &Args, workload: &str, shape: &[usize], ours: f64) -> Vec<PeerTime> {
         if !a.peers {
-            return None;
+            return vec![];
         }
         match run_peers(a, workload, shape) {
             Ok(ps) => {
@@ -272,18 +331,33 @@ impl Report {
                     self.peers_used
                         .insert(format!("{workload} {shape:?} {}", p.imp), p.line.clone());
                 }
-                let h = pick(&ps, headline);
-                if h.is_none() {
-                    eprintln!("posttrain-bench: no peer line of {workload} matches {headline:?}");
-                }
-                h.map(|p| p.median / ours)
+                ps
             }
             Err(e) => {
                 eprintln!("posttrain-bench: {e}");
                 self.row(workload, shape, "peer: unavailable", f64::NAN, e);
-                None
+                vec![]
             }
         }
+    }
+    /// Adds the peer rows of a workload and returns `peer ÷ ours` for the headline peer.
+    fn peers(
+        &mut self,
+        a: &Args,
+        workload: &str,
+        shape: &[usize],
+        ours: f64,
+        headline: &str,
+    ) -> Option<f64> {
+        let ps = self.peers_all(a, workload, shape, ours);
+        if ps.is_empty() {
+            return None;
+        }
+        let h = pick(&ps, headline);
+        if h.is_none() {
+            eprintln!("posttrain-bench: no peer line of {workload} matches {headline:?}");
+        }
+        h.map(|p| p.median / ours)
     }
 }
 
@@ -332,7 +406,8 @@ fn logprobs(a: &Args, r: &mut Report, shape: [usize; 3], bw: f64) {
         format!("{:.0}% of copy bandwidth", 100.0 * frac),
     );
     r.set("logprobs_bw_fraction", Some(frac));
-    let burn = burn_logprobs(&z, &ids, &c_lp, &c_h, shape, reps);
+    let dev: Device = posttrain_burn::device().expect("burn device").autodiff();
+    let (burn, _) = burn_logprobs(&dev, false, &z, &ids, &c_lp, &c_h, shape, reps);
     r.row(
         "logprobs",
         &shape,
@@ -349,17 +424,25 @@ fn logprobs(a: &Args, r: &mut Report, shape: [usize; 3], bw: f64) {
     drop(g);
 }
 
+/// The burn fused log-probs + entropy step on `dev` (an autodiff device),
+/// timed; returns `(median seconds, log π, H, ∂ℓ/∂z)` of the last step.
+///
+/// On ndarray the gradient is read back into host memory (as an optimizer
+/// step on the host would); on a GPU device (`on_gpu`) the step ends with
+/// `Device::sync` and the gradient stays on the device, as torch's does.
+#[allow(clippy::too_many_arguments)]
 fn burn_logprobs(
+    dev: &Device,
+    on_gpu: bool,
     z: &[f32],
     ids: &[i64],
     c_lp: &[f32],
     c_h: &[f32],
     shape: [usize; 3],
     reps: usize,
-) -> f64 {
+) -> (f64, [Vec<f32>; 3]) {
     use posttrain_burn::fused;
     let [b, s, v] = shape;
-    let dev: Device = posttrain_burn::device().expect("burn device").autodiff();
     let inner = dev.clone().inner();
     let zt: Tensor<3> =
         Tensor::from_data(TensorData::new(z.to_vec(), [b, s, v]), &inner).autodiff();
@@ -367,19 +450,40 @@ fn burn_logprobs(
     let cl: Tensor<2> =
         Tensor::from_data(TensorData::new(c_lp.to_vec(), [b, s]), &inner).autodiff();
     let ch: Tensor<2> = Tensor::from_data(TensorData::new(c_h.to_vec(), [b, s]), &inner).autodiff();
-    let (med, _) = time(1, reps, || {
+    let step = || {
         let x = zt.clone().require_grad();
         let (lp, h) =
             fused::log_probs_and_entropy(x.clone(), it.clone().autodiff(), Temperature::ONE)
                 .expect("log-probs and entropy");
-        let loss = (lp * cl.clone()).sum() + (h * ch.clone()).sum();
+        let loss = (lp.clone() * cl.clone()).sum() + (h.clone() * ch.clone()).sum();
         let mut grads = loss.backward();
         // Taken out of the container (as an optimizer step does), the
         // gradient's buffer is read without a copy.
         let gx = x.grad_remove(&mut grads).expect("grad");
-        let _ = gx.into_data();
+        (lp, h, gx)
+    };
+    let (med, _) = time(1, reps, || {
+        let (_, _, gx) = step();
+        if on_gpu {
+            dev.sync().expect("device sync");
+            drop(gx);
+        } else {
+            let _ = gx.into_data();
+        }
     });
-    med
+    let (lp, h, gx) = step();
+    let host = |t: Tensor<2>| {
+        t.into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .expect("f32")
+    };
+    let g = gx
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32");
+    (med, [host(lp.inner()), host(h.inner()), g])
 }
 
 /// `(log π, log π_old, log π_ref, A, mask)` of a `[b, t]` batch.
@@ -455,7 +559,8 @@ fn token_loss(a: &Args, r: &mut Report, shape: [usize; 2], bw: f64, headline: bo
         ours,
         format!("{:.0}% of copy bandwidth", 100.0 * frac),
     );
-    let burn = burn_token_loss(&lp, &old, &rf, &adv, &mask, shape, reps);
+    let dev: Device = posttrain_burn::device().expect("burn device").autodiff();
+    let (burn, _, _) = burn_token_loss(&dev, false, &lp, &old, &rf, &adv, &mask, shape, reps);
     r.row(
         "token_loss",
         &shape,
@@ -482,7 +587,13 @@ fn token_loss(a: &Args, r: &mut Report, shape: [usize; 2], bw: f64, headline: bo
     }
 }
 
+/// The burn fused token loss (verl's actor loss) on `dev` (an autodiff
+/// device), timed; returns `(median seconds, [loss], ∂ℓ/∂log π)` of the last
+/// step. Synchronisation as [`burn_logprobs`].
+#[allow(clippy::too_many_arguments)]
 fn burn_token_loss(
+    dev: &Device,
+    on_gpu: bool,
     lp: &[f32],
     old: &[f32],
     rf: &[f32],
@@ -490,10 +601,9 @@ fn burn_token_loss(
     mask: &[bool],
     shape: [usize; 2],
     reps: usize,
-) -> f64 {
+) -> (f64, f32, Vec<f32>) {
     use posttrain_burn::fused;
     let [b, t] = shape;
-    let dev: Device = posttrain_burn::device().expect("burn device").autodiff();
     let inner = dev.clone().inner();
     let t2 = |v: &[f32]| -> Tensor<2> {
         Tensor::from_data(TensorData::new(v.to_vec(), [b, t]), &inner).autodiff()
@@ -503,7 +613,7 @@ fn burn_token_loss(
     let m = m.autodiff();
     let cfg = verl_actor_loss();
     let kl = cfg.kl.expect("kl");
-    let (med, _) = time(2, reps, || {
+    let step = || {
         let x = x0.clone().require_grad();
         let out = fused::policy_loss_with_kl(
             &cfg.loss,
@@ -522,9 +632,31 @@ fn burn_token_loss(
         )
         .expect("fused policy loss");
         let mut grads = out.loss.backward();
-        let _ = x.grad_remove(&mut grads).expect("grad").into_data();
+        let gx = x.grad_remove(&mut grads).expect("grad");
+        (out.loss, gx)
+    };
+    let (med, _) = time(2, reps, || {
+        let (_, gx) = step();
+        if on_gpu {
+            dev.sync().expect("device sync");
+            drop(gx);
+        } else {
+            let _ = gx.into_data();
+        }
     });
-    med
+    let (loss, gx) = step();
+    let loss = loss
+        .inner()
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32")[0];
+    let g = gx
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32");
+    (med, loss, g)
 }
 
 /// Workload 3a: GRPO group advantages (verl's outcome advantage: z-score per group, ε = 1e-6).
@@ -701,6 +833,286 @@ fn dpo_logits(a: &Args, r: &mut Report, shape: [usize; 3]) {
     r.set("dpo_logits_vs_torch", vs);
 }
 
+// ---------------------------------------------------------------------------
+// GPU: workloads 1–2 on the burn GPU backends against the peers on CUDA
+// ---------------------------------------------------------------------------
+
+/// The GPU devices of the backends compiled in: libtorch (the device
+/// `POSTTRAIN_TCH_DEVICE` picks, CUDA 0 when libtorch sees one) and wgpu
+/// (its default adapter).
+fn gpu_devices() -> Vec<(String, Device)> {
+    use posttrain_burn::BackendKind;
+    let mut v = vec![];
+    for kind in [BackendKind::Tch, BackendKind::Wgpu] {
+        if !kind.is_compiled() {
+            continue;
+        }
+        match posttrain_burn::device_for(kind) {
+            Ok(d) => v.push((format!("{} {d:?}", kind.name()), d.autodiff())),
+            Err(e) => eprintln!("posttrain-bench: no {} device: {e}", kind.name()),
+        }
+    }
+    v
+}
+
+/// `--gpu-ops`: the building blocks of workloads 1–2 timed one by one on
+/// `dev` (each ends with `Device::sync`), to show where a GPU backend spends
+/// its time.
+fn gpu_ops(name: &str, dev: &Device) {
+    use burn::tensor::activation::log_softmax;
+    use posttrain_burn::{fused, logits};
+    let inner = dev.clone().inner();
+    let (b, s, v) = (8usize, 512usize, 32000usize);
+    let mut rng = Rng(5);
+    let z: Vec<f32> = (0..b * s * v).map(|_| rng.normal() as f32).collect();
+    let ids: Vec<i64> = (0..b * s).map(|_| rng.below(v) as i64).collect();
+    let zt: Tensor<3> = Tensor::from_data(TensorData::new(z, [b, s, v]), &inner);
+    let it: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [b, s]), &inner);
+    let c: Tensor<2> = Tensor::ones([b, s], &inner);
+    let t = |what: &str, f: &mut dyn FnMut()| {
+        f();
+        dev.sync().expect("sync");
+        let (med, _) = time(1, 5, || {
+            f();
+            dev.sync().expect("sync");
+        });
+        println!("gpu-ops {name}: {what:<44} {:>9.3} ms", med * 1e3);
+    };
+    t("logits [8,512,32000]: exp", &mut || drop(zt.clone().exp()));
+    t("logits: log_softmax (burn)", &mut || {
+        drop(log_softmax(zt.clone(), 2))
+    });
+    t("logits: sum_dim(2)", &mut || drop(zt.clone().sum_dim(2)));
+    t("logits: selective_log_softmax fwd", &mut || {
+        drop(
+            logits::selective_log_softmax(zt.clone(), it.clone(), Temperature::ONE, None)
+                .expect("op"),
+        )
+    });
+    t("logits: selective_log_softmax fwd + vjp", &mut || {
+        drop(
+            logits::selective_log_softmax(
+                zt.clone(),
+                it.clone(),
+                Temperature::ONE,
+                Some(c.clone()),
+            )
+            .expect("op"),
+        )
+    });
+    t("logits: entropy fwd", &mut || {
+        drop(logits::entropy_from_logits(zt.clone(), None).expect("op"))
+    });
+    t("logits: entropy fwd + vjp", &mut || {
+        drop(logits::entropy_from_logits(zt.clone(), Some(c.clone())).expect("op"))
+    });
+    let za = zt.clone().autodiff();
+    t("logits: fused log_probs_and_entropy fwd", &mut || {
+        drop(
+            fused::log_probs_and_entropy(za.clone(), it.clone().autodiff(), Temperature::ONE)
+                .expect("op"),
+        )
+    });
+    drop((zt, za));
+    let (bt, tt) = (256usize, 4096usize);
+    let (lp, old, rf, adv, mask) = token_inputs(bt, tt, 2);
+    let t2 = |x: &[f32]| -> Tensor<2> {
+        Tensor::from_data(TensorData::new(x.to_vec(), [bt, tt]), &inner)
+    };
+    let (x, o, f, ad) = (t2(&lp), t2(&old), t2(&rf), t2(&adv));
+    let m: Tensor<2, Bool> = Tensor::from_data(TensorData::new(mask, [bt, tt]), &inner);
+    t("tokens [256,4096]: exp", &mut || drop(x.clone().exp()));
+    t("tokens: sum", &mut || drop(x.clone().sum()));
+    let cfg = verl_actor_loss();
+    let kl = cfg.kl.expect("kl");
+    t("tokens: policy_loss_with_kl (no autodiff)", &mut || {
+        drop(
+            fused::policy_loss_with_kl(
+                &cfg.loss,
+                cfg.agg,
+                &cfg.norm,
+                x.clone(),
+                o.clone(),
+                ad.clone(),
+                &m,
+                None,
+                Some(fused::KlPenalty {
+                    config: kl.estimator,
+                    coef: kl.coef,
+                    ref_log_prob: f.clone(),
+                }),
+            )
+            .expect("op"),
+        )
+    });
+}
+
+/// Largest `|a − b| / max(1, |b|)` over two equally long slices.
+fn max_rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y as f64).abs() / (y as f64).abs().max(1.0))
+        .fold(0.0, f64::max)
+}
+
+/// `--gpu`: workload 1 and 2 on every GPU device, each checked against the
+/// core (CPU, f32) and timed against the peers' code on CUDA.
+fn gpu_run(a: &Args, r: &mut Report) {
+    let devices = gpu_devices();
+    if devices.is_empty() {
+        eprintln!("posttrain-bench --gpu: no GPU backend compiled in (features tch, wgpu)");
+        std::process::exit(2);
+    }
+    let q = a.quick;
+    if a.gpu_ops {
+        for (name, dev) in &devices {
+            gpu_ops(name.split(' ').next().unwrap_or("gpu"), dev);
+        }
+    }
+    let wanted = |w: &str| a.only.as_ref().is_none_or(|o| o.iter().any(|x| x == w));
+    if wanted("logprobs") {
+        let shape = if q { [2, 64, 4096] } else { [8, 512, 32000] };
+        let [b, s, v] = shape;
+        let rows = b * s;
+        let mut rng = Rng(1);
+        let z: Vec<f32> = (0..rows * v).map(|_| (2.0 * rng.normal()) as f32).collect();
+        let ids: Vec<i64> = (0..rows).map(|_| rng.below(v) as i64).collect();
+        let c_lp: Vec<f32> = (0..rows).map(|_| rng.normal() as f32).collect();
+        let c_h: Vec<f32> = (0..rows).map(|_| rng.normal() as f32).collect();
+        let (mut lp, mut h, mut lse) = (vec![0.0f32; rows], vec![0.0f32; rows], vec![0.0f32; rows]);
+        let mut g = vec![0.0f32; rows * v];
+        let t = Temperature::ONE;
+        parallel::log_probs_entropy(&z, rows, v, t, &ids, &mut lp, &mut h, &mut lse, a.threads)
+            .expect("forward");
+        parallel::log_probs_entropy_backward(
+            &z,
+            rows,
+            v,
+            t,
+            &ids,
+            &lse,
+            &h,
+            &c_lp,
+            Some(&c_h),
+            &mut g,
+            a.threads,
+        )
+        .expect("backward");
+        let mut times = vec![];
+        for (name, dev) in &devices {
+            let (secs, [glp, gh, gg]) = burn_logprobs(
+                dev,
+                true,
+                &z,
+                &ids,
+                &c_lp,
+                &c_h,
+                shape,
+                if q { 3 } else { 10 },
+            );
+            let err = max_rel_err(&glp, &lp)
+                .max(max_rel_err(&gh, &h))
+                .max(max_rel_err(&gg, &g));
+            r.row(
+                "logprobs",
+                &shape,
+                &format!("posttrain-burn fused, {name}"),
+                secs,
+                format!("max rel err vs core {err:.1e}"),
+            );
+            times.push((
+                name.split(' ').next().unwrap_or("gpu").to_string(),
+                secs,
+                err,
+            ));
+        }
+        let peers = r.peers_all(a, "logprobs", &shape, times[0].1);
+        for (backend, secs, err) in &times {
+            for (key, pat) in [
+                ("logprobs_vs_torch", "torch.F.cross_entropy+verl"),
+                ("logprobs_vs_trl", "trl.selective_log_softmax+trl.entropy"),
+                ("logprobs_vs_liger", "liger"),
+            ] {
+                let vs = peers
+                    .iter()
+                    .find(|p| p.imp.contains(pat))
+                    .map(|p| p.median / secs);
+                r.set(&format!("gpu_{backend}_{key}"), vs);
+            }
+            r.json
+                .insert(format!("gpu_{backend}_logprobs_max_rel_err"), json!(err));
+        }
+    }
+    if wanted("token_loss") {
+        let cfg = verl_actor_loss();
+        for shape in if q {
+            [[8, 256], [16, 512]]
+        } else {
+            [[64, 1024], [256, 4096]]
+        } {
+            let [b, t] = shape;
+            let (lp, old, rf, adv, mask) = token_inputs(b, t, 2);
+            let batch = PolicyBatch {
+                dims: Dims::new(b, t),
+                log_prob: &lp,
+                old_log_prob: &old,
+                advantages: &adv,
+                mask: &mask,
+                is_weights: None,
+            };
+            let mut g = vec![0.0f32; b * t];
+            let out = parallel::token_loss(&cfg, &batch, Some(&rf), Some((1.0, &mut g)), a.threads)
+                .expect("token loss");
+            let loss = out.loss as f32;
+            let mut times = vec![];
+            for (name, dev) in &devices {
+                let (secs, gl, gg) = burn_token_loss(
+                    dev,
+                    true,
+                    &lp,
+                    &old,
+                    &rf,
+                    &adv,
+                    &mask,
+                    shape,
+                    if q { 5 } else { 50 },
+                );
+                let err = max_rel_err(&[gl], &[loss]).max(max_rel_err(&gg, &g));
+                r.row(
+                    "token_loss",
+                    &shape,
+                    &format!("posttrain-burn fused, {name}"),
+                    secs,
+                    format!("max rel err vs core {err:.1e}"),
+                );
+                times.push((
+                    name.split(' ').next().unwrap_or("gpu").to_string(),
+                    secs,
+                    err,
+                ));
+            }
+            let peers = r.peers_all(a, "token_loss", &shape, times[0].1);
+            let sfx = if shape == [256, 4096] || (q && shape == [16, 512]) {
+                String::new()
+            } else {
+                format!("_{b}x{t}")
+            };
+            for (backend, secs, err) in &times {
+                let vs = peers
+                    .iter()
+                    .find(|p| p.imp.contains("verl"))
+                    .map(|p| p.median / secs);
+                r.set(&format!("gpu_{backend}_token_loss{sfx}_vs_torch"), vs);
+                r.json.insert(
+                    format!("gpu_{backend}_token_loss{sfx}_max_rel_err"),
+                    json!(err),
+                );
+            }
+        }
+    }
+}
+
 fn main() {
     let a = args();
     let wanted = |w: &str| a.only.as_ref().is_none_or(|o| o.iter().any(|x| x == w));
@@ -711,7 +1123,11 @@ fn main() {
         if q { ", quick shapes" } else { "" },
         if a.peers { a.python.as_str() } else { "off" }
     );
-    let bw = copy_bandwidth(a.threads, if q { 64 << 20 } else { 1 << 30 });
+    let bw = if a.gpu {
+        f64::NAN
+    } else {
+        copy_bandwidth(a.threads, if q { 64 << 20 } else { 1 << 30 })
+    };
     println!(
         "copy bandwidth: {:.1} GB/s (read + write, {} threads)",
         bw / 1e9,
@@ -723,6 +1139,11 @@ fn main() {
         peers_used: Map::new(),
     };
     r.json.insert("threads".into(), json!(a.threads));
+    if a.gpu {
+        gpu_run(&a, &mut r);
+        r.print();
+        return;
+    }
     r.json
         .insert("copy_gb_per_s".into(), json!((bw / 1e8).round() / 10.0));
     if wanted("logprobs") {
@@ -755,39 +1176,5 @@ fn main() {
     if wanted("dpo_logits") {
         dpo_logits(&a, &mut r, if q { [4, 64, 4096] } else { [8, 512, 32000] });
     }
-    let w = [10, 16, 52, 12];
-    println!();
-    println!(
-        "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}",
-        "workload",
-        "shape",
-        "implementation",
-        "time",
-        w0 = w[0],
-        w1 = w[1],
-        w2 = w[2],
-        w3 = w[3]
-    );
-    for row in &r.rows {
-        println!(
-            "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {}",
-            row[0],
-            row[1],
-            row[2],
-            row[3],
-            row[4],
-            w0 = w[0],
-            w1 = w[1],
-            w2 = w[2],
-            w3 = w[3]
-        );
-    }
-    if std::env::var_os("POSTTRAIN_BENCH_PEER_LINES").is_some() {
-        let peers = Value::Object(r.peers_used);
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&peers).unwrap_or_default()
-        );
-    }
-    println!("{}", Value::Object(r.json));
+    r.print();
 }
