@@ -2,7 +2,7 @@
 //! PyTorch functions, measured side by side in one run.
 //!
 //! ```text
-//! cargo run --release -p posttrain-bench -- [--quick] [--threads N] [--python PATH] [--no-peers] [--no-simd] [--only W,W]
+//! cargo run --release -p posttrain-bench -- [--quick] [--threads N] [--python PATH] [--no-peers] [--no-simd] [--gpu | --gpu-ops] [--only W,W]
 //! ```
 //!
 //! For each workload this binary times posttrain (the core's fused kernels on
@@ -24,6 +24,15 @@
 //! warm-up 2, reps 10, 5 for the logits workloads; the peers the same through
 //! `peers.py`). The last line is one JSON object with every ratio (see
 //! `docs/PERFORMANCE.md`).
+//!
+//! GPU: `--gpu` (build with `--features tch` and/or `wgpu`) runs workloads
+//! 1–2 on the GPU devices compiled in — libtorch (`POSTTRAIN_TCH_DEVICE`,
+//! CUDA 0 by default when libtorch sees one) and wgpu — each step ending in
+//! `Device::sync`, checks every output against the core, and times the peers
+//! with `peers.py --device cuda`; `--gpu-ops` adds a breakdown of the
+//! building blocks. The JSON keys are `gpu_<backend>_<workload>_vs_torch`
+//! (and `_vs_trl`, `_vs_liger`, `_max_rel_err`). Measured tables:
+//! `docs/PERFORMANCE.md`, section GPU.
 //!
 //! Python: `--python` (default `$POSTTRAIN_BENCH_PYTHON`, else `python3`) must
 //! import torch, trl and verl; `.ci/run` builds such a venv. `--no-peers`
@@ -99,7 +108,7 @@ fn args() -> Args {
                 )
             }
             "-h" | "--help" => {
-                println!("usage: posttrain-bench [--quick] [--threads N] [--python PATH] [--no-peers] [--no-simd] [--gpu] [--only logprobs,token_loss,advantages,gae,dpo,dpo_logits]");
+                println!("usage: posttrain-bench [--quick] [--threads N] [--python PATH] [--no-peers] [--no-simd] [--gpu | --gpu-ops] [--only logprobs,token_loss,advantages,gae,dpo,dpo_logits]");
                 std::process::exit(0);
             }
             other => {
