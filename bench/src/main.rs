@@ -374,37 +374,82 @@ impl Report {
 // Workloads
 // ---------------------------------------------------------------------------
 
-/// Workload 1: log-probs of the labels + entropy from logits, forward + backward.
-fn logprobs(a: &Args, r: &mut Report, shape: [usize; 3], bw: f64) {
-    let [b, s, v] = shape;
-    let rows = b * s;
-    let mut rng = Rng(1);
-    let z: Vec<f32> = (0..rows * v).map(|_| (2.0 * rng.normal()) as f32).collect();
-    let ids: Vec<i64> = (0..rows).map(|_| rng.below(v) as i64).collect();
-    let c_lp: Vec<f32> = (0..rows).map(|_| rng.normal() as f32).collect();
-    let c_h: Vec<f32> = (0..rows).map(|_| rng.normal() as f32).collect();
-    let (mut lp, mut h, mut lse) = (vec![0.0f32; rows], vec![0.0f32; rows], vec![0.0f32; rows]);
-    let mut g = vec![0.0f32; rows * v];
-    let t = Temperature::ONE;
-    let reps = if a.quick { 3 } else { 5 };
-    let (ours, _) = time(1, reps, || {
-        parallel::log_probs_entropy(&z, rows, v, t, &ids, &mut lp, &mut h, &mut lse, a.threads)
-            .expect("forward");
-        parallel::log_probs_entropy_backward(
-            &z,
+/// Workload 1's inputs (seeded) and the core's outputs on them.
+struct LogitsCase {
+    rows: usize,
+    v: usize,
+    z: Vec<f32>,
+    ids: Vec<i64>,
+    c_lp: Vec<f32>,
+    c_h: Vec<f32>,
+    lp: Vec<f32>,
+    h: Vec<f32>,
+    lse: Vec<f32>,
+    g: Vec<f32>,
+}
+
+impl LogitsCase {
+    fn new([b, s, v]: [usize; 3]) -> Self {
+        let rows = b * s;
+        let mut rng = Rng(1);
+        let z = (0..rows * v).map(|_| (2.0 * rng.normal()) as f32).collect();
+        let ids = (0..rows).map(|_| rng.below(v) as i64).collect();
+        let c_lp = (0..rows).map(|_| rng.normal() as f32).collect();
+        let c_h = (0..rows).map(|_| rng.normal() as f32).collect();
+        let zeros = || vec![0.0f32; rows];
+        let (lp, h, lse, g) = (zeros(), zeros(), zeros(), vec![0.0f32; rows * v]);
+        LogitsCase {
+            rows,
+            v,
+            z,
+            ids,
+            c_lp,
+            c_h,
+            lp,
+            h,
+            lse,
+            g,
+        }
+    }
+
+    /// The core's fused forward (`lp`, `h`, `lse`) and backward (`g`).
+    fn run_core(&mut self, threads: usize) {
+        let (rows, v, t) = (self.rows, self.v, Temperature::ONE);
+        parallel::log_probs_entropy(
+            &self.z,
             rows,
             v,
             t,
-            &ids,
-            &lse,
-            &h,
-            &c_lp,
-            Some(&c_h),
-            &mut g,
-            a.threads,
+            &self.ids,
+            &mut self.lp,
+            &mut self.h,
+            &mut self.lse,
+            threads,
+        )
+        .expect("forward");
+        parallel::log_probs_entropy_backward(
+            &self.z,
+            rows,
+            v,
+            t,
+            &self.ids,
+            &self.lse,
+            &self.h,
+            &self.c_lp,
+            Some(&self.c_h),
+            &mut self.g,
+            threads,
         )
         .expect("backward");
-    });
+    }
+}
+
+/// Workload 1: log-probs of the labels + entropy from logits, forward + backward.
+fn logprobs(a: &Args, r: &mut Report, shape: [usize; 3], bw: f64) {
+    let mut case = LogitsCase::new(shape);
+    let reps = if a.quick { 3 } else { 5 };
+    let (ours, _) = time(1, reps, || case.run_core(a.threads));
+    let (rows, v) = (case.rows, case.v);
     let bytes = 12.0 * (rows * v) as f64;
     let frac = bytes / ours / bw;
     r.row(
@@ -416,7 +461,7 @@ fn logprobs(a: &Args, r: &mut Report, shape: [usize; 3], bw: f64) {
     );
     r.set("logprobs_bw_fraction", Some(frac));
     let dev: Device = posttrain_burn::device().expect("burn device").autodiff();
-    let (burn, _) = burn_logprobs(&dev, false, &z, &ids, &c_lp, &c_h, shape, reps);
+    let (burn, _) = burn_logprobs(&dev, false, &case, shape, reps);
     r.row(
         "logprobs",
         &shape,
@@ -430,7 +475,7 @@ fn logprobs(a: &Args, r: &mut Report, shape: [usize; 3], bw: f64) {
         "burn_ndarray_logprobs_vs_torch",
         vs.map(|x| x * ours / burn),
     );
-    drop(g);
+    drop(case);
 }
 
 /// The burn fused log-probs + entropy step on `dev` (an autodiff device),
@@ -439,19 +484,16 @@ fn logprobs(a: &Args, r: &mut Report, shape: [usize; 3], bw: f64) {
 /// On ndarray the gradient is read back into host memory (as an optimizer
 /// step on the host would); on a GPU device (`on_gpu`) the step ends with
 /// `Device::sync` and the gradient stays on the device, as torch's does.
-#[allow(clippy::too_many_arguments)]
 fn burn_logprobs(
     dev: &Device,
     on_gpu: bool,
-    z: &[f32],
-    ids: &[i64],
-    c_lp: &[f32],
-    c_h: &[f32],
+    case: &LogitsCase,
     shape: [usize; 3],
     reps: usize,
 ) -> (f64, [Vec<f32>; 3]) {
     use posttrain_burn::fused;
     let [b, s, v] = shape;
+    let (z, ids, c_lp, c_h) = (&case.z, &case.ids, &case.c_lp, &case.c_h);
     let inner = dev.clone().inner();
     let zt: Tensor<3> =
         Tensor::from_data(TensorData::new(z.to_vec(), [b, s, v]), &inner).autodiff();
@@ -540,25 +582,40 @@ fn verl_actor_loss() -> TokenLoss {
     }
 }
 
+/// The core's fused token loss (verl's actor loss) on `inputs` of shape
+/// `[b, t]`: the loss, with `∂loss/∂log π` written into `g`.
+fn core_token_loss(
+    cfg: &TokenLoss,
+    inputs: &TokenInputs,
+    [b, t]: [usize; 2],
+    g: &mut [f32],
+    threads: usize,
+) -> f32 {
+    let (lp, old, rf, adv, mask) = inputs;
+    let batch = PolicyBatch {
+        dims: Dims::new(b, t),
+        log_prob: lp,
+        old_log_prob: old,
+        advantages: adv,
+        mask,
+        is_weights: None,
+    };
+    parallel::token_loss(cfg, &batch, Some(rf), Some((1.0, g)), threads)
+        .expect("token loss")
+        .loss
+}
+
 /// Workload 2: PPO/GRPO token loss (clip + k3 KL + seq-mean-token-mean), forward + gradient.
 fn token_loss(a: &Args, r: &mut Report, shape: [usize; 2], bw: f64, headline: bool) {
     let [b, t] = shape;
-    let (lp, old, rf, adv, mask) = token_inputs(b, t, 2);
+    let inputs = token_inputs(b, t, 2);
     let cfg = verl_actor_loss();
-    let batch = PolicyBatch {
-        dims: Dims::new(b, t),
-        log_prob: &lp,
-        old_log_prob: &old,
-        advantages: &adv,
-        mask: &mask,
-        is_weights: None,
-    };
     let mut g = vec![0.0f32; b * t];
     let reps = if a.quick { 5 } else { 20 };
     let (ours, _) = time(3, reps, || {
-        parallel::token_loss(&cfg, &batch, Some(&rf), Some((1.0, &mut g)), a.threads)
-            .expect("token loss");
+        core_token_loss(&cfg, &inputs, shape, &mut g, a.threads);
     });
+    let (lp, old, rf, adv, mask) = &inputs;
     let bytes = 21.0 * (b * t) as f64;
     let frac = bytes / ours / bw;
     r.row(
@@ -569,7 +626,7 @@ fn token_loss(a: &Args, r: &mut Report, shape: [usize; 2], bw: f64, headline: bo
         format!("{:.0}% of copy bandwidth", 100.0 * frac),
     );
     let dev: Device = posttrain_burn::device().expect("burn device").autodiff();
-    let (burn, _, _) = burn_token_loss(&dev, false, &lp, &old, &rf, &adv, &mask, shape, reps);
+    let (burn, _, _) = burn_token_loss(&dev, false, lp, old, rf, adv, mask, shape, reps);
     r.row(
         "token_loss",
         &shape,
@@ -982,47 +1039,15 @@ fn gpu_run(a: &Args, r: &mut Report) {
     let wanted = |w: &str| a.only.as_ref().is_none_or(|o| o.iter().any(|x| x == w));
     if wanted("logprobs") {
         let shape = if q { [2, 64, 4096] } else { [8, 512, 32000] };
-        let [b, s, v] = shape;
-        let rows = b * s;
-        let mut rng = Rng(1);
-        let z: Vec<f32> = (0..rows * v).map(|_| (2.0 * rng.normal()) as f32).collect();
-        let ids: Vec<i64> = (0..rows).map(|_| rng.below(v) as i64).collect();
-        let c_lp: Vec<f32> = (0..rows).map(|_| rng.normal() as f32).collect();
-        let c_h: Vec<f32> = (0..rows).map(|_| rng.normal() as f32).collect();
-        let (mut lp, mut h, mut lse) = (vec![0.0f32; rows], vec![0.0f32; rows], vec![0.0f32; rows]);
-        let mut g = vec![0.0f32; rows * v];
-        let t = Temperature::ONE;
-        parallel::log_probs_entropy(&z, rows, v, t, &ids, &mut lp, &mut h, &mut lse, a.threads)
-            .expect("forward");
-        parallel::log_probs_entropy_backward(
-            &z,
-            rows,
-            v,
-            t,
-            &ids,
-            &lse,
-            &h,
-            &c_lp,
-            Some(&c_h),
-            &mut g,
-            a.threads,
-        )
-        .expect("backward");
+        let mut case = LogitsCase::new(shape);
+        case.run_core(a.threads);
         let mut times = vec![];
         for (name, dev) in &devices {
-            let (secs, [glp, gh, gg]) = burn_logprobs(
-                dev,
-                true,
-                &z,
-                &ids,
-                &c_lp,
-                &c_h,
-                shape,
-                if q { 3 } else { 10 },
-            );
-            let err = max_rel_err(&glp, &lp)
-                .max(max_rel_err(&gh, &h))
-                .max(max_rel_err(&gg, &g));
+            let (secs, [glp, gh, gg]) =
+                burn_logprobs(dev, true, &case, shape, if q { 3 } else { 10 });
+            let err = max_rel_err(&glp, &case.lp)
+                .max(max_rel_err(&gh, &case.h))
+                .max(max_rel_err(&gg, &case.g));
             r.row(
                 "logprobs",
                 &shape,
@@ -1061,29 +1086,20 @@ fn gpu_run(a: &Args, r: &mut Report) {
             [[64, 1024], [256, 4096]]
         } {
             let [b, t] = shape;
-            let (lp, old, rf, adv, mask) = token_inputs(b, t, 2);
-            let batch = PolicyBatch {
-                dims: Dims::new(b, t),
-                log_prob: &lp,
-                old_log_prob: &old,
-                advantages: &adv,
-                mask: &mask,
-                is_weights: None,
-            };
+            let inputs = token_inputs(b, t, 2);
+            let (lp, old, rf, adv, mask) = &inputs;
             let mut g = vec![0.0f32; b * t];
-            let out = parallel::token_loss(&cfg, &batch, Some(&rf), Some((1.0, &mut g)), a.threads)
-                .expect("token loss");
-            let loss = out.loss as f32;
+            let loss = core_token_loss(&cfg, &inputs, shape, &mut g, a.threads);
             let mut times = vec![];
             for (name, dev) in &devices {
                 let (secs, gl, gg) = burn_token_loss(
                     dev,
                     true,
-                    &lp,
-                    &old,
-                    &rf,
-                    &adv,
-                    &mask,
+                    lp,
+                    old,
+                    rf,
+                    adv,
+                    mask,
                     shape,
                     if q { 5 } else { 50 },
                 );
