@@ -1,6 +1,12 @@
 """posttrain's ops on NumPy arrays.
 
-Two ways in:
+Three ways in:
+
+**The core's own API** (:mod:`posttrain.ops.core`): every op of
+posttrain-core under its Rust path (``ops.core.policy.token.policy_loss``),
+its configs under their Rust type names and fields, built by the Rust
+``preset(...)`` constructors (``ops.core.config("ClipConfig",
+preset="verl", eps_low=0.2, eps_high=0.28)``); arrays read in place.
 
 **Every peer op, by name.** The conformance vectors name 102 ops after the
 peer function they reproduce (``verl.compute_policy_loss``,
@@ -42,6 +48,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 import numpy as np
 
 from . import _native
+from . import _core as core
 
 __all__ = [
     "OpResult",
@@ -57,6 +64,7 @@ __all__ = [
     "verl",
     "openrlhf",
     "torchtune",
+    "core",
 ]
 
 _CATALOG_FILE = json.loads(pathlib.Path(__file__).with_name("_catalog.json").read_text())

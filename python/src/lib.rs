@@ -23,6 +23,9 @@
 //! Every error of the core surfaces as a Python `ValueError` carrying the
 //! core's message; nothing here panics on bad input.
 
+mod core_api;
+mod core_ops;
+
 use numpy::{Element, PyArray1, PyReadonlyArray1};
 use posttrain_conformance::case::{Ctx, Fail};
 use posttrain_conformance::ops;
@@ -794,6 +797,9 @@ lpe_fns!(log_probs_entropy_f32, log_probs_entropy_backward_f32, f32);
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(peer_op, m)?)?;
+    m.add_function(wrap_pyfunction!(core_api::core_op, m)?)?;
+    m.add_function(wrap_pyfunction!(core_api::core_config, m)?)?;
+    m.add_function(wrap_pyfunction!(core_api::core_spec, m)?)?;
     m.add_function(wrap_pyfunction!(grpo_loss_f64, m)?)?;
     m.add_function(wrap_pyfunction!(grpo_loss_f32, m)?)?;
     m.add_function(wrap_pyfunction!(verl_policy_loss_f64, m)?)?;
