@@ -21,6 +21,9 @@ on another device are copied to the host and the gradients copied back.
 * :func:`log_probs_entropy` — token log-probs and entropies from logits.
 * :func:`call` — any peer op by name (``posttrain.ops.list_ops()``),
   differentiable with respect to its differentiable inputs.
+* :func:`core` — any op of the core by its Rust path
+  (``posttrain.ops.core.list_ops()``), with the core's parameter names and
+  configs (``posttrain.ops.core.config``), differentiable the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 
 from . import ops as _ops
 
-__all__ = ["grpo_loss", "verl_policy_loss", "dpo_pair_loss", "log_probs_entropy", "call"]
+__all__ = ["grpo_loss", "verl_policy_loss", "dpo_pair_loss", "log_probs_entropy", "call", "core"]
 
 
 def _host(t: Any) -> Any:
@@ -303,3 +306,82 @@ def call(op: str, **inputs_and_params: Any) -> Dict[str, torch.Tensor]:
     holder: Dict[str, Any] = {}
     outs = _PeerOp.apply(op, names, static, dtype, holder, *tensors)
     return dict(zip(holder["names"], outs))
+
+
+class _CoreOp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, path: str, names, static: Dict[str, Any], holder: dict, *tensors: torch.Tensor):
+        from . import _core
+
+        kwargs = dict(static)
+        kwargs.update({n: _host(t) for n, t in zip(names, tensors)})
+        r = _core.call(path, **kwargs)
+        spec = _core.op_info(path)
+        differentiable = {v["output"] for v in spec["vjp"]}
+        ctx.path, ctx.names, ctx.static = path, names, static
+        float_outs = [(k, v) for k, v in r.outputs.items() if np.asarray(v).dtype.kind == "f"]
+        ctx.out_names = [k for k, _ in float_outs]
+        holder["names"] = ctx.out_names
+        holder["other"] = {k: v for k, v in r.outputs.items() if np.asarray(v).dtype.kind != "f"}
+        holder["metrics"] = r.metrics
+        ctx.save_for_backward(*tensors)
+        like = next(t for t in tensors if t.is_floating_point())
+        outs = tuple(_back(np.asarray(v), like) for _, v in float_outs)
+        ctx.mark_non_differentiable(*(o for (k, _), o in zip(float_outs, outs) if k not in differentiable))
+        return outs
+
+    @staticmethod
+    def backward(ctx, *g_outs: Optional[torch.Tensor]):
+        from . import _core
+
+        tensors = ctx.saved_tensors
+        skip = (None,) * 4
+        spec = _core.op_info(ctx.path)
+        differentiable = {v["output"] for v in spec["vjp"]}
+        wanted = [n for i, n in enumerate(ctx.names) if ctx.needs_input_grad[4 + i]]
+        cots = {n: _host(g) for n, g in zip(ctx.out_names, g_outs) if g is not None and n in differentiable}
+        if not wanted or not cots:
+            return (*skip, *(None for _ in tensors))
+        kwargs = dict(ctx.static)
+        kwargs.update({n: _host(t) for n, t in zip(ctx.names, tensors)})
+        r = _core.call(ctx.path, cotangents=cots, **kwargs)
+        grads = []
+        for n, t in zip(ctx.names, tensors):
+            g = r.grads.get(n) if n in wanted else None
+            grads.append(None if g is None else _back(np.asarray(g), t).reshape(t.shape))
+        return (*skip, *grads)
+
+
+def core(path: str, **inputs_and_params: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Runs the core op ``path`` (its Rust path, see
+    :mod:`posttrain.ops.core`) on tensors and returns ``(outputs, metrics)``:
+    ``outputs`` maps each output to a tensor on the first float input's
+    device and dtype (int64 and bool outputs as NumPy arrays), ``metrics``
+    maps each metric to a float.
+
+    Outputs with a closed-form gradient (``posttrain.ops.core.op_info(path)
+    ["vjp"]``) are differentiable with respect to the float tensor inputs
+    they differentiate: the backward runs the core's VJP with the incoming
+    gradients as cotangents. Computes in f32 if the first real input is f32,
+    else in f64::
+
+        clip = posttrain.ops.core.config("ClipConfig", preset="verl", eps_low=0.2, eps_high=0.28)
+        out, metrics = pt.core("policy::token::policy_loss", loss={"Ppo": clip},
+                               agg="token-mean", log_prob=logp, old_log_prob=old,
+                               advantages=adv, mask=mask)
+        out["loss"].backward()
+    """
+    names, tensors, static = [], [], {}
+    for k, v in inputs_and_params.items():
+        if isinstance(v, torch.Tensor):
+            names.append(k)
+            tensors.append(v)
+        else:
+            static[k] = v
+    if not any(t.is_floating_point() for t in tensors):
+        raise ValueError(f"{path}: no float tensor inputs (pass NumPy arrays to posttrain.ops.core instead)")
+    holder: Dict[str, Any] = {}
+    outs = _CoreOp.apply(path, names, static, holder, *tensors)
+    result: Dict[str, Any] = dict(zip(holder["names"], outs))
+    result.update(holder["other"])
+    return result, holder["metrics"]

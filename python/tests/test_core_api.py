@@ -180,3 +180,56 @@ def test_check_case_catches_a_wrong_gradient(monkeypatch):
     monkeypatch.setattr(core, "call", broken)
     with pytest.raises(AssertionError, match=r"finite differences"):
         check_case("policy::token::policy_loss", _ppo())
+
+
+# ---------------------------------------------------------------------------
+# posttrain.torch.core: the same ops as autograd functions
+# ---------------------------------------------------------------------------
+
+
+def test_torch_core_backward_is_the_closed_form_gradient():
+    torch = pytest.importorskip("torch")
+    import posttrain.torch as pt
+
+    kw = _ppo()
+    lp = torch.from_numpy(kw["log_prob"]).requires_grad_()
+    tkw = {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    tkw["log_prob"] = lp
+    out, metrics = pt.core("policy::token::policy_loss", **tkw)
+    assert set(metrics) == {"clipfrac", "clipfrac_lower", "approx_kl"}
+    (3.0 * out["loss"]).backward()
+    want = core.policy.token.policy_loss(cotangents={"loss": 3.0}, **kw).grads["log_prob"]
+    np.testing.assert_allclose(lp.grad.numpy(), want, rtol=1e-14)
+    assert torch.autograd.gradcheck(
+        lambda x: pt.core("policy::token::policy_loss", **{**tkw, "log_prob": x})[0]["loss"],
+        (lp.detach().clone().requires_grad_(),))
+
+
+def test_torch_core_array_outputs_and_several_cotangents():
+    torch = pytest.importorskip("torch")
+    import posttrain.torch as pt
+
+    r = np.random.default_rng(9)
+    c = torch.from_numpy(-np.abs(r.normal(size=4)) * 3).requires_grad_()
+    rj = torch.from_numpy(-np.abs(r.normal(size=4)) * 3).requires_grad_()
+    ref = torch.from_numpy(-np.abs(r.normal(size=4)) * 3)
+    cfg = core.config("PairedConfig", preset="trl", beta=0.1)
+    terms = [core.config("LossTerm", kind="Sigmoid")]
+
+    def f(c, rj):
+        out, _ = pt.core("preference::paired::paired_loss", cfg=cfg, terms=terms, policy_chosen=c,
+                         policy_rejected=rj, reference_chosen=ref, reference_rejected=ref)
+        return out["loss"] + (out["per_pair"] ** 2).sum()
+
+    assert torch.autograd.gradcheck(f, (c, rj))
+
+
+def test_torch_core_f32_and_non_differentiable_outputs():
+    torch = pytest.importorskip("torch")
+    import posttrain.torch as pt
+
+    g = {"scores": torch.tensor([1.0, 2.0, 4.0, 0.5], dtype=torch.float32, requires_grad=True),
+         "index": torch.tensor([0, 0, 1, 1])}
+    out, _ = pt.core("advantage::group_zscore_advantages", cfg=core.config("GroupNormConfig", preset="trl"), **g)
+    assert out["advantages"].dtype == torch.float32
+    assert not out["advantages"].requires_grad  # advantages are constants
