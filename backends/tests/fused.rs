@@ -632,7 +632,7 @@ fn core_reference(
             }
             g[i] *= w[i];
         }
-        (weighted_sum(&v, m, &w), g, v, coef)
+        (weighted_sum(&v, m, &w).unwrap(), g, v, coef)
     });
     let coef = kl.as_ref().map_or(0.0, |k| k.3);
     let grad = match &kl {

@@ -193,14 +193,21 @@ pub fn aggregation_weights<F: Real>(
 
 /// `Σ wᵢⱼ · ℓᵢⱼ` over valid positions: the aggregated loss for weights from
 /// [`aggregation_weights`]. Masked positions are skipped, never multiplied.
-pub fn weighted_sum<F: Real>(loss: &[F], mask: &[bool], weights: &[F]) -> F {
+///
+/// # Errors
+///
+/// [`Error::ShapeMismatch`] if `mask` or `weights` differs in length from
+/// `loss`.
+pub fn weighted_sum<F: Real>(loss: &[F], mask: &[bool], weights: &[F]) -> Result<F, Error> {
+    check_len("mask", mask.len(), loss.len())?;
+    check_len("weights", weights.len(), loss.len())?;
     let mut acc = F::zero();
     for ((&l, &m), &w) in loss.iter().zip(mask).zip(weights) {
         if m {
             acc += w * l;
         }
     }
-    acc
+    Ok(acc)
 }
 
 /// Aggregates a `[batch, seq]` per-token loss to a scalar and, if `grad` is
@@ -245,7 +252,7 @@ pub fn aggregate<F: Real>(
     match grad {
         Some(w) => {
             aggregation_weights(mode, norm, dims, mask, w)?;
-            Ok(weighted_sum(loss, mask, w))
+            weighted_sum(loss, mask, w)
         }
         None => {
             // The same weights, one row at a time, without a buffer.
@@ -273,11 +280,16 @@ pub fn aggregate<F: Real>(
 }
 
 /// `Σ x` over the positions where `mask` is true (selection: masked NaN/inf never read).
-pub fn masked_sum<F: Real>(x: &[F], mask: &[bool]) -> F {
-    x.iter()
+///
+/// # Errors
+///
+/// [`Error::ShapeMismatch`] if `mask` differs in length from `x`.
+pub fn masked_sum<F: Real>(x: &[F], mask: &[bool]) -> Result<F, Error> {
+    check_len("mask", mask.len(), x.len())?;
+    Ok(x.iter()
         .zip(mask)
         .filter(|(_, &m)| m)
-        .fold(F::zero(), |a, (&v, _)| a + v)
+        .fold(F::zero(), |a, (&v, _)| a + v))
 }
 
 /// Batch-level counts the weights depend on.

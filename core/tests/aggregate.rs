@@ -77,3 +77,26 @@ fn unknown_mode_is_a_typed_error() {
     let e = "seq-mean".parse::<AggMode>().unwrap_err();
     assert!(e.to_string().contains("seq-mean-token-mean"), "{e}");
 }
+
+#[test]
+fn weighted_and_masked_sums_refuse_mismatched_lengths() {
+    use posttrain_core::aggregate::{masked_sum, weighted_sum};
+    use posttrain_core::Error;
+    let l = [1.0f64, 2.0, 3.0];
+    let m = [true, false, true];
+    assert_eq!(weighted_sum(&l, &m, &[0.5, 0.5, 0.5]), Ok(2.0));
+    assert_eq!(masked_sum(&l, &m), Ok(4.0));
+    let short = [true, true];
+    assert!(matches!(
+        weighted_sum(&l, &short, &[0.5, 0.5, 0.5]),
+        Err(Error::ShapeMismatch { input: "mask", .. })
+    ));
+    assert!(matches!(
+        weighted_sum(&l, &m, &[0.5]),
+        Err(Error::ShapeMismatch { input: "weights", .. })
+    ));
+    assert!(matches!(
+        masked_sum(&l, &short),
+        Err(Error::ShapeMismatch { input: "mask", .. })
+    ));
+}

@@ -33,7 +33,8 @@ input decides; the others are converted to it), masks ``bool``, indices
 ``int64``. PyTorch CPU tensors are accepted through ``.numpy()``.
 
 **Gradients**: ``grad=True`` asks for the closed-form gradient of the op's
-first differentiable output with a unit cotangent; ``cotangents={"out":
+first differentiable output with a unit cotangent (for an array output this
+costs one extra forward, to learn its shape); ``cotangents={"out":
 array}`` gives any cotangents explicitly. Gradients are in ``r.grads``, by
 input name, shaped like the input.
 
@@ -55,7 +56,6 @@ __all__ = ["call", "config", "list_ops", "op_info", "list_configs", "CoreResult"
 
 _SPEC = json.loads(_native.core_spec())
 _OPS: Dict[str, dict] = {d["path"]: d for d in _SPEC["ops"]}
-_CONFIGS: Dict[str, dict] = {d["name"]: d for d in _SPEC["configs"]}
 
 
 class CoreResult:
@@ -100,8 +100,10 @@ def op_info(path: str) -> dict:
 
 
 def list_configs() -> List[str]:
-    """Every config type :func:`config` builds, by Rust type name."""
-    return sorted(_CONFIGS)
+    """Every config type :func:`config` builds, by Rust type name (by path
+    below ``posttrain_core`` where the name alone is ambiguous)."""
+    names = [d["name"] for d in _SPEC["configs"]]
+    return sorted(d["name"] if names.count(d["name"]) == 1 else d["path"] for d in _SPEC["configs"])
 
 
 def _unknown_op(path: str) -> str:
@@ -118,13 +120,18 @@ def _jsonable(v: Any) -> Any:
         return [_jsonable(x) for x in v]
     if isinstance(v, np.generic):
         return v.item()
-    if isinstance(v, float) and v != v:
-        raise ValueError("NaN is not a valid parameter value")
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        raise ValueError(
+            f"{v} is not a valid parameter value (JSON has no NaN or infinity; "
+            "an absent clamp or cap is None)"
+        )
     return v
 
 
 def config(ty: str, preset: Optional[str] = None, **fields: Any) -> dict:
-    """Builds config ``ty`` (a Rust type name, :func:`list_configs`) as Rust
+    """Builds config ``ty`` (a Rust type name, :func:`list_configs`; where two
+    modules define the same name, e.g. ``RlooConfig``, its path such as
+    ``"policy::grpo::RlooConfig"``) as Rust
     does: ``ty::preset(preset, …)`` when ``preset`` is given (its extra
     arguments by name in ``fields``), else ``ty::default()`` where the type
     has one, else from ``fields`` alone; then the remaining ``fields`` laid
@@ -183,18 +190,18 @@ def call(path: str, *, cotangents: Optional[Mapping[str, Any]] = None, grad: boo
         kind = in_specs[name]["kind"]
         a = _array(v)
         if kind == "real":
-            a = np.ascontiguousarray(a, dtype=dtype)
+            a = np.asarray(a, dtype=dtype, order="C")
         elif kind == "mask":
-            a = np.ascontiguousarray(a, dtype=np.bool_)
+            a = np.asarray(a, dtype=np.bool_, order="C")
         else:
             if a.dtype.kind not in "iub":
                 raise ValueError(f"{path}: input `{name}` must hold integers, got {a.dtype}")
-            a = np.ascontiguousarray(a, dtype=np.int64)
+            a = np.asarray(a, dtype=np.int64, order="C")
         inputs[name] = a
     cots: Dict[str, np.ndarray] = {}
     if cotangents:
         for k, v in cotangents.items():
-            cots[k] = np.ascontiguousarray(_array(v), dtype=dtype)
+            cots[k] = np.asarray(_array(v), dtype=dtype, order="C")
     elif grad:
         if not spec["vjp"]:
             raise ValueError(f"{path}: this op has no closed-form gradient")
@@ -202,8 +209,9 @@ def call(path: str, *, cotangents: Optional[Mapping[str, Any]] = None, grad: boo
         if first["scalar"]:
             cots[first["output"]] = np.ones((), dtype=dtype)
         else:
-            like = inputs[first["inputs"][0]]
-            cots[first["output"]] = np.ones(like.shape, dtype=dtype)
+            # an array output: one forward to learn its shape
+            outs, _, _ = _native.core_op(path, json.dumps(params), inputs, {}, np.dtype(dtype).name)
+            cots[first["output"]] = np.ones(np.shape(outs[first["output"]]), dtype=dtype)
     outs, metrics, grads = _native.core_op(
         path, json.dumps(params), inputs, cots, np.dtype(dtype).name
     )

@@ -382,7 +382,7 @@ pub(crate) struct OpDef {
     /// Outputs (arrays, scalars and metrics) with a one-line description
     /// each; a scalar output's description contains `(scalar)` (the Python
     /// side's `grad=True` gives it a 0-d unit cotangent, an array output one
-    /// shaped like the first input it differentiates).
+    /// of the output's shape).
     pub outputs: &'static [(&'static str, &'static str)],
     /// Outputs with a closed-form VJP (cotangent name → the inputs it
     /// differentiates), e.g. `&[("loss", &["log_prob"])]`.
@@ -508,13 +508,29 @@ fn config_registry() -> &'static [ConfigDef] {
 
 fn build_config(ty: &str, preset: Option<&str>, mut args: Map<String, Value>) -> CallResult<Value> {
     let reg = config_registry();
-    let def = reg.iter().find(|d| d.name == ty).ok_or_else(|| {
-        let names: Vec<_> = reg.iter().map(|d| d.name).collect();
-        CallError::Msg(format!(
-            "unknown config type `{ty}`; the configs are {}",
-            names.join(", ")
-        ))
-    })?;
+    // By Rust path (`advantage::RlooConfig`) or, where unambiguous, by
+    // type name (`ClipConfig`).
+    let found: Vec<&ConfigDef> = match reg.iter().find(|d| d.path == ty) {
+        Some(d) => vec![d],
+        None => reg.iter().filter(|d| d.name == ty).collect(),
+    };
+    let def = match found.as_slice() {
+        [d] => *d,
+        [] => {
+            let names: Vec<_> = reg.iter().map(|d| d.name).collect();
+            return Err(CallError::Msg(format!(
+                "unknown config type `{ty}`; the configs are {}",
+                names.join(", ")
+            )));
+        }
+        several => {
+            let paths: Vec<_> = several.iter().map(|d| format!("`{}`", d.path)).collect();
+            return Err(CallError::Msg(format!(
+                "config type `{ty}` is ambiguous: the core has {}; name it by its path",
+                paths.join(" and ")
+            )));
+        }
+    };
     let preset = match preset {
         None => None,
         Some(p) => {
@@ -575,7 +591,8 @@ fn parse_object(what: &str, json: &str) -> PyResult<Map<String, Value>> {
     }
 }
 
-/// Builds config `ty` (a Rust type name) the way Rust does: from
+/// Builds config `ty` (a Rust type name, or its path below `posttrain_core`
+/// where two modules define the same name) the way Rust does: from
 /// `ty::preset(preset, …)` when `preset` is given (its extra arguments taken
 /// from `args_json`), else from its default, else from the fields alone;
 /// then lays the remaining fields of `args_json` over it and validates.

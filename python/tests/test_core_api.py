@@ -36,17 +36,25 @@ def test_every_core_op_has_cases():
     assert not stale, f"cases for ops that do not exist: {stale}"
 
 
-def test_config_names_are_unique():
+def test_config_and_op_paths_are_unique():
+    paths = [c["path"] for c in core._SPEC["configs"]]
+    assert len(paths) == len(set(paths)), sorted(n for n in paths if paths.count(n) > 1)
     names = [c["name"] for c in core._SPEC["configs"]]
-    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
-    paths = [o["path"] for o in core._SPEC["ops"]]
-    assert len(paths) == len(set(paths))
+    for c in core._SPEC["configs"]:
+        assert c["path"].endswith("::" + c["name"]), c
+    ops_ = [o["path"] for o in core._SPEC["ops"]]
+    assert len(ops_) == len(set(ops_))
+    # an ambiguous name asks for the path
+    dup = sorted({n for n in names if names.count(n) > 1})
+    for n in dup:
+        with pytest.raises(ValueError, match=rf"`{n}` is ambiguous: the core has"):
+            core.config(n)
 
 
-def test_every_config_builds_or_explains():
-    for ty in core.list_configs():
-        info = [c for c in core._SPEC["configs"] if c["name"] == ty][0]
-        assert info["doc"] and info["path"]
+def test_every_config_is_documented():
+    for c in core._SPEC["configs"]:
+        assert c["doc"] and c["path"]
+    assert len(core.list_configs()) == len(core._SPEC["configs"])
 
 
 # ---------------------------------------------------------------------------

@@ -1814,7 +1814,7 @@ pub fn grpo_loss<F: Real>(
         out.kl = kl_sum / F::of_usize(kl_count.max(1));
     }
     // Entropy metric (loss mask).
-    let e_sum = aggregate::masked_sum(x.entropies, mask);
+    let e_sum = aggregate::masked_sum(x.entropies, mask)?;
     out.entropy = e_sum / F::of_usize(total_valid.max(1));
 
     // Entropy bonus.

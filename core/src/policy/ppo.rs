@@ -421,7 +421,7 @@ pub fn clipped_policy_loss<F: Real>(
     let mode = cfg.agg_mode();
     let norm = cfg.effective_norm(norm);
     aggregation_weights(mode, &norm, dims, mask, aux)?;
-    let value = weighted_sum(tl, mask, aux);
+    let value = weighted_sum(tl, mask, aux)?;
     if let Some((c, g)) = vjp {
         match cfg.ratio {
             RatioLevel::Token => {

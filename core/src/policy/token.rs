@@ -1290,7 +1290,7 @@ pub fn policy_loss<F: Real>(
     }
 
     aggregation_weights(loss.effective_agg(agg), norm, dims, mask, aux)?;
-    let value = weighted_sum(tl, mask, aux);
+    let value = weighted_sum(tl, mask, aux)?;
     if let Some((c, g)) = vjp {
         for i in 0..n {
             g[i] = if mask[i] {
