@@ -93,7 +93,10 @@ fn weighted_and_masked_sums_refuse_mismatched_lengths() {
     ));
     assert!(matches!(
         weighted_sum(&l, &m, &[0.5]),
-        Err(Error::ShapeMismatch { input: "weights", .. })
+        Err(Error::ShapeMismatch {
+            input: "weights",
+            ..
+        })
     ));
     assert!(matches!(
         masked_sum(&l, &short),
