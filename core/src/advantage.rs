@@ -580,6 +580,26 @@ pub struct PassAtKConfig {
     pub std_eps: f64,
 }
 
+impl PassAtKConfig {
+    /// Checks `std_eps` (finite, ≥ 0).
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`] otherwise.
+    pub fn validate(&self) -> Result<(), Error> {
+        check_std_eps(self.std_eps)
+    }
+}
+
+/// `std_eps` must be finite and ≥ 0 (a negative one can divide by 0).
+fn check_std_eps(std_eps: f64) -> Result<(), Error> {
+    check_param(
+        std_eps >= 0.0 && std_eps.is_finite(),
+        "epsilon",
+        std_eps,
+        "must be finite and ≥ 0",
+    )
+}
+
 /// Pass@k advantages: only the best member of each group gets a nonzero
 /// advantage, the gap to the second best.
 ///
@@ -601,6 +621,7 @@ pub fn pass_at_k_advantages<F: Real>(
     perm: &mut [usize],
     out: &mut [F],
 ) -> Result<(), Error> {
+    cfg.validate()?;
     check_groups(scores, index, out)?;
     sort_groups(index, perm)?;
     for_each_group(index, perm, |id, members| {
@@ -1002,6 +1023,21 @@ pub struct OtbConfig {
     pub compact_steps: bool,
 }
 
+impl OtbConfig {
+    /// Checks `epsilon` (finite, ≥ 0).
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`] otherwise.
+    pub fn validate(&self) -> Result<(), Error> {
+        check_param(
+            self.epsilon >= 0.0 && self.epsilon.is_finite(),
+            "epsilon",
+            self.epsilon,
+            "must be finite and ≥ 0",
+        )
+    }
+}
+
 /// The OTB path-variance proxy of one token, element-wise: the per-element
 /// kernel of [`optimal_token_baseline_advantages`] (which sums it along each
 /// row over the valid tokens); generic over [`Elem`], so it runs unchanged on
@@ -1065,6 +1101,7 @@ pub fn optimal_token_baseline_advantages<F: Real>(
     advantages: &mut [F],
     returns: &mut [F],
 ) -> Result<(), Error> {
+    cfg.validate()?;
     let (b, t) = (dims.batch, dims.seq);
     check_len("index", index.len(), b)?;
     check_len("old_log_probs", old_log_probs.len(), dims.len())?;
@@ -1267,6 +1304,16 @@ impl MultiRewardConfig {
             std_eps: 1e-4,
         })
     }
+
+    /// Checks a config built field by field: `group_size ≥ 1`, `std_eps`
+    /// finite and ≥ 0.
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`] otherwise.
+    pub fn validate(&self) -> Result<(), Error> {
+        Self::new(self.group_size, self.scaling, self.aggregation)?;
+        check_std_eps(self.std_eps)
+    }
 }
 
 /// Logged reward statistics of [`multi_reward_group_advantages`] and
@@ -1396,6 +1443,7 @@ pub fn multi_reward_group_advantages<F: Real>(
     stds: &mut [F],
     out: &mut [F],
 ) -> Result<RewardLog<F>, Error> {
+    cfg.validate()?;
     let b = out.len();
     let g = cfg.group_size;
     check_multi(g, rewards_per_func, weights, b)?;
@@ -1526,6 +1574,16 @@ impl RlooConfig {
             std_eps: 1e-4,
         })
     }
+
+    /// Checks a config built field by field: the checks of
+    /// [`new`](Self::new) and `std_eps` finite and ≥ 0.
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`] otherwise.
+    pub fn validate(&self) -> Result<(), Error> {
+        Self::new(self.group_size, self.beta, self.reward_clip, self.normalize)?;
+        check_std_eps(self.std_eps)
+    }
 }
 
 /// TRL RLOO advantages: weighted rewards, clipped, minus `β` × the
@@ -1561,6 +1619,7 @@ pub fn leave_one_out_reward_advantages<F: Real>(
     seq_old_logps: &mut [F],
     out: &mut [F],
 ) -> Result<RewardLog<F>, Error> {
+    cfg.validate()?;
     let b = dims.batch;
     let g = cfg.group_size;
     check_len("advantages", out.len(), b)?;

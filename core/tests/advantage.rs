@@ -259,3 +259,53 @@ fn singleton_conventions() {
     assert_eq!(out[0], 0.0);
     assert_eq!(out[1], -2.0);
 }
+
+#[test]
+fn configs_built_field_by_field_are_validated_by_the_ops() {
+    use posttrain_core::advantage::{
+        multi_reward_group_advantages, optimal_token_baseline_advantages, pass_at_k_advantages,
+        MultiRewardConfig, OtbConfig, PassAtKConfig, RewardAggregation, RewardScaling,
+    };
+    let scores = [1.0f64, 2.0, 3.0, 4.0];
+    let index = [0i64, 0, 1, 1];
+    let (mut perm, mut out) = ([0usize; 4], [0.0f64; 4]);
+    for eps in [-1e-6, f64::NAN, f64::INFINITY] {
+        let cfg = PassAtKConfig {
+            scale_by_std: true,
+            std_eps: eps,
+        };
+        let e = pass_at_k_advantages(&cfg, &scores, &index, &mut perm, &mut out).unwrap_err();
+        assert!(matches!(e, Error::OutOfRange { .. }), "{e}");
+    }
+    let ok = PassAtKConfig {
+        scale_by_std: true,
+        std_eps: 1e-6,
+    };
+    pass_at_k_advantages(&ok, &scores, &index, &mut perm, &mut out).unwrap();
+
+    let dims = Dims::new(4, 2);
+    let otb = OtbConfig {
+        handle_zero_tail: true,
+        epsilon: f64::NAN,
+        compact_steps: false,
+    };
+    let z = [0.0f64; 8];
+    let (mut p, mut s, mut a, mut r) = ([0usize; 4], [0.0f64; 64], [0.0f64; 8], [0.0f64; 8]);
+    let e = optimal_token_baseline_advantages(
+        &otb, dims, &z, &[true; 8], &index, &z, &z, None, &mut p, &mut s, &mut a, &mut r,
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::OutOfRange { .. }), "{e}");
+
+    let mut cfg =
+        MultiRewardConfig::new(2, RewardScaling::Group, RewardAggregation::SumThenNormalize)
+            .unwrap();
+    cfg.std_eps = -1.0;
+    let (mut rw, mut sd, mut o) = ([0.0f64; 4], [0.0f64; 4], [0.0f64; 4]);
+    let e =
+        multi_reward_group_advantages(&cfg, &scores, &[1.0], &mut rw, &mut sd, &mut o).unwrap_err();
+    assert!(matches!(e, Error::OutOfRange { .. }), "{e}");
+    cfg.std_eps = 1e-4;
+    cfg.group_size = 0;
+    assert!(cfg.validate().is_err());
+}

@@ -399,3 +399,38 @@ fn clip_cov_takes_the_largest_covariance_when_candidates_exceed_the_budget() {
     assert_eq!(g, vec![0.0, -1.0, 1.0, 0.0]);
     assert!((o.clipfrac - 0.5).abs() < 1e-8);
 }
+
+#[test]
+fn clipped_policy_loss_refuses_batch_importance_weights() {
+    let clip = ClipConfig::preset(posttrain_core::Preset::OpenRlhf, 0.2, 0.2);
+    let cfg = ClippedPolicyLoss::new(clip, RatioLevel::Token, true, None).unwrap();
+    let x = [-1.0f64, -0.5];
+    let batch = PolicyBatch {
+        dims: Dims::new(1, 2),
+        log_prob: &x,
+        old_log_prob: &x,
+        advantages: &[1.0, -1.0],
+        mask: &[true, true],
+        is_weights: Some(&[0.5, 0.5]),
+    };
+    let mut scratch = vec![0.0; ClippedPolicyLoss::scratch_len(batch.dims)];
+    let e = clipped_policy_loss(
+        &cfg,
+        &GlobalNorm::default(),
+        &batch,
+        None,
+        &mut scratch,
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Invalid {
+                input: "is_weights",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}

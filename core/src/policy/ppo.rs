@@ -187,6 +187,21 @@ impl ClippedPolicyLoss {
         )
     }
 
+    /// Re-checks a config that did not come from [`new`](Self::new) (a
+    /// deserialized one: serde fills the fields directly).
+    ///
+    /// # Errors
+    /// Those of [`new`](Self::new).
+    pub fn validate(&self) -> Result<(), Error> {
+        Self::new(
+            self.clip,
+            self.ratio,
+            self.token_level_loss,
+            self.correction,
+        )
+        .map(|_| ())
+    }
+
     /// The scratch length [`clipped_policy_loss`] needs: `3 · batch · seq`.
     pub const fn scratch_len(dims: Dims) -> usize {
         3 * dims.len()
@@ -303,7 +318,9 @@ pub struct ClippedPolicyLossOutput<F> {
 ///
 /// [`Error::ShapeMismatch`] for a slice, scratch or gradient of the wrong
 /// length; [`Error::Invalid`] if a correction is configured without
-/// `rollout_log_prob`; [`Error::OutOfRange`] for a bad normalizer.
+/// `rollout_log_prob`, or if `batch.is_weights` is given (OpenRLHF's
+/// importance weights come from the configured correction, not from the
+/// batch); [`Error::OutOfRange`] for a bad normalizer or config.
 pub fn clipped_policy_loss<F: Real>(
     cfg: &ClippedPolicyLoss,
     norm: &GlobalNorm,
@@ -312,7 +329,14 @@ pub fn clipped_policy_loss<F: Real>(
     scratch: &mut [F],
     vjp: Option<(F, &mut [F])>,
 ) -> Result<ClippedPolicyLossOutput<F>, Error> {
+    cfg.validate()?;
     norm.validate()?;
+    if batch.is_weights.is_some() {
+        return Err(Error::Invalid {
+            input: "is_weights",
+            rule: "clipped_policy_loss takes its importance weights from the config's rollout correction (pass is_weights: None)",
+        });
+    }
     batch.check()?;
     let dims = batch.dims;
     let n = dims.len();
