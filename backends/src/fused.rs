@@ -185,7 +185,10 @@ mod imp {
     use posttrain_core::Error;
 
     use crate::kl::{kl_loss, KlLoss};
-    use crate::logits::{entropy_from_logits, selective_log_softmax as plain_log_softmax};
+    use crate::logits::{
+        check_log_probs_inputs, entropy_from_logits, log_probs_entropy_rows, log_probs_entropy_vjp,
+        selective_log_softmax as plain_log_softmax,
+    };
     use crate::policy::{policy_loss, PolicyLossOutput};
     use crate::preference::{paired_loss as plain_paired_loss, PairTensors, PairedTensorOutput};
 
@@ -408,6 +411,92 @@ mod imp {
                         .targets
                         .map(|t| t.inner().try_into_primitive::<B>().expect("inner backend"));
                     prep.finish((z, t), out)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            };
+            Tensor::from_primitive::<Autodiff<B, C>>(ad)
+        }
+    }
+
+    /// Backward of [`log_probs_and_entropy`]'s single node: its output is
+    /// `[batch, seq, 2]` (`log p[t]`, `H`), the incoming gradient likewise;
+    /// the VJP of both is recomputed from the logits handle, the targets and
+    /// the rows' `H` ([`logits::log_probs_entropy_vjp`](crate::logits)).
+    #[derive(Debug)]
+    struct LogProbsEntropyVjp(f64);
+
+    impl<B: Backend> Backward<B, 1> for LogProbsEntropyVjp
+    where
+        DispatchTensor: DispatchKindConversion<B>,
+    {
+        /// Logits, targets `[b, s, 1]`, `H` `[b, s, 1]`.
+        type State = (
+            B::FloatTensorPrimitive,
+            B::IntTensorPrimitive,
+            B::FloatTensorPrimitive,
+        );
+
+        fn backward(
+            self,
+            ops: Ops<Self::State, 1>,
+            grads: &mut Gradients,
+            _checkpointer: &mut Checkpointer,
+        ) {
+            let cot = grads.consume::<B>(&ops.node);
+            let [Some(node)] = ops.parents else {
+                return;
+            };
+            let (z, idx, h) = ops.state;
+            let cot = Tensor::<3>::from_primitive::<B>(cot);
+            let c_lp = cot.clone().narrow(2, 0, 1);
+            let c_h = cot.narrow(2, 1, 1);
+            let g = log_probs_entropy_vjp(
+                Tensor::<3>::from_primitive::<B>(z),
+                Tensor::<3, Int>::from_primitive::<B>(idx),
+                Tensor::<3>::from_primitive::<B>(h),
+                c_lp,
+                c_h,
+                self.0,
+            );
+            grads.register::<B>(node.id, g.try_into_primitive::<B>().expect("inner backend"));
+        }
+    }
+
+    struct LogProbsEntropyFuse {
+        t: f64,
+        logits: Tensor<3>,
+        idx: Tensor<3, Int>,
+        h: Tensor<3>,
+        value: Tensor<3>,
+    }
+
+    impl Fuse for LogProbsEntropyFuse {
+        type Out = Tensor<3>;
+        fn run<B: Backend, C: CheckpointStrategy>(self) -> Tensor<3>
+        where
+            DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B, C>>,
+        {
+            let node = self
+                .logits
+                .clone()
+                .try_into_primitive::<Autodiff<B, C>>()
+                .expect("routed to this backend")
+                .node();
+            let out = self.value.try_into_primitive::<B>().expect("inner backend");
+            let ad = match LogProbsEntropyVjp(self.t)
+                .prepare::<C>([node])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => {
+                    let z = self
+                        .logits
+                        .inner()
+                        .try_into_primitive::<B>()
+                        .expect("inner backend");
+                    let idx = self.idx.try_into_primitive::<B>().expect("inner backend");
+                    let h = self.h.try_into_primitive::<B>().expect("inner backend");
+                    prep.finish((z, idx, h), out)
                 }
                 OpsKind::UnTracked(prep) => prep.finish(out),
             };
@@ -704,7 +793,20 @@ mod imp {
     /// more ([`posttrain_core::fused::log_probs_entropy_backward`], both
     /// cotangents at once): the node keeps a handle on the logits and the
     /// rows' `lse` and `H`, nothing `[batch, seq, vocab]`. On the other
-    /// backends it is [`selective_log_softmax`] and [`entropy`] (two nodes).
+    /// backends it is one autodiff node too (output `[batch, seq, 2]`, split
+    /// by two narrow views): the forward is the backend's `log_softmax` (one
+    /// kernel on libtorch) plus a gather, an `exp`, a product and a sum; the
+    /// backward recomputes the `log_softmax` and adds five element-wise
+    /// passes ([`logits::log_probs_entropy_vjp`](crate::logits)); it keeps
+    /// the logits handle, the targets and `H`.
+    ///
+    /// # Non-finite logits
+    ///
+    /// `−∞` logits (banned tokens) are exact everywhere. On the tensor path
+    /// (wgpu, libtorch) a row holding `+∞` or NaN gives NaN outputs and
+    /// gradients, as torch's `log_softmax` does; the single-output
+    /// [`selective_log_softmax`] and [`entropy`] and the ndarray kernels
+    /// give that row `−∞` log-probs and `H = 0` (the core's selections).
     ///
     /// # Peers
     ///
@@ -728,14 +830,31 @@ mod imp {
         ) {
             return Ok(both);
         }
-        let lp = selective_log_softmax(logits.clone(), targets, temperature)?;
+        check_log_probs_inputs(&logits, &targets)?;
         let t = temperature.get();
-        let scaled = if t == 1.0 {
-            logits
-        } else {
-            logits.div_scalar(t)
+        let idx = targets.inner().unsqueeze_dim::<3>(2);
+        let (lp, h) = log_probs_entropy_rows(logits.clone().inner(), idx.clone(), t);
+        let split = |both: Tensor<3>| {
+            (
+                both.clone().narrow(2, 0, 1).squeeze_dim::<2>(2),
+                both.narrow(2, 1, 1).squeeze_dim::<2>(2),
+            )
         };
-        Ok((lp, entropy(scaled)?))
+        if !logits.is_autodiff() {
+            return Ok((lp.squeeze_dim::<2>(2), h.squeeze_dim::<2>(2)));
+        }
+        let value = Tensor::cat(vec![lp, h.clone()], 2);
+        let both = route(
+            &logits,
+            LogProbsEntropyFuse {
+                t,
+                logits: logits.clone(),
+                idx,
+                h,
+                value,
+            },
+        )?;
+        Ok(split(both))
     }
 
     /// What [`paired_loss`] returns.

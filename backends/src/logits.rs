@@ -101,6 +101,73 @@ pub(crate) fn sparse_log_softmax_vjp(
     dense.scatter(2, idx, c.div_scalar(t), IndexingUpdateOp::Add)
 }
 
+/// Below this a log-probability's `exp` is exactly 0 in `f32` and `f64`
+/// (`e^{−745}` underflows even in `f64`): clamping `log p` here keeps
+/// `p · log p` and `p · (log p + H)` at exactly 0 for `p = 0` (a logit of
+/// `−∞`) without a selection.
+#[cfg_attr(not(feature = "autodiff"), allow(dead_code))]
+const LOG_P_FLOOR: f64 = -1.0e4;
+
+/// `(log p[t], H)` of `log softmax(z/T)`, both `[b, s, 1]`, for the fused
+/// two-output op: the backend's own `log_softmax` (one kernel on libtorch),
+/// one `exp`, one product and one sum over the vocabulary. `H = −Σ p·log p`
+/// with `log p` floored at [`LOG_P_FLOOR`] (exact: those terms are 0).
+///
+/// For logits that are finite or `−∞` this is [`selective_log_softmax`] and
+/// [`entropy_from_logits`] of `z/T`; a row holding `+∞` or NaN gives NaN
+/// (the backend's `log_softmax`, as torch's), where the selections of the
+/// single-output ops give `−∞` log-probs and `H = 0`.
+#[cfg_attr(not(feature = "autodiff"), allow(dead_code))]
+pub(crate) fn log_probs_entropy_rows(
+    z: Tensor<3>,
+    idx: Tensor<3, Int>,
+    t: f64,
+) -> (Tensor<3>, Tensor<3>) {
+    let y = if t == 1.0 { z } else { z.div_scalar(t) };
+    let ls = burn::tensor::activation::log_softmax(y, 2);
+    let lp = ls.clone().gather(2, idx);
+    let ls = ls.clamp_min(LOG_P_FLOOR);
+    let h = (ls.clone().exp() * ls).sum_dim(2).neg();
+    (lp, h)
+}
+
+/// The VJP of [`log_probs_entropy_rows`] for the cotangents `c_lp`, `c_h`
+/// (`[b, s, 1]`), recomputed from the logits and the rows' `H`:
+/// `gₖ = pₖ·(−c_lp − c_H (log pₖ + H))/T + 1[k = t]·c_lp/T` — the core's
+/// [`log_softmax_vjp_term`] and [`entropy_vjp_term`] summed, in five
+/// element-wise passes after the `log_softmax` (floor, `exp`, the affine
+/// map in `log p`, the product, the scatter at the targets).
+#[cfg_attr(not(feature = "autodiff"), allow(dead_code))]
+pub(crate) fn log_probs_entropy_vjp(
+    z: Tensor<3>,
+    idx: Tensor<3, Int>,
+    h: Tensor<3>,
+    c_lp: Tensor<3>,
+    c_h: Tensor<3>,
+    t: f64,
+) -> Tensor<3> {
+    let dims = z.dims();
+    let y = if t == 1.0 { z } else { z.div_scalar(t) };
+    let ls = burn::tensor::activation::log_softmax(y, 2).clamp_min(LOG_P_FLOOR);
+    let p = ls.clone().exp();
+    let a = (ls + h.expand(dims)) * c_h.div_scalar(-t).expand(dims)
+        + c_lp.clone().div_scalar(-t).expand(dims);
+    (a * p).scatter(2, idx, c_lp.div_scalar(t), IndexingUpdateOp::Add)
+}
+
+/// The checks of [`selective_log_softmax`] without a cotangent: non-empty
+/// vocabulary, `targets` `[batch, seq]`, every id in `[0, vocab)`.
+#[cfg_attr(not(feature = "autodiff"), allow(dead_code))]
+pub(crate) fn check_log_probs_inputs(
+    logits: &Tensor<3>,
+    targets: &Tensor<2, Int>,
+) -> Result<(), Error> {
+    let [b, s, v] = logits.dims();
+    check_logits(logits)?;
+    check_shape("targets", targets.dims(), [b, s])?;
+    check_ids(targets, v, "targets")
+}
+
 /// [`Error::Invalid`] if any id lies outside `[0, vocab)` (one boolean read
 /// back from the device).
 fn check_ids<const D: usize>(
