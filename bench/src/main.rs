@@ -461,7 +461,7 @@ fn logprobs(a: &Args, r: &mut Report, shape: [usize; 3], bw: f64) {
     );
     r.set("logprobs_bw_fraction", Some(frac));
     let dev: Device = posttrain_burn::device().expect("burn device").autodiff();
-    let (burn, _) = burn_logprobs(&dev, false, &case, shape, reps);
+    let (burn, _) = burn_logprobs(&dev, false, false, &case, shape, reps);
     r.row(
         "logprobs",
         &shape,
@@ -480,6 +480,9 @@ fn logprobs(a: &Args, r: &mut Report, shape: [usize; 3], bw: f64) {
 
 /// The burn fused log-probs + entropy step on `dev` (an autodiff device),
 /// timed; returns `(median seconds, log π, H, ∂ℓ/∂z)` of the last step.
+/// `two_nodes`: the same step from the two single-output fused ops
+/// (`selective_log_softmax` and `entropy`, each recomputing the softmax),
+/// the composition `log_probs_and_entropy` replaced on the tensor path.
 ///
 /// On ndarray the gradient is read back into host memory (as an optimizer
 /// step on the host would); on a GPU device (`on_gpu`) the step ends with
@@ -487,6 +490,7 @@ fn logprobs(a: &Args, r: &mut Report, shape: [usize; 3], bw: f64) {
 fn burn_logprobs(
     dev: &Device,
     on_gpu: bool,
+    two_nodes: bool,
     case: &LogitsCase,
     shape: [usize; 3],
     reps: usize,
@@ -503,9 +507,15 @@ fn burn_logprobs(
     let ch: Tensor<2> = Tensor::from_data(TensorData::new(c_h.to_vec(), [b, s]), &inner).autodiff();
     let step = || {
         let x = zt.clone().require_grad();
-        let (lp, h) =
+        let (lp, h) = if two_nodes {
+            let lp =
+                fused::selective_log_softmax(x.clone(), it.clone().autodiff(), Temperature::ONE)
+                    .expect("log-probs");
+            (lp, fused::entropy(x.clone()).expect("entropy"))
+        } else {
             fused::log_probs_and_entropy(x.clone(), it.clone().autodiff(), Temperature::ONE)
-                .expect("log-probs and entropy");
+                .expect("log-probs and entropy")
+        };
         let loss = (lp.clone() * cl.clone()).sum() + (h.clone() * ch.clone()).sum();
         let mut grads = loss.backward();
         // Taken out of the container (as an optimizer step does), the
@@ -1043,8 +1053,8 @@ fn gpu_run(a: &Args, r: &mut Report) {
         case.run_core(a.threads);
         let mut times = vec![];
         for (name, dev) in &devices {
-            let (secs, [glp, gh, gg]) =
-                burn_logprobs(dev, true, &case, shape, if q { 3 } else { 10 });
+            let reps = if q { 3 } else { 10 };
+            let (secs, [glp, gh, gg]) = burn_logprobs(dev, true, false, &case, shape, reps);
             let err = max_rel_err(&glp, &case.lp)
                 .max(max_rel_err(&gh, &case.h))
                 .max(max_rel_err(&gg, &case.g));
@@ -1054,6 +1064,20 @@ fn gpu_run(a: &Args, r: &mut Report) {
                 &format!("posttrain-burn fused, {name}"),
                 secs,
                 format!("max rel err vs core {err:.1e}"),
+            );
+            // The same step from the two single-output nodes, side by side.
+            let (secs2, _) = burn_logprobs(dev, true, true, &case, shape, reps);
+            r.row(
+                "logprobs",
+                &shape,
+                &format!("  two nodes (selective_log_softmax + entropy), {name}"),
+                secs2,
+                format!("one node is {:.2}x faster", secs2 / secs),
+            );
+            let backend = name.split(' ').next().unwrap_or("gpu");
+            r.json.insert(
+                format!("gpu_{backend}_logprobs_one_node_vs_two"),
+                json!((secs2 / secs * 1000.0).round() / 1000.0),
             );
             times.push((
                 name.split(' ').next().unwrap_or("gpu").to_string(),
