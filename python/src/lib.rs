@@ -5,8 +5,12 @@
 //! arrays and PyTorch tensors and adds the TRL and verl adapters; users import
 //! `posttrain`, not this module.
 //!
-//! Two kinds of entry point:
+//! Three kinds of entry point:
 //!
+//! * **Core ops** ([`core_api`]): every public op of posttrain-core under
+//!   its Rust path, its configs under their Rust names built by their
+//!   `preset`/`new`/`Default` constructors, arrays read in place (the
+//!   Python side is `posttrain.ops.core`).
 //! * **Peer ops** ([`peer_op`]): every op of the conformance vectors, named
 //!   `<peer>.<op>` (`verl.compute_policy_loss`, `trl.grpo_loss`, …) with the
 //!   peer's parameter names, run by the same handlers the conformance runner
