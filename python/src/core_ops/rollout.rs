@@ -4,11 +4,11 @@
 
 use crate::core_api::{op_def, to_value, Call, CallError, CallResult, ConfigDef, CoreReal, OpDef};
 use posttrain_core::policy::rollout::{
-    bypass_policy_loss, off_policy_metrics, rollout_correction_and_rejection,
+    bypass_policy_loss_vec, off_policy_metrics, rollout_correction_and_rejection_vec,
     rollout_correction_weights, rollout_rejection_mask, vllm_importance_sampling_ratio,
-    BypassBuffers, BypassConfig, BypassLoss, CorrectionBuffers, IsConfig, IsMetrics, IsThreshold,
-    OffPolicyMetrics, RejectionMetrics, RolloutCorrectionConfig, RolloutCorrectionMetrics,
-    RsConfig, RsCriterion, RsOption, VllmIsConfig,
+    BypassConfig, BypassLoss, IsConfig, IsMetrics, IsThreshold, OffPolicyMetrics, RejectionMetrics,
+    RolloutCorrectionConfig, RolloutCorrectionMetrics, RsConfig, RsCriterion, RsOption,
+    VllmIsConfig,
 };
 use posttrain_core::policy::sequence_mean::{
     completion_clipped_loss, on_policy_loss, on_policy_loss_from_hidden,
@@ -662,26 +662,9 @@ fn run_correction<F: CoreReal>(c: &mut Call<'_, F>) -> CallResult<()> {
     let (lp, shape) = c.real("log_prob")?;
     let rl = c.real("rollout_log_prob")?.0;
     let mask = c.mask("mask")?.0;
-    let n = dims.len();
-    let mut w = vec![F::zero(); n];
-    let mut keep = vec![false; n];
-    let mut lr = vec![F::zero(); n];
-    let mut rows = vec![F::zero(); dims.batch];
-    let m = rollout_correction_and_rejection(
-        &cfg,
-        dims,
-        lp,
-        rl,
-        mask,
-        CorrectionBuffers {
-            weights: &mut w,
-            keep: &mut keep,
-            log_ratio: &mut lr,
-            rows: &mut rows,
-        },
-    )?;
-    c.output("weights", w, shape);
-    c.output_mask("keep", keep, shape);
+    let (m, v) = rollout_correction_and_rejection_vec(&cfg, dims, lp, rl, mask)?;
+    c.output("weights", v.weights, shape);
+    c.output_mask("keep", v.keep, shape);
     put_correction(c, "", &m);
     Ok(())
 }
@@ -693,31 +676,11 @@ fn run_bypass<F: CoreReal>(c: &mut Call<'_, F>) -> CallResult<()> {
     let rl = c.real("rollout_log_prob")?.0;
     let adv = c.real("advantages")?.0;
     let mask = c.mask("mask")?.0;
-    let n = dims.len();
     let cot = c.cot_scalar("loss")?;
-    let (mut w, mut tok, mut aw) = (vec![F::zero(); n], vec![F::zero(); n], vec![F::zero(); n]);
-    let mut keep = vec![false; n];
-    let mut rows = vec![F::zero(); dims.batch];
-    let mut g = vec![F::zero(); if cot.is_some() { n } else { 0 }];
-    let out = bypass_policy_loss(
-        &cfg,
-        dims,
-        lp,
-        rl,
-        adv,
-        mask,
-        cot.is_some().then_some(g.as_mut_slice()),
-        BypassBuffers {
-            is_weights: &mut w,
-            keep: &mut keep,
-            tokens: &mut tok,
-            agg_weights: &mut aw,
-            rows: &mut rows,
-        },
-    )?;
+    let (out, bufs) = bypass_policy_loss_vec(&cfg, dims, lp, rl, adv, mask)?;
     c.scalar("loss", out.loss);
-    c.output("is_weights", w, shape);
-    c.output_mask("keep", keep, shape);
+    c.output("is_weights", bufs.correction.weights, shape);
+    c.output_mask("keep", bufs.correction.keep, shape);
     c.metric("ppo_kl", out.ppo_kl.to_f64());
     if let Some(v) = out.pg_clipfrac {
         c.metric("pg_clipfrac", v.to_f64());
@@ -727,7 +690,7 @@ fn run_bypass<F: CoreReal>(c: &mut Call<'_, F>) -> CallResult<()> {
     }
     put_correction(c, "correction.", &out.correction);
     if let Some(k) = cot {
-        c.grad("log_prob", scaled(g, k));
+        c.grad("log_prob", scaled(bufs.grad, k));
     }
     Ok(())
 }
