@@ -383,38 +383,53 @@ mod imp {
         value: Tensor<2>,
     }
 
+    /// Records `value` (computed without autodiff on the inner backend) as
+    /// a one-parent node on the autodiff `logits`, whose backward `vjp`
+    /// recomputes its VJP from the state that `state` builds out of the
+    /// logits' inner primitive (only when the logits are tracked).
+    fn attach_logits_node<B, C, V, const D: usize>(
+        logits: Tensor<3>,
+        value: Tensor<D>,
+        vjp: V,
+        state: impl FnOnce(B::FloatTensorPrimitive) -> V::State,
+    ) -> Tensor<D>
+    where
+        B: Backend,
+        C: CheckpointStrategy,
+        V: Backward<B, 1>,
+        DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B, C>>,
+    {
+        let node = logits
+            .clone()
+            .try_into_primitive::<Autodiff<B, C>>()
+            .expect("routed to this backend")
+            .node();
+        let out = value.try_into_primitive::<B>().expect("inner backend");
+        let ad = match vjp.prepare::<C>([node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let z = logits
+                    .inner()
+                    .try_into_primitive::<B>()
+                    .expect("inner backend");
+                prep.finish(state(z), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        Tensor::from_primitive::<Autodiff<B, C>>(ad)
+    }
+
     impl Fuse for LogitsFuse {
         type Out = Tensor<2>;
         fn run<B: Backend, C: CheckpointStrategy>(self) -> Tensor<2>
         where
             DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B, C>>,
         {
-            let node = self
-                .logits
-                .clone()
-                .try_into_primitive::<Autodiff<B, C>>()
-                .expect("routed to this backend")
-                .node();
-            let out = self.value.try_into_primitive::<B>().expect("inner backend");
-            let ad = match LogitsVjp(self.op)
-                .prepare::<C>([node])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => {
-                    let z = self
-                        .logits
-                        .inner()
-                        .try_into_primitive::<B>()
-                        .expect("inner backend");
-                    let t = self
-                        .targets
-                        .map(|t| t.inner().try_into_primitive::<B>().expect("inner backend"));
-                    prep.finish((z, t), out)
-                }
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            };
-            Tensor::from_primitive::<Autodiff<B, C>>(ad)
+            let targets = self.targets;
+            attach_logits_node::<B, C, _, 2>(self.logits, self.value, LogitsVjp(self.op), |z| {
+                let t =
+                    targets.map(|t| t.inner().try_into_primitive::<B>().expect("inner backend"));
+                (z, t)
+            })
         }
     }
 
@@ -476,31 +491,13 @@ mod imp {
         where
             DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B, C>>,
         {
-            let node = self
-                .logits
-                .clone()
-                .try_into_primitive::<Autodiff<B, C>>()
-                .expect("routed to this backend")
-                .node();
-            let out = self.value.try_into_primitive::<B>().expect("inner backend");
-            let ad = match LogProbsEntropyVjp(self.t)
-                .prepare::<C>([node])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => {
-                    let z = self
-                        .logits
-                        .inner()
-                        .try_into_primitive::<B>()
-                        .expect("inner backend");
-                    let idx = self.idx.try_into_primitive::<B>().expect("inner backend");
-                    let h = self.h.try_into_primitive::<B>().expect("inner backend");
-                    prep.finish((z, idx, h), out)
-                }
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            };
-            Tensor::from_primitive::<Autodiff<B, C>>(ad)
+            let (idx, h) = (self.idx, self.h);
+            let vjp = LogProbsEntropyVjp(self.t);
+            attach_logits_node::<B, C, _, 3>(self.logits, self.value, vjp, |z| {
+                let idx = idx.try_into_primitive::<B>().expect("inner backend");
+                let h = h.try_into_primitive::<B>().expect("inner backend");
+                (z, idx, h)
+            })
         }
     }
 
