@@ -248,6 +248,16 @@ def log_probs_entropy(
     return _LogProbsEntropy.apply(logits, targets, float(temperature), threads)
 
 
+def _input_grads(names, tensors, wanted, grads) -> list:
+    """The backward's gradient for each input tensor: the op's gradient of
+    that input (as a tensor like it) where autograd wants one, else None."""
+    out = []
+    for n, t in zip(names, tensors):
+        g = grads.get(n) if n in wanted else None
+        out.append(None if g is None else _back(np.asarray(g), t).reshape(t.shape))
+    return out
+
+
 class _PeerOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op: str, names, static: Dict[str, Any], dtype: str, holder: dict, *tensors: torch.Tensor):
@@ -274,11 +284,7 @@ class _PeerOp(torch.autograd.Function):
         kwargs = dict(ctx.static)
         kwargs.update({n: _host(t) for n, t in zip(ctx.names, tensors)})
         r = _ops.call(ctx.op, dtype=ctx.dtype, cotangents=cots, grads=wanted, **kwargs)
-        grads = []
-        for n, t in zip(ctx.names, tensors):
-            g = r.grads.get(n) if n in wanted else None
-            grads.append(None if g is None else _back(np.asarray(g), t).reshape(t.shape))
-        return (*skip, *grads)
+        return (*skip, *_input_grads(ctx.names, tensors, wanted, r.grads))
 
 
 def call(op: str, **inputs_and_params: Any) -> Dict[str, torch.Tensor]:
@@ -345,11 +351,7 @@ class _CoreOp(torch.autograd.Function):
         kwargs = dict(ctx.static)
         kwargs.update({n: _host(t) for n, t in zip(ctx.names, tensors)})
         r = _core.call(ctx.path, cotangents=cots, **kwargs)
-        grads = []
-        for n, t in zip(ctx.names, tensors):
-            g = r.grads.get(n) if n in wanted else None
-            grads.append(None if g is None else _back(np.asarray(g), t).reshape(t.shape))
-        return (*skip, *grads)
+        return (*skip, *_input_grads(ctx.names, tensors, wanted, r.grads))
 
 
 def core(path: str, **inputs_and_params: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
