@@ -2,7 +2,7 @@
 //! PyTorch functions, measured side by side in one run.
 //!
 //! ```text
-//! cargo run --release -p posttrain-bench -- [--quick] [--threads N] [--python PATH] [--no-peers] [--no-simd] [--gpu | --gpu-ops] [--only W,W]
+//! cargo run --release -p posttrain-bench -- [--quick] [--threads N] [--python PATH] [--no-peers] [--no-simd | --isa baseline|avx2|avx512] [--gpu | --gpu-ops] [--only W,W]
 //! ```
 //!
 //! For each workload this binary times posttrain (the core's fused kernels on
@@ -96,6 +96,19 @@ fn args() -> Args {
             }
             // The fused loops on the build's baseline instruction set only (SSE2 on x86-64).
             "--no-simd" => posttrain_core::fused::use_simd_extensions(false),
+            // The fused loops on at most this instruction set (baseline, avx2, avx512).
+            "--isa" => {
+                use posttrain_core::fused::{limit_vector_isa, VectorIsa};
+                limit_vector_isa(match it.next().as_deref() {
+                    Some("baseline") => VectorIsa::Baseline,
+                    Some("avx2") => VectorIsa::Avx2,
+                    Some("avx512") => VectorIsa::Avx512,
+                    other => {
+                        eprintln!("posttrain-bench: --isa baseline|avx2|avx512, not {other:?}");
+                        std::process::exit(2);
+                    }
+                })
+            }
             "--threads" => a.threads = it.next().and_then(|v| v.parse().ok()).expect("--threads N"),
             "--python" => a.python = it.next().expect("--python PATH"),
             "--only" => {
@@ -108,7 +121,7 @@ fn args() -> Args {
                 )
             }
             "-h" | "--help" => {
-                println!("usage: posttrain-bench [--quick] [--threads N] [--python PATH] [--no-peers] [--no-simd] [--gpu | --gpu-ops] [--only logprobs,token_loss,advantages,gae,dpo,dpo_logits]");
+                println!("usage: posttrain-bench [--quick] [--threads N] [--python PATH] [--no-peers] [--no-simd | --isa baseline|avx2|avx512] [--gpu | --gpu-ops] [--only logprobs,token_loss,advantages,gae,dpo,dpo_logits]");
                 std::process::exit(0);
             }
             other => {
@@ -1166,8 +1179,9 @@ fn main() {
     let a = args();
     let wanted = |w: &str| a.only.as_ref().is_none_or(|o| o.iter().any(|x| x == w));
     let q = a.quick;
+    let isa = posttrain_core::fused::vector_isa();
     println!(
-        "posttrain-bench: {} threads{}, peers {}",
+        "posttrain-bench: {} threads{}, peers {}, fused loops on {isa:?}",
         a.threads,
         if q { ", quick shapes" } else { "" },
         if a.peers { a.python.as_str() } else { "off" }
@@ -1188,6 +1202,7 @@ fn main() {
         peers_used: Map::new(),
     };
     r.json.insert("threads".into(), json!(a.threads));
+    r.json.insert("isa".into(), json!(format!("{isa:?}")));
     if a.gpu {
         gpu_run(&a, &mut r);
         r.print();

@@ -252,6 +252,15 @@ pub trait Real:
     ///
     /// `f64`: `libm`'s `exp` (calls; the `f64` kernels are not vectorised).
     fn exp_branch_free(self) -> Self;
+    /// [`exp_branch_free`](Real::exp_branch_free) for the softmax kernels,
+    /// whose arguments are `≤ 0` (`y − max y`, `log p`): results below 2⁻¹²⁶
+    /// (`x < −87.3…`) are flushed to 0 instead of coming out subnormal, which
+    /// saves the two-factor scaling and the underflow selection. A NaN gives
+    /// NaN, `x > 88` gives `+inf` (there the true value exceeds 1.6·10³⁸), and
+    /// elsewhere the result is `exp_branch_free`'s, bit for bit.
+    ///
+    /// `f64`: `libm`'s `exp`.
+    fn exp_flush_subnormal(self) -> Self;
 }
 
 mod sealed {
@@ -261,7 +270,7 @@ mod sealed {
 }
 
 macro_rules! impl_real {
-    ($t:ty, $exp:ident) => {
+    ($t:ty, $exp:ident, $flush:ident) => {
         impl Elem for $t {
             type Mask = bool;
             #[inline(always)]
@@ -419,23 +428,27 @@ macro_rules! impl_real {
             fn exp_branch_free(self) -> Self {
                 $exp(self)
             }
+            #[inline(always)]
+            fn exp_flush_subnormal(self) -> Self {
+                $flush(self)
+            }
         }
     };
 }
 
-impl_real!(f32, exp_f32_branch_free);
-impl_real!(f64, exp_f64_libm);
+impl_real!(f32, exp_f32_branch_free, exp_f32_flush_subnormal);
+impl_real!(f64, exp_f64_libm, exp_f64_libm);
 
 #[inline(always)]
 fn exp_f64_libm(x: f64) -> f64 {
     num_traits::Float::exp(x)
 }
 
-/// See [`Real::exp_branch_free`]. Every step is a plain float or integer
-/// operation on the one value; the out-of-range and NaN cases are selected at
-/// the end, so the compiler turns a loop of these into vector code.
+/// `eʳ·2ⁿ` split for [`exp_f32_branch_free`] and [`exp_f32_flush_subnormal`]:
+/// `(eʳ, n)` with `n = round(x / ln 2)`, `r = x − n·ln 2` (Cody–Waite, two-part
+/// `ln 2`), `eʳ` by Cephes' degree-7 polynomial. `x` must lie in `[−104, 89]`.
 #[inline(always)]
-fn exp_f32_branch_free(x: f32) -> f32 {
+fn exp_f32_parts(xc: f32) -> (f32, i32) {
     const LOG2E: f32 = core::f32::consts::LOG2_E;
     // ln 2 = LN2_HI + LN2_LO, LN2_HI exact in 9 bits (so n·LN2_HI is exact).
     const LN2_HI: f32 = 0.693_359_4;
@@ -443,10 +456,6 @@ fn exp_f32_branch_free(x: f32) -> f32 {
     // 1.5·2²³: adding it rounds to the nearest integer (ties to even) and
     // leaves that integer in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
-    const OVERFLOW: f32 = 88.722_84; // ln(f32::MAX)
-    const UNDERFLOW: f32 = -103.972_08; // ln(smallest subnormal / 2)
-    let xc = if x > 89.0 { 89.0 } else { x };
-    let xc = if xc < -104.0 { -104.0 } else { xc };
     let t = xc * LOG2E + ROUND;
     let n_bits = t.to_bits() as i32 - ROUND.to_bits() as i32; // n ∈ [−150, 128]
     let n = t - ROUND;
@@ -457,17 +466,74 @@ fn exp_f32_branch_free(x: f32) -> f32 {
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5; // Cephes: 5.0000001201e-1, which is 0.5 in f32
-    let er = p * (r * r) + r + 1.0;
+    (p * (r * r) + r + 1.0, n_bits)
+}
+
+/// [`exp_f32_parts`] with the polynomial in Estrin's form (three
+/// independent pairs, then `r²` and `r⁴`): the same coefficients, a shorter
+/// dependency chain, a different rounding (also within 2 ulp, tested).
+#[inline(always)]
+fn exp_f32_parts_estrin(xc: f32) -> (f32, i32) {
+    const LOG2E: f32 = core::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0;
+    let t = xc * LOG2E + ROUND;
+    let n_bits = t.to_bits() as i32 - ROUND.to_bits() as i32;
+    let n = t - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let r2 = r * r;
+    let r4 = r2 * r2;
+    let a = 1.666_666_5e-1 * r + 0.5;
+    let b = 8.333_452e-3 * r + 4.166_579_6e-2;
+    let c = 1.987_569_1e-4_f32 * r + 1.398_199_9e-3;
+    let p = (a + b * r2) + c * r4;
+    (p * r2 + r + 1.0, n_bits)
+}
+
+/// `ln(f32::MAX)`: above it `eˣ` overflows.
+const EXP_F32_OVERFLOW: f32 = 88.722_84;
+
+/// See [`Real::exp_branch_free`]. Every step is a plain float or integer
+/// operation on the one value; the out-of-range and NaN cases are selected at
+/// the end, so the compiler turns a loop of these into vector code.
+#[inline(always)]
+fn exp_f32_branch_free(x: f32) -> f32 {
+    const UNDERFLOW: f32 = -103.972_08; // ln(smallest subnormal / 2)
+    let xc = if x > 89.0 { 89.0 } else { x };
+    let xc = if xc < -104.0 { -104.0 } else { xc };
+    let (er, n_bits) = exp_f32_parts(xc);
     // 2ⁿ = 2^{n₁}·2^{n₂}, each factor a normal float.
     let n1 = n_bits >> 1;
     let n2 = n_bits - n1;
     let s1 = f32::from_bits(((n1 + 127) as u32) << 23);
     let s2 = f32::from_bits(((n2 + 127) as u32) << 23);
     let y = er * s1 * s2;
-    let y = if x > OVERFLOW { f32::INFINITY } else { y };
+    let y = if x > EXP_F32_OVERFLOW {
+        f32::INFINITY
+    } else {
+        y
+    };
     let y = if x < UNDERFLOW { 0.0 } else { y };
     if x.is_nan() {
         x
+    } else {
+        y
+    }
+}
+
+/// See [`Real::exp_flush_subnormal`]: the clamps are comparisons that let
+/// NaN through (and NaN stays NaN through the arithmetic), and `2ⁿ` is one
+/// factor, whose exponent field is 0 — the float 0 — for `n = −127`.
+#[inline(always)]
+fn exp_f32_flush_subnormal(x: f32) -> f32 {
+    // x ≤ −88 rounds to n ≤ −127; x ≤ 88 to n ≤ 127.
+    let xc = if x < -88.0 { -88.0 } else { x };
+    let xc = if xc > 88.0 { 88.0 } else { xc };
+    let (er, n_bits) = exp_f32_parts_estrin(xc);
+    let y = er * f32::from_bits(((n_bits + 127) as u32) << 23);
+    if x > 88.0 {
+        f32::INFINITY
     } else {
         y
     }

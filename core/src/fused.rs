@@ -188,6 +188,11 @@ impl<F: Real> Lanes<F> {
         }
         Lanes(o)
     }
+    /// [`Real::exp_flush_subnormal`] lane by lane.
+    #[inline(always)]
+    fn exp_flush_subnormal(self) -> Self {
+        self.map(F::exp_flush_subnormal)
+    }
     #[inline(always)]
     fn test(&self, f: impl Fn(F) -> bool) -> LaneMask {
         let mut o = [false; LANES];
@@ -564,28 +569,106 @@ impl<F: Real> Elem for Fast<F> {
 }
 
 #[cfg(feature = "std")]
-static SIMD_OFF: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+static SIMD_LIMIT: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(u8::MAX);
 
-/// Lets the fused loops use the CPU's vector extensions beyond the build's
-/// baseline (`true`, the default) or keeps them on the baseline (`false`).
-///
-/// On x86-64 with `std`, the loops are compiled twice — for the baseline
-/// (SSE2, what a default build targets) and for AVX2 + FMA — and the second
-/// runs when the CPU has both (checked at run time). Results are **bitwise
-/// identical** either way: the same operations in the same order (no fused
-/// multiply-add is formed), only wider (tested). This switch exists to
-/// measure the difference and to rule it out.
-#[cfg(feature = "std")]
-pub fn use_simd_extensions(enabled: bool) {
-    SIMD_OFF.store(!enabled, core::sync::atomic::Ordering::Relaxed);
+/// An instruction set the fused loops are compiled for (x86-64; elsewhere
+/// only [`VectorIsa::Baseline`] exists).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum VectorIsa {
+    /// The build's baseline (SSE2 for a default x86-64 build): 4 `f32` lanes.
+    Baseline,
+    /// AVX2 + FMA: 8 `f32` lanes.
+    Avx2,
+    /// AVX-512 (F, BW, DQ, VL) on top of AVX2 + FMA: 16 `f32` lanes, mask
+    /// registers for the selections.
+    Avx512,
 }
 
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-#[inline]
-fn simd_extensions() -> bool {
-    !SIMD_OFF.load(core::sync::atomic::Ordering::Relaxed)
-        && std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma")
+/// Caps the instruction set of the fused loops: they run on the widest of
+/// the CPU's that is at most `limit` (default: no cap).
+///
+/// On x86-64 with `std`, every fused loop is compiled three times — for the
+/// baseline (SSE2, what a default build targets), for AVX2 + FMA and for
+/// AVX-512 — and the widest the CPU has (checked at run time) runs. Results
+/// are **bitwise identical** at every level: the same operations in the same
+/// order (no fused multiply-add is formed), only wider (tested). This switch
+/// exists to measure the difference and to rule it out.
+#[cfg(feature = "std")]
+pub fn limit_vector_isa(limit: VectorIsa) {
+    SIMD_LIMIT.store(limit as u8, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// `use_simd_extensions(false)` is [`limit_vector_isa`]`(VectorIsa::Baseline)`,
+/// `use_simd_extensions(true)` lifts the cap.
+#[cfg(feature = "std")]
+pub fn use_simd_extensions(enabled: bool) {
+    let limit = if enabled {
+        u8::MAX
+    } else {
+        VectorIsa::Baseline as u8
+    };
+    SIMD_LIMIT.store(limit, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// The instruction set the fused loops run on now: the widest the CPU has,
+/// within the cap of [`limit_vector_isa`].
+#[cfg(feature = "std")]
+pub fn vector_isa() -> VectorIsa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let limit = SIMD_LIMIT.load(core::sync::atomic::Ordering::Relaxed);
+        let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+        let avx512 = avx2
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512dq")
+            && std::is_x86_feature_detected!("avx512vl");
+        if avx512 && limit >= VectorIsa::Avx512 as u8 {
+            return VectorIsa::Avx512;
+        }
+        if avx2 && limit >= VectorIsa::Avx2 as u8 {
+            return VectorIsa::Avx2;
+        }
+    }
+    VectorIsa::Baseline
+}
+
+/// Defines `fn $name`, which runs the `#[inline(always)]` function `$body`
+/// with the same arguments compiled for the widest instruction set of
+/// [`vector_isa`]: three copies of the loop, one per [`VectorIsa`].
+macro_rules! multiversioned {
+    (
+        $(#[$m:meta])*
+        fn $name:ident<$($g:ident: $b:path),*>($($a:ident: $t:ty),* $(,)?) => $body:ident
+    ) => {
+        $(#[$m])*
+        #[inline(never)]
+        fn $name<$($g: $b),*>($($a: $t),*) {
+            #[cfg(all(feature = "std", target_arch = "x86_64"))]
+            {
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                fn avx512<$($g: $b),*>($($a: $t),*) {
+                    $body($($a),*)
+                }
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2<$($g: $b),*>($($a: $t),*) {
+                    $body($($a),*)
+                }
+                match vector_isa() {
+                    #[allow(unsafe_code)]
+                    // SAFETY: `vector_isa()` checked that this CPU has AVX-512 F/BW/DQ/VL, AVX2 and FMA.
+                    VectorIsa::Avx512 => return unsafe { avx512($($a),*) },
+                    #[allow(unsafe_code)]
+                    // SAFETY: `vector_isa()` checked that this CPU has AVX2 and FMA.
+                    VectorIsa::Avx2 => return unsafe { avx2($($a),*) },
+                    VectorIsa::Baseline => {}
+                }
+            }
+            $body($($a),*)
+        }
+    };
 }
 
 /// A token-local policy kernel as a type: its call is always inlined into
@@ -738,73 +821,28 @@ struct RowInputs<'a, F> {
     rlp: Option<&'a [F]>,
 }
 
-/// [`token_block_body`] compiled for the best instruction set the CPU has
-/// (see [`use_simd_extensions`]).
-#[allow(clippy::too_many_arguments)]
-#[inline(never)]
-fn token_block<F: Real, K, L>(
-    k: &K,
-    kl: &L,
-    lp: &[F],
-    old: &[F],
-    adv: &[F],
-    isw: &[F],
-    rlp: &[F],
-    mask: &[bool],
-    scale_pol: F,
-    scale_kl: F,
-    lb: &mut [F],
-    kb: &mut [F],
-    mb: &mut [F],
-    cb: &mut [F],
-    db: &mut [F],
-    gb: &mut [F],
-) where
-    K: TokenKernel<F>,
-    L: KlKernel<F>,
-{
-    #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    if simd_extensions() {
-        #[allow(unsafe_code)]
-        // SAFETY: `simd_extensions()` checked that this CPU has AVX2 and FMA.
-        return unsafe {
-            token_block_avx2(
-                k, kl, lp, old, adv, isw, rlp, mask, scale_pol, scale_kl, lb, kb, mb, cb, db, gb,
-            )
-        };
-    }
-    token_block_body(
-        k, kl, lp, old, adv, isw, rlp, mask, scale_pol, scale_kl, lb, kb, mb, cb, db, gb,
-    )
-}
-
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma")]
-fn token_block_avx2<F: Real, K, L>(
-    k: &K,
-    kl: &L,
-    lp: &[F],
-    old: &[F],
-    adv: &[F],
-    isw: &[F],
-    rlp: &[F],
-    mask: &[bool],
-    scale_pol: F,
-    scale_kl: F,
-    lb: &mut [F],
-    kb: &mut [F],
-    mb: &mut [F],
-    cb: &mut [F],
-    db: &mut [F],
-    gb: &mut [F],
-) where
-    K: TokenKernel<F>,
-    L: KlKernel<F>,
-{
-    token_block_body(
-        k, kl, lp, old, adv, isw, rlp, mask, scale_pol, scale_kl, lb, kb, mb, cb, db, gb,
-    )
+multiversioned! {
+    /// [`token_block_body`] compiled for the widest instruction set the CPU
+    /// has (see [`limit_vector_isa`]).
+    #[allow(clippy::too_many_arguments)]
+    fn token_block<F: Real, K: TokenKernel<F>, L: KlKernel<F>>(
+        k: &K,
+        kl: &L,
+        lp: &[F],
+        old: &[F],
+        adv: &[F],
+        isw: &[F],
+        rlp: &[F],
+        mask: &[bool],
+        scale_pol: F,
+        scale_kl: F,
+        lb: &mut [F],
+        kb: &mut [F],
+        mb: &mut [F],
+        cb: &mut [F],
+        db: &mut [F],
+        gb: &mut [F],
+    ) => token_block_body
 }
 
 /// One block of tokens: the per-token kernels, every result stored into the
@@ -1120,73 +1158,6 @@ pub fn token_loss<F: Real>(
 // Log-probabilities and entropy from logits
 // ---------------------------------------------------------------------------
 
-/// The per-lane state of the online log-sum-exp: running max `m`,
-/// `s = Σ e^{z−m}` and `u = Σ e^{z−m}·(z − m)` (for the entropy).
-#[derive(Clone, Copy)]
-struct OnlineLse<F> {
-    m: Lanes<F>,
-    s: Lanes<F>,
-    u: Lanes<F>,
-}
-
-impl<F: Real> OnlineLse<F> {
-    #[inline(always)]
-    fn new() -> Self {
-        OnlineLse {
-            m: Lanes::splat(F::neg_infinity()),
-            s: Lanes::splat(F::zero()),
-            u: Lanes::splat(F::zero()),
-        }
-    }
-
-    /// Folds in one lane value `z` per lane (−∞ contributes nothing).
-    ///
-    /// A new maximum rescales the sums by `e^{m − z}`; otherwise `e^{z − m}` is
-    /// added: one `exp` per element either way.
-    #[inline(always)]
-    fn push(&mut self, z: Lanes<F>) {
-        let zero = Lanes::splat(F::zero());
-        let up = z.gt(&self.m);
-        let d = Lanes::select(&up, self.m.sub(z), z.sub(self.m));
-        // −∞ − (−∞) = NaN where both are −∞: that element adds nothing.
-        let d = Lanes::select(&d.test(|v| !v.is_nan()), d, Lanes::splat(F::neg_infinity()));
-        let e = d.exp();
-        let live = e.gt_scalar(0.0);
-        // new max: u ← e·(u + d·s), s ← e·s + 1;  else: u ← u + e·d, s ← s + e
-        let u_up = Lanes::select(&live, e.mul(self.u.add(d.mul(self.s))), zero);
-        let u_keep = self.u.add(Lanes::select(&live, e.mul(d), zero));
-        self.u = Lanes::select(&up, u_up, u_keep);
-        self.s = Lanes::select(
-            &up,
-            e.mul(self.s).add(Lanes::splat(F::one())),
-            self.s.add(e),
-        );
-        self.m = Lanes::select(&up, z, self.m);
-    }
-
-    /// `(lse, H)` of the row: the lanes merged the same way.
-    #[inline(always)]
-    fn finish(self) -> (F, F) {
-        let mut m = F::neg_infinity();
-        for &v in &self.m.0 {
-            if v > m {
-                m = v;
-            }
-        }
-        let (mut s, mut u) = (F::zero(), F::zero());
-        for i in 0..LANES {
-            if self.s.0[i] > F::zero() {
-                let d = self.m.0[i] - m;
-                let e = d.exp();
-                s += e * self.s.0[i];
-                u += e * (self.u.0[i] + d * self.s.0[i]);
-            }
-        }
-        let ls = s.ln();
-        (m + ls, ls - u / s)
-    }
-}
-
 /// Validates the inputs of the logits kernels.
 #[allow(clippy::too_many_arguments)]
 fn logits_check<F: Real>(
@@ -1205,32 +1176,117 @@ fn logits_check<F: Real>(
     Ok(())
 }
 
-/// One row of [`log_probs_entropy`]: `(log p[target], H, lse)`.
+/// Where the logits kernels floor `y − max` and `log p`: `e^{−10⁴}` is 0 in
+/// `f32` and `f64`, so the floor changes no probability, and it keeps the
+/// products `p·(y − max)` and `p·log p` at `0·(−10⁴) = 0` for `−∞` logits
+/// (banned tokens) instead of `0·(−∞) = NaN`. NaN passes the floor (a
+/// comparison, not `max`), so it still reaches the row's sums.
+const LOG_P_FLOOR: f64 = -1e4;
+
+/// `v` floored at `floor` lane by lane; NaN stays NaN.
 #[inline(always)]
-fn log_probs_entropy_row<F: Real>(z: &[F], target: usize, inv_t: F, t: F) -> (F, F, F) {
-    let mut st = OnlineLse::new();
-    let mut bad = LaneMask([false; LANES]);
-    let it = Lanes::splat(inv_t);
+fn floored<F: Real>(v: Lanes<F>, floor: F) -> Lanes<F> {
+    let mut o = v.0;
+    for i in 0..LANES {
+        o[i] = if v.0[i] < floor { floor } else { v.0[i] };
+    }
+    Lanes(o)
+}
+
+/// The per-lane running maximum of `v` (`−∞` past its end) folded into `mx`
+/// (NaN never wins).
+#[inline(always)]
+fn fold_max<F: Real>(mx: &mut Lanes<F>, v: &[F]) {
+    let v = Lanes::load(v, F::neg_infinity());
+    for i in 0..LANES {
+        mx.0[i] = if v.0[i] > mx.0[i] { v.0[i] } else { mx.0[i] };
+    }
+}
+
+/// The maximum of a row's raw logits, from the per-lane maxima `mx` and the
+/// elements `tail` past the last whole chunk (`−∞` for an empty row).
+#[inline(always)]
+fn finish_max<F: Real>(mx: &Lanes<F>, tail: &[F]) -> F {
+    let mut m = F::neg_infinity();
+    for &v in mx.0.iter().chain(tail) {
+        if v > m {
+            m = v;
+        }
+    }
+    m
+}
+
+/// Adds one chunk `c` (`−∞` past its end) to the exp-sums of
+/// [`log_probs_entropy_row`]: `d = max(c/T − m, floor)`, `s += e^d`, `u += e^d·d`.
+#[inline(always)]
+fn exp_sums<F: Real>(
+    s: &mut Lanes<F>,
+    u: &mut Lanes<F>,
+    c: &[F],
+    inv_t: Lanes<F>,
+    m: Lanes<F>,
+    floor: F,
+) {
+    let d = floored(Lanes::load(c, F::neg_infinity()).mul(inv_t).sub(m), floor);
+    let e = d.exp_flush_subnormal();
+    for i in 0..LANES {
+        s.0[i] += e.0[i];
+        u.0[i] += e.0[i] * d.0[i];
+    }
+}
+
+/// The maximum of a row's raw logits.
+#[inline(always)]
+fn row_max<F: Real>(z: &[F]) -> F {
+    let mut mx = Lanes::splat(F::neg_infinity());
     let mut chunks = z.chunks_exact(LANES);
     for c in &mut chunks {
-        let v = Lanes::load(c, F::zero()).mul(it);
-        // +inf and NaN go to the reference kernels.
-        bad = bad.or(v.test(|x| x.is_nan() | (x == F::infinity())));
-        st.push(v);
+        fold_max(&mut mx, c);
+    }
+    finish_max(&mx, chunks.remainder())
+}
+
+/// One row of [`log_probs_entropy`]: `(log p[target], H, lse)`.
+///
+/// Two passes over the row: its maximum `m` (from memory), then (from the
+/// cache: a row of 32 000 `f32` is 128 KiB) `d = z/T − m`, `e = e^d`,
+/// `s = Σ e`, `u = Σ e·d` per lane; `lse = m + ln s`, `H = ln s − u/s` — the
+/// entropy measured from the maximum, so logits of ±1e30 stay exact. `+∞`,
+/// NaN or an all-`−∞` row make `lse` or `H` non-finite, and the row goes to
+/// the reference kernels.
+#[inline(always)]
+fn log_probs_entropy_row<F: Real>(z: &[F], target: usize, inv_t: F, t: F) -> (F, F, F) {
+    // max(z)/T = max(z/T): multiplying by 1/T > 0 keeps the order.
+    let m = row_max(z) * inv_t;
+    let (it, mm, floor) = (Lanes::splat(inv_t), Lanes::splat(m), F::of(LOG_P_FLOOR));
+    let (mut s, mut u) = (Lanes::splat(F::zero()), Lanes::splat(F::zero()));
+    let mut chunks = z.chunks_exact(LANES);
+    for c in &mut chunks {
+        exp_sums(&mut s, &mut u, c, it, mm, floor);
     }
     let tail = chunks.remainder();
     if !tail.is_empty() {
-        let v = Lanes::load(tail, F::neg_infinity()).mul(it);
-        bad = bad.or(v.test(|x| x.is_nan() | (x == F::infinity())));
-        st.push(v);
+        exp_sums(&mut s, &mut u, tail, it, mm, floor);
     }
-    let (lse, h) = st.finish();
-    if bad.count() > 0 || !lse.is_finite() {
+    let (s, u) = (sum_lanes(&s), sum_lanes(&u));
+    let ls = s.ln();
+    let (lse, h) = (m + ls, ls - u / s);
+    if !(lse.is_finite() && h.is_finite()) {
         let (_, lse) = scaled_max_lse(z, t);
         let h = reference_row_entropy(z, lse, t);
         return (z[target] / t - lse, h, lse);
     }
     (z[target] * inv_t - lse, h, lse)
+}
+
+/// The lanes of `v` added in lane order.
+#[inline(always)]
+fn sum_lanes<F: Real>(v: &Lanes<F>) -> F {
+    let mut a = F::zero();
+    for i in 0..LANES {
+        a += v.0[i];
+    }
+    a
 }
 
 /// Log-probability of one target id per row **and** the entropy of the row's
@@ -1298,38 +1354,18 @@ pub fn log_probs_entropy<F: Real>(
     Ok(())
 }
 
-/// The rows of [`log_probs_entropy`] (checked), for the best instruction set.
-#[inline(never)]
-fn lpe_rows<F: Real>(
-    logits: &[F],
-    vocab: usize,
-    t: F,
-    targets: &[i64],
-    lp: &mut [F],
-    h: &mut [F],
-    lse: &mut [F],
-) {
-    #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    if simd_extensions() {
-        #[allow(unsafe_code)]
-        // SAFETY: `simd_extensions()` checked that this CPU has AVX2 and FMA.
-        return unsafe { lpe_rows_avx2(logits, vocab, t, targets, lp, h, lse) };
-    }
-    lpe_rows_body(logits, vocab, t, targets, lp, h, lse)
-}
-
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-#[target_feature(enable = "avx2,fma")]
-fn lpe_rows_avx2<F: Real>(
-    logits: &[F],
-    vocab: usize,
-    t: F,
-    targets: &[i64],
-    lp: &mut [F],
-    h: &mut [F],
-    lse: &mut [F],
-) {
-    lpe_rows_body(logits, vocab, t, targets, lp, h, lse)
+multiversioned! {
+    /// The rows of [`log_probs_entropy`] (checked), for the widest
+    /// instruction set the CPU has.
+    fn lpe_rows<F: Real>(
+        logits: &[F],
+        vocab: usize,
+        t: F,
+        targets: &[i64],
+        lp: &mut [F],
+        h: &mut [F],
+        lse: &mut [F],
+    ) => lpe_rows_body
 }
 
 #[inline(always)]
@@ -1353,6 +1389,13 @@ fn lpe_rows_body<F: Real>(
 }
 
 /// One row of [`log_probs_entropy_backward`].
+///
+/// With `ℓₖ = max(yₖ − lse, −10⁴)` ([`LOG_P_FLOOR`]) and `pₖ = e^{ℓₖ}`, the two
+/// VJP terms ([`log_softmax_vjp_term`] of the one-hot cotangent and
+/// [`entropy_vjp_term`]) add up, off the target, to the affine form
+/// `gₖ = pₖ·(a + b·ℓₖ)` with `a = −(c_lp + c_H·H)/T`, `b = −c_H/T`: five
+/// operations and an `exp` per logit. The target's entry is then written
+/// from the two terms themselves.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn log_probs_entropy_backward_row<F: Real>(
@@ -1379,29 +1422,28 @@ fn log_probs_entropy_backward_row<F: Real>(
         }
         return;
     }
-    let (it, l, hh) = (Lanes::splat(inv_t), Lanes::splat(lse), Lanes::splat(h));
-    let (cl, ch) = (Lanes::splat(c_lp), Lanes::splat(c_h));
-    let zero = Lanes::splat(F::zero());
-    let td = t.to_f64();
-    let mut start = 0;
-    while start < z.len() {
-        let end = (start + LANES).min(z.len());
-        let lp = Lanes::load(&z[start..end], F::zero()).mul(it).sub(l);
-        let p = lp.exp();
-        // log softmax VJP of the one-hot cotangent (its row total is c_lp) …
-        let onehot = if (start..end).contains(&target) {
-            let mut a = [F::zero(); LANES];
-            a[target - start] = c_lp;
-            Lanes(a)
-        } else {
-            zero
-        };
-        let gv = log_softmax_vjp_term(onehot, p, cl, td)
-            // … plus the entropy VJP (through y = z/T).
-            .add(entropy_vjp_term(p, lp, hh, ch).mul(it));
-        gv.store(&mut g[start..end]);
-        start = end;
+    let a = -(c_lp + c_h * h) * inv_t;
+    let b = -c_h * inv_t;
+    let (it, l, floor) = (Lanes::splat(inv_t), Lanes::splat(lse), F::of(LOG_P_FLOOR));
+    let (av, bv) = (Lanes::splat(a), Lanes::splat(b));
+    let mut zc = z.chunks_exact(LANES);
+    let mut gc = g.chunks_exact_mut(LANES);
+    for (zs, gs) in (&mut zc).zip(&mut gc) {
+        let lp = floored(Lanes::load(zs, F::zero()).mul(it).sub(l), floor);
+        let p = lp.exp_flush_subnormal();
+        p.mul(av.add(bv.mul(lp))).store(gs);
     }
+    let (zt, gt) = (zc.remainder(), gc.into_remainder());
+    if !zt.is_empty() {
+        let lp = floored(Lanes::load(zt, F::zero()).mul(it).sub(l), floor);
+        let p = lp.exp_flush_subnormal();
+        p.mul(av.add(bv.mul(lp))).store(gt);
+    }
+    let lp = z[target] * inv_t - lse;
+    let lp = if lp < floor { floor } else { lp };
+    let p = lp.exp_flush_subnormal();
+    g[target] =
+        log_softmax_vjp_term(c_lp, p, c_lp, t.to_f64()) + entropy_vjp_term(p, lp, h, c_h) * inv_t;
 }
 
 /// The VJP of [`log_probs_entropy`]: `∂/∂z` of `Σᵣ c_lp[r]·out[r] + c_H[r]·H[r]`,
@@ -1463,47 +1505,21 @@ pub fn log_probs_entropy_backward<F: Real>(
     Ok(())
 }
 
-/// The rows of [`log_probs_entropy_backward`] (checked), for the best
-/// instruction set.
-#[allow(clippy::too_many_arguments)]
-#[inline(never)]
-fn lpe_backward_rows<F: Real>(
-    logits: &[F],
-    vocab: usize,
-    t: F,
-    targets: &[i64],
-    lse: &[F],
-    entropy: &[F],
-    d_lp: &[F],
-    d_h: Option<&[F]>,
-    grad: &mut [F],
-) {
-    #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    if simd_extensions() {
-        #[allow(unsafe_code)]
-        // SAFETY: `simd_extensions()` checked that this CPU has AVX2 and FMA.
-        return unsafe {
-            lpe_backward_rows_avx2(logits, vocab, t, targets, lse, entropy, d_lp, d_h, grad)
-        };
-    }
-    lpe_backward_rows_body(logits, vocab, t, targets, lse, entropy, d_lp, d_h, grad)
-}
-
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma")]
-fn lpe_backward_rows_avx2<F: Real>(
-    logits: &[F],
-    vocab: usize,
-    t: F,
-    targets: &[i64],
-    lse: &[F],
-    entropy: &[F],
-    d_lp: &[F],
-    d_h: Option<&[F]>,
-    grad: &mut [F],
-) {
-    lpe_backward_rows_body(logits, vocab, t, targets, lse, entropy, d_lp, d_h, grad)
+multiversioned! {
+    /// The rows of [`log_probs_entropy_backward`] (checked), for the widest
+    /// instruction set the CPU has.
+    #[allow(clippy::too_many_arguments)]
+    fn lpe_backward_rows<F: Real>(
+        logits: &[F],
+        vocab: usize,
+        t: F,
+        targets: &[i64],
+        lse: &[F],
+        entropy: &[F],
+        d_lp: &[F],
+        d_h: Option<&[F]>,
+        grad: &mut [F],
+    ) => lpe_backward_rows_body
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -76,7 +76,7 @@
 //! # Ok::<(), posttrain_core::Error>(())
 //! ```
 #![no_std]
-// `unsafe` appears only to call the AVX2 builds of the fused loops after a
+// `unsafe` appears only to call the AVX2 and AVX-512 builds of the fused loops after a
 // run-time CPU check (`fused`, feature `std`, x86-64): each site is marked.
 #![deny(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations)]

@@ -57,6 +57,38 @@ fn exp_branch_free_f32_is_within_two_ulp_of_libm() {
     assert_eq!(0.0f32.exp_branch_free(), 1.0);
 }
 
+#[test]
+fn exp_flush_subnormal_f32_is_within_two_ulp_of_libm_and_flushes_below_the_normals() {
+    let ulp = |a: f32, b: f32| (a.to_bits() as i64 - b.to_bits() as i64).abs();
+    let (mut worst, mut flushed) = (0, 0);
+    let mut x = -104.0f32;
+    while x <= 88.0 {
+        let fast = x.exp_flush_subnormal();
+        let libm = x.exp();
+        if libm < f32::MIN_POSITIVE {
+            // subnormal results: flushed to 0, or the normal path's product
+            assert!(
+                (fast - libm).abs() <= f32::MIN_POSITIVE,
+                "x = {x}: {fast} vs {libm}"
+            );
+            flushed += usize::from(fast == 0.0);
+        } else {
+            worst = worst.max(ulp(fast, libm));
+            assert!(ulp(fast, libm) <= 2, "x = {x}: {fast} vs {libm}");
+        }
+        x += 1.0 / 4096.0;
+    }
+    eprintln!("worst ulp distance: {worst}");
+    assert!(flushed > 0);
+    assert_eq!((-88.0f32).exp_flush_subnormal(), 0.0);
+    assert_eq!(f32::NEG_INFINITY.exp_flush_subnormal(), 0.0);
+    assert_eq!(f32::INFINITY.exp_flush_subnormal(), f32::INFINITY);
+    assert_eq!(88.5f32.exp_flush_subnormal(), f32::INFINITY);
+    assert!(f32::NAN.exp_flush_subnormal().is_nan());
+    assert_eq!(0.0f32.exp_flush_subnormal(), 1.0);
+    assert_eq!(f64::NEG_INFINITY.exp_flush_subnormal(), 0.0);
+}
+
 fn close(a: f64, b: f64, rel: f64) -> bool {
     (a - b).abs() <= rel * (1.0 + a.abs().max(b.abs()))
 }
@@ -600,7 +632,7 @@ fn parallel_drivers_are_bitwise_identical_for_every_thread_count() {
 #[cfg(feature = "std")]
 #[test]
 fn vector_extensions_change_no_bit() {
-    use posttrain_core::fused::use_simd_extensions;
+    use posttrain_core::fused::{limit_vector_isa, use_simd_extensions, vector_isa, VectorIsa};
     let mut rng = Rng(5);
     let c = token_case::<f32>(&mut rng, 9, 700);
     let batch = PolicyBatch {
@@ -615,8 +647,9 @@ fn vector_extensions_change_no_bit() {
     let (z, ids) = logits_case::<f32>(&mut rng, rows, vocab);
     let c_lp: Vec<f32> = (0..rows).map(|_| rng.normal() as f32).collect();
     let t = Temperature::new(0.8).unwrap();
-    let run = |simd: bool| {
-        use_simd_extensions(simd);
+    let run = |isa: VectorIsa| {
+        limit_vector_isa(isa);
+        assert!(vector_isa() <= isa);
         let mut out = vec![];
         for loss in token_local_losses() {
             for est in [
@@ -651,11 +684,17 @@ fn vector_extensions_change_no_bit() {
         use_simd_extensions(true);
         out
     };
-    let (wide, base) = (run(true), run(false));
-    assert_eq!(wide.len(), base.len());
-    let diff = wide.iter().zip(&base).filter(|(a, b)| a != b).count();
-    assert_eq!(
-        diff, 0,
-        "{diff} values differ between the AVX2 and the baseline build"
-    );
+    let base = run(VectorIsa::Baseline);
+    for isa in [VectorIsa::Avx2, VectorIsa::Avx512] {
+        let wide = run(isa);
+        assert_eq!(wide.len(), base.len());
+        let diff = wide.iter().zip(&base).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            diff, 0,
+            "{diff} values differ between the {isa:?} and the baseline build"
+        );
+    }
+    use_simd_extensions(false);
+    assert_eq!(vector_isa(), VectorIsa::Baseline);
+    use_simd_extensions(true);
 }
