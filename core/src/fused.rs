@@ -13,7 +13,7 @@
 //! [`KlConfig::estimate`], [`log_softmax_vjp_term`], [`entropy_vjp_term`],
 //! each written once over [`Elem`] — but on [`Lanes`]: 64 consecutive
 //! tokens at a time, as one value. Every kernel is branch-free (selections,
-//! not `if`s) and [`Real::exp_branch_free`] is a polynomial, so the compiler
+//! not `if`s) and [`Real::exp_flush_subnormal`] is a polynomial, so the compiler
 //! turns a lane operation into a vector instruction. Nothing is stored
 //! between the kernels: each token's loss, KL and gradient are formed in
 //! registers, summed into per-lane accumulators, and the gradient is written
@@ -22,13 +22,14 @@
 //! | fused driver | reads | writes | the unfused chain it replaces |
 //! |---|---|---|---|
 //! | [`token_loss`] | `log π`, `log π_old`, `log π_ref`, `A`, mask (+ IS weights) once | `∂L/∂log π` once | [`policy_loss`](crate::policy::token::policy_loss) + [`KlConfig::estimate_slices`] + [`aggregate`](crate::aggregate::aggregate) |
-//! | [`log_probs_entropy`] | the logits once (online log-sum-exp) | `log p[target]`, `H`, `lse` per row | [`gather_log_softmax`](crate::logits::gather_log_softmax) + [`entropy_from_logits`](crate::logits::entropy_from_logits) |
+//! | [`log_probs_entropy`] | the logits once from memory (its max), again from the cache (its exp-sums) | `log p[target]`, `H`, `lse` per row | [`gather_log_softmax`](crate::logits::gather_log_softmax) + [`entropy_from_logits`](crate::logits::entropy_from_logits) |
 //! | [`log_probs_entropy_backward`] | the logits once | `∂/∂logits` once | their two VJPs |
 //!
 //! # Agreement with the reference drivers
 //!
 //! The values are the reference drivers' up to summation order and the
-//! polynomial `exp` (`f32`: within 2 ulp of `libm`): the `fused` tests check
+//! polynomial `exp` (`f32`: within 2 ulp of `libm`, results below 2⁻¹²⁶
+//! flushed to 0): the `fused` tests check
 //! every supported loss variant, KL estimator and aggregation mode against
 //! the reference chain within `1e-5` relative (`f32`) and `1e-12` (`f64`),
 //! with NaN and ±inf in masked positions. Rows of logits holding `+inf` or
@@ -105,7 +106,7 @@ pub const LANES: usize = 32;
 /// operation applies to every lane, so a kernel written over [`Elem`] runs on
 /// 64 tokens at once and the compiler emits vector instructions.
 ///
-/// `exp` is [`Real::exp_branch_free`]; `ln`, `ln_1p`, `sqrt` and `powf` apply
+/// `exp` is [`Real::exp_flush_subnormal`]; `ln`, `ln_1p`, `sqrt` and `powf` apply
 /// the scalar function lane by lane.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Lanes<F>(pub [F; LANES]);
@@ -250,7 +251,7 @@ impl<F: Real> Elem for Lanes<F> {
     }
     #[inline(always)]
     fn exp(self) -> Self {
-        self.map(F::exp_branch_free)
+        self.map(F::exp_flush_subnormal)
     }
     #[inline(always)]
     fn ln(self) -> Self {
@@ -458,7 +459,7 @@ fn token_loss_check<F: Real>(
     Ok(AggTotals::of(batch.mask, batch.dims))
 }
 
-/// A float whose [`Elem::exp`] is [`Real::exp_branch_free`]: the per-token
+/// A float whose [`Elem::exp`] is [`Real::exp_flush_subnormal`]: the per-token
 /// kernels run on it one token at a time inside plain loops over slices,
 /// which the compiler vectorises (no calls, every branch a selection).
 #[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
@@ -500,7 +501,7 @@ impl<F: Real> Elem for Fast<F> {
     }
     #[inline(always)]
     fn exp(self) -> Self {
-        Fast(self.0.exp_branch_free())
+        Fast(self.0.exp_flush_subnormal())
     }
     #[inline(always)]
     fn ln(self) -> Self {
@@ -947,20 +948,21 @@ fn token_loss_row_with<F: Real, K, L>(
         let isw = row.isw.map_or(&ones[..len], |v| &v[r.clone()]);
         // Without a KL term the estimator is a constant 0 (any slice will do).
         let rlp = row.rlp.map_or(lp, |v| &v[r.clone()]);
-        let (lb, kb, mb, cb, db, gb) = (
+        let (lb, kb, mb, cb, db) = (
             &mut lbuf[..len],
             &mut kbuf[..len],
             &mut mbuf[..len],
             &mut cbuf[..len],
             &mut dbuf[..len],
-            &mut gbuf[..len],
         );
+        // The gradient goes straight to its place (or to a scratch block).
+        let gb = match grad.as_deref_mut() {
+            Some(g) => &mut g[r],
+            None => &mut gbuf[..len],
+        };
         token_block(
             &k, &kl, lp, old, adv, isw, rlp, mask, scale_pol, scale_kl, lb, kb, mb, cb, db, gb,
         );
-        if let Some(g) = grad.as_deref_mut() {
-            g[r].copy_from_slice(gb);
-        }
         pol += sum8(lb);
         klv += sum8(kb);
         klm += sum8(mb);
@@ -1290,16 +1292,17 @@ fn sum_lanes<F: Real>(v: &Lanes<F>) -> F {
 }
 
 /// Log-probability of one target id per row **and** the entropy of the row's
-/// softmax, reading the logits once (online log-sum-exp); the row's `lse` is
-/// kept for [`log_probs_entropy_backward`].
+/// softmax, reading the logits from memory once; the row's `lse` is kept for
+/// [`log_probs_entropy_backward`].
 ///
 /// # Formula
 ///
 /// With `y = z / T`: `lse = log Σₖ e^{yₖ}`, `out[r] = y[t_r] − lse`,
-/// `H[r] = −Σₖ pₖ log pₖ`, `p = softmax(y)`. One pass keeps, per lane, the
-/// running max `m`, `s = Σ e^{y−m}` and `u = Σ e^{y−m}(y − m)`; then
-/// `lse = m + ln s` and `H = ln s − u/s` — the entropy relative to the max,
-/// so logits of ±1e30 stay exact.
+/// `H[r] = −Σₖ pₖ log pₖ`, `p = softmax(y)`. A first pass over the row finds
+/// its max `m`; a second (the row is then in the cache) keeps, per lane,
+/// `s = Σ e^{y−m}` and `u = Σ e^{y−m}(y − m)`; then `lse = m + ln s` and
+/// `H = ln s − u/s` — the entropy relative to the max, so logits of ±1e30
+/// stay exact.
 ///
 /// # Peers
 ///
