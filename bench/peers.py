@@ -200,6 +200,49 @@ def peer_str(*names):
 # ----------------------------------------------------------------------------------------
 # Timing harness
 # ----------------------------------------------------------------------------------------
+def _vm_kb(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return float(line.split()[1])
+    return None
+
+
+def peak_extra_mb(ctx, step, leaves):
+    """Memory one more step() takes above what is live before it, in MiB: on
+    CUDA torch's peak allocated bytes; on the CPU the process's peak resident
+    set (VmHWM, reset through /proc/self/clear_refs, Linux) above its resident
+    set before the step. The leaves' .grad is cleared first, so the gradient
+    the step creates counts. None where neither is available."""
+    import torch
+
+    for leaf in leaves:
+        leaf.grad = None
+    gc.collect()
+    if ctx.device.type != "cpu":
+        ctx.sync()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with quiet_stdout():
+            res = step()
+        ctx.sync()
+        del res
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _vm_kb("VmRSS:")
+        with quiet_stdout():
+            res = step()
+        peak = _vm_kb("VmHWM:")
+        del res
+    except OSError:
+        return None
+    if before is None or peak is None:
+        return None
+    return max(peak - before, 0.0) / 1024
+
+
 def time_variant(ctx, impl, peer, call, step, leaves, checksum, extra=None):
     """step() runs one forward(+backward) and returns whatever checksum() needs."""
     import torch
@@ -226,6 +269,8 @@ def time_variant(ctx, impl, peer, call, step, leaves, checksum, extra=None):
                 if i >= ctx.warmup:
                     times.append(t1 - t0)
             cs = float(checksum(out))
+            out = None
+            peak_mb = peak_extra_mb(ctx, step, leaves)
         rec = {
             "workload": ctx.workload,
             "impl": impl,
@@ -239,6 +284,8 @@ def time_variant(ctx, impl, peer, call, step, leaves, checksum, extra=None):
             "peer": peer,
             "checksum": cs,
         }
+        if peak_mb is not None:
+            rec["peak_extra_mb"] = peak_mb
         if leaves:
             rec["grad_abs_sum"] = float(sum(leaf.grad.double().abs().sum() for leaf in leaves))
         rec["call"] = call

@@ -10,6 +10,9 @@
 //! it), then runs `bench/peers.py WORKLOAD` in a Python subprocess — the
 //! released `trl` and `verl` functions under torch eager, on the same number
 //! of threads — and prints `peer time ÷ our time` (> 1: posttrain is faster).
+//! For workloads 1 and 2 it also measures the memory one step takes, ours and
+//! the peers' alike: the peak resident set during one more step above the
+//! resident set before it (`peak_extra_mb`; `*_peak_mb` in the JSON).
 //! It also measures this machine's memory bandwidth with a STREAM-style copy
 //! (`copy_from_slice` of a 1 GiB array, counted as read + write bytes, best of
 //! 5, all threads) and reports the bandwidth-bound workloads as a fraction of
@@ -204,7 +207,36 @@ fn copy_bandwidth(threads: usize, bytes: usize) -> f64 {
 struct PeerTime {
     imp: String,
     median: f64,
+    /// `peak_extra_mb` of the peer's line (see [`peak_extra_mb`]).
+    peak_mb: Option<f64>,
     line: Value,
+}
+
+/// Runs `f` once and measures the memory it takes above what is live before
+/// it, in MiB: the process's peak resident set (`VmHWM`, reset through
+/// `/proc/self/clear_refs`) minus its resident set before `f`. Linux only
+/// (`None` elsewhere). `peers.py` measures the peers the same way (on CUDA,
+/// torch's peak allocated bytes instead).
+fn peak_extra_mb<R>(f: impl FnOnce() -> R) -> (R, Option<f64>) {
+    let vm_kb = |key: &str| -> Option<f64> {
+        let s = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = s.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let before = vm_kb("VmRSS:");
+    let r = f();
+    let peak = vm_kb("VmHWM:");
+    let mb = match (reset, before, peak) {
+        (true, Some(b), Some(p)) => Some((p - b).max(0.0) / 1024.0),
+        _ => None,
+    };
+    (r, mb)
+}
+
+/// ", peak +N MiB" for a row's note.
+fn peak_note(mb: Option<f64>) -> String {
+    mb.map_or(String::new(), |m| format!(", peak +{m:.0} MiB"))
 }
 
 fn run_peers(a: &Args, workload: &str, shape: &[usize]) -> Result<Vec<PeerTime>, String> {
@@ -247,6 +279,7 @@ fn run_peers(a: &Args, workload: &str, shape: &[usize]) -> Result<Vec<PeerTime>,
                 v.push(PeerTime {
                     imp: imp.to_string(),
                     median: m,
+                    peak_mb: j["peak_extra_mb"].as_f64(),
                     line: j.clone(),
                 });
             }
@@ -276,6 +309,8 @@ struct Report {
     rows: Vec<[String; 5]>,
     json: Map<String, Value>,
     peers_used: Map<String, Value>,
+    /// The peak memory of the headline peer of the last [`Report::peers`].
+    headline_peak_mb: Option<f64>,
 }
 
 impl Report {
@@ -348,7 +383,11 @@ impl Report {
                         shape,
                         &format!("peer: {}", p.imp),
                         p.median,
-                        format!("ours {:.2}× faster", p.median / ours),
+                        format!(
+                            "ours {:.2}× faster{}",
+                            p.median / ours,
+                            peak_note(p.peak_mb)
+                        ),
                     );
                     self.peers_used
                         .insert(format!("{workload} {shape:?} {}", p.imp), p.line.clone());
@@ -379,6 +418,7 @@ impl Report {
         if h.is_none() {
             eprintln!("posttrain-bench: no peer line of {workload} matches {headline:?}");
         }
+        self.headline_peak_mb = h.and_then(|p| p.peak_mb);
         h.map(|p| p.median / ours)
     }
 }
@@ -462,6 +502,8 @@ fn logprobs(a: &Args, r: &mut Report, shape: [usize; 3], bw: f64) {
     let mut case = LogitsCase::new(shape);
     let reps = if a.quick { 3 } else { 5 };
     let (ours, _) = time(1, reps, || case.run_core(a.threads));
+    // The core writes into the caller's buffers: its step allocates nothing.
+    let ((), peak) = peak_extra_mb(|| case.run_core(a.threads));
     let (rows, v) = (case.rows, case.v);
     let bytes = 12.0 * (rows * v) as f64;
     let frac = bytes / ours / bw;
@@ -470,19 +512,22 @@ fn logprobs(a: &Args, r: &mut Report, shape: [usize; 3], bw: f64) {
         &shape,
         "posttrain fused (core, f32)",
         ours,
-        format!("{:.0}% of copy bandwidth", 100.0 * frac),
+        format!("{:.0}% of copy bandwidth{}", 100.0 * frac, peak_note(peak)),
     );
     r.set("logprobs_bw_fraction", Some(frac));
+    r.set("logprobs_peak_mb", peak);
     let dev: Device = posttrain_burn::device().expect("burn device").autodiff();
-    let (burn, _) = burn_logprobs(&dev, false, false, &case, shape, reps);
+    let (burn, _, burn_peak) = burn_logprobs(&dev, false, false, &case, shape, reps);
     r.row(
         "logprobs",
         &shape,
         "posttrain-burn fused, ndarray",
         burn,
-        String::new(),
+        peak_note(burn_peak).trim_start_matches(", ").to_string(),
     );
+    r.set("burn_ndarray_logprobs_peak_mb", burn_peak);
     let vs = r.peers(a, "logprobs", &shape, ours, "torch.F.cross_entropy+");
+    r.set("logprobs_torch_peak_mb", r.headline_peak_mb);
     r.set("logprobs_vs_torch", vs);
     r.set(
         "burn_ndarray_logprobs_vs_torch",
@@ -507,7 +552,7 @@ fn burn_logprobs(
     case: &LogitsCase,
     shape: [usize; 3],
     reps: usize,
-) -> (f64, [Vec<f32>; 3]) {
+) -> (f64, [Vec<f32>; 3], Option<f64>) {
     use posttrain_burn::fused;
     let [b, s, v] = shape;
     let (z, ids, c_lp, c_h) = (&case.z, &case.ids, &case.c_lp, &case.c_h);
@@ -545,7 +590,9 @@ fn burn_logprobs(
             let _ = gx.into_data();
         }
     });
-    let (lp, h, gx) = step();
+    // One more step, measured for memory (host memory: not on a GPU).
+    let ((lp, h, gx), peak) = peak_extra_mb(step);
+    let peak = peak.filter(|_| !on_gpu);
     let host = |t: Tensor<2>| {
         t.into_data()
             .convert::<f32>()
@@ -557,7 +604,7 @@ fn burn_logprobs(
         .convert::<f32>()
         .try_to_vec::<f32>()
         .expect("f32");
-    (med, [host(lp.inner()), host(h.inner()), g])
+    (med, [host(lp.inner()), host(h.inner()), g], peak)
 }
 
 /// `(log π, log π_old, log π_ref, A, mask)` of a `[b, t]` batch.
@@ -638,6 +685,7 @@ fn token_loss(a: &Args, r: &mut Report, shape: [usize; 2], bw: f64, headline: bo
     let (ours, _) = time(3, reps, || {
         core_token_loss(&cfg, &inputs, shape, &mut g, a.threads);
     });
+    let (_, peak) = peak_extra_mb(|| core_token_loss(&cfg, &inputs, shape, &mut g, a.threads));
     let (lp, old, rf, adv, mask) = &inputs;
     let bytes = 21.0 * (b * t) as f64;
     let frac = bytes / ours / bw;
@@ -646,19 +694,22 @@ fn token_loss(a: &Args, r: &mut Report, shape: [usize; 2], bw: f64, headline: bo
         &shape,
         "posttrain fused (core, f32)",
         ours,
-        format!("{:.0}% of copy bandwidth", 100.0 * frac),
+        format!("{:.0}% of copy bandwidth{}", 100.0 * frac, peak_note(peak)),
     );
     let dev: Device = posttrain_burn::device().expect("burn device").autodiff();
-    let (burn, _, _) = burn_token_loss(&dev, false, lp, old, rf, adv, mask, shape, reps);
+    let (burn, _, _, burn_peak) = burn_token_loss(&dev, false, lp, old, rf, adv, mask, shape, reps);
     r.row(
         "token_loss",
         &shape,
         "posttrain-burn fused, ndarray",
         burn,
-        String::new(),
+        peak_note(burn_peak).trim_start_matches(", ").to_string(),
     );
     let vs = r.peers(a, "token_loss", &shape, ours, "verl");
     if headline {
+        r.set("token_loss_peak_mb", peak);
+        r.set("burn_ndarray_token_loss_peak_mb", burn_peak);
+        r.set("token_loss_torch_peak_mb", r.headline_peak_mb);
         r.set("token_loss_vs_torch", vs);
         r.set("token_loss_bw_fraction", Some(frac));
         r.set(
@@ -690,7 +741,7 @@ fn burn_token_loss(
     mask: &[bool],
     shape: [usize; 2],
     reps: usize,
-) -> (f64, f32, Vec<f32>) {
+) -> (f64, f32, Vec<f32>, Option<f64>) {
     use posttrain_burn::fused;
     let [b, t] = shape;
     let inner = dev.clone().inner();
@@ -733,7 +784,9 @@ fn burn_token_loss(
             let _ = gx.into_data();
         }
     });
-    let (loss, gx) = step();
+    // One more step, measured for memory (host memory: not on a GPU).
+    let ((loss, gx), peak) = peak_extra_mb(step);
+    let peak = peak.filter(|_| !on_gpu);
     let loss = loss
         .inner()
         .into_data()
@@ -745,7 +798,7 @@ fn burn_token_loss(
         .convert::<f32>()
         .try_to_vec::<f32>()
         .expect("f32");
-    (med, loss, g)
+    (med, loss, g, peak)
 }
 
 /// Workload 3a: GRPO group advantages (verl's outcome advantage: z-score per group, ε = 1e-6).
@@ -1067,7 +1120,7 @@ fn gpu_run(a: &Args, r: &mut Report) {
         let mut times = vec![];
         for (name, dev) in &devices {
             let reps = if q { 3 } else { 10 };
-            let (secs, [glp, gh, gg]) = burn_logprobs(dev, true, false, &case, shape, reps);
+            let (secs, [glp, gh, gg], _) = burn_logprobs(dev, true, false, &case, shape, reps);
             let err = max_rel_err(&glp, &case.lp)
                 .max(max_rel_err(&gh, &case.h))
                 .max(max_rel_err(&gg, &case.g));
@@ -1079,7 +1132,7 @@ fn gpu_run(a: &Args, r: &mut Report) {
                 format!("max rel err vs core {err:.1e}"),
             );
             // The same step from the two single-output nodes, side by side.
-            let (secs2, _) = burn_logprobs(dev, true, true, &case, shape, reps);
+            let (secs2, _, _) = burn_logprobs(dev, true, true, &case, shape, reps);
             r.row(
                 "logprobs",
                 &shape,
@@ -1129,7 +1182,7 @@ fn gpu_run(a: &Args, r: &mut Report) {
             let loss = core_token_loss(&cfg, &inputs, shape, &mut g, a.threads);
             let mut times = vec![];
             for (name, dev) in &devices {
-                let (secs, gl, gg) = burn_token_loss(
+                let (secs, gl, gg, _) = burn_token_loss(
                     dev,
                     true,
                     lp,
@@ -1200,6 +1253,7 @@ fn main() {
         rows: vec![],
         json: Map::new(),
         peers_used: Map::new(),
+        headline_peak_mb: None,
     };
     r.json.insert("threads".into(), json!(a.threads));
     r.json.insert("isa".into(), json!(format!("{isa:?}")));
