@@ -45,7 +45,7 @@
 //! * `std` (default) — implies `alloc`; implements `std` conveniences.
 //! * `alloc` — allocating convenience wrappers; the hot API never needs it.
 //! * `serde` — `Serialize`/`Deserialize` for configs and option enums.
-//! * `parallel` — implies `std`; [`fused::parallel`], the fused kernels spread
+//! * `parallel` — implies `std`; `fused::parallel`, the fused kernels spread
 //!   over threads.
 //!
 //! With `default-features = false` the crate is `no_std` and allocation-free;
