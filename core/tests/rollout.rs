@@ -479,3 +479,83 @@ fn vllm_ratio_all_nan_valid_tokens_as_on_policy() {
         Err(Error::UnknownOption { .. })
     ));
 }
+
+#[test]
+fn rejection_criteria_built_field_by_field_are_validated() {
+    let seq_max_k1 = RsCriterion {
+        option: RsOption {
+            aggregation: RsAggregation::SeqMax,
+            divergence: Divergence::K1,
+        },
+        lower: Some(0.5),
+        upper: 2.0,
+    };
+    assert!("seq_max_k1".parse::<RsOption>().is_err());
+    assert!(matches!(
+        RsCriterion::new(seq_max_k1.option, None, 2.0),
+        Err(Error::Invalid { .. })
+    ));
+    assert!(matches!(
+        RsConfig::new(&[seq_max_k1]),
+        Err(Error::Invalid { .. })
+    ));
+    let token_k1: RsOption = "token_k1".parse().unwrap();
+    let token_k3: RsOption = "token_k3".parse().unwrap();
+    for bad in [
+        // k1 without its lower bound
+        RsCriterion {
+            option: token_k1,
+            lower: None,
+            upper: 2.0,
+        },
+        // lower above upper
+        RsCriterion {
+            option: token_k1,
+            lower: Some(3.0),
+            upper: 2.0,
+        },
+        // a lower bound on k3
+        RsCriterion {
+            option: token_k3,
+            lower: Some(0.1),
+            upper: 2.0,
+        },
+        // a non-finite or non-positive upper bound
+        RsCriterion {
+            option: token_k3,
+            lower: None,
+            upper: f64::NAN,
+        },
+        RsCriterion {
+            option: token_k3,
+            lower: None,
+            upper: 0.0,
+        },
+    ] {
+        assert!(bad.validate().is_err(), "{bad:?}");
+        assert!(RsConfig::new(&[bad]).is_err(), "{bad:?}");
+    }
+    let ok = RsCriterion::new(token_k1, None, 2.0).unwrap();
+    assert_eq!(ok.lower, Some(0.5));
+    assert!(ok.validate().is_ok());
+    let cfg = RsConfig::new(&[ok]).unwrap();
+    assert!(cfg.validate().is_ok());
+}
+
+#[cfg(feature = "serde")]
+#[test]
+fn a_deserialized_rejection_config_is_validated_before_use() {
+    let good = RsConfig::parse("token_k1", "0.5_2.0").unwrap();
+    let mut v = serde_json::to_value(good).unwrap();
+    // turn token_k1 into seq_max_k1 behind the constructors' back
+    v["criteria"][0]["option"]["aggregation"] = serde_json::json!("SeqMax");
+    let bad: RsConfig = serde_json::from_value(v).unwrap();
+    let dims = Dims::new(1, 3);
+    let (lr, mask) = ([0.0f64, 0.1, -0.1], [true; 3]);
+    let (mut keep, mut rows) = ([false; 3], [0.0f64; 1]);
+    assert!(matches!(
+        rollout_rejection_mask(&bad, dims, &lr, &mask, &mut keep, &mut rows),
+        Err(Error::Invalid { .. })
+    ));
+    assert!(rollout_rejection_mask(&good, dims, &lr, &mask, &mut keep, &mut rows).is_ok());
+}

@@ -402,8 +402,44 @@ impl RsCriterion {
             "must be finite and > 0",
         )?;
         let lower = match option.divergence {
-            Divergence::K1 => {
-                let lo = lower.unwrap_or(1.0 / upper);
+            Divergence::K1 => Some(lower.unwrap_or(1.0 / upper)),
+            _ => lower,
+        };
+        let c = RsCriterion {
+            option,
+            lower,
+            upper,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks a criterion however it was built (fields, `serde`): what
+    /// [`RsCriterion::new`] guarantees.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfRange`] for a non-positive or non-finite bound or
+    /// `lower > upper`; [`Error::Invalid`] for a k1 criterion without its
+    /// lower bound, a lower bound on a k2/k3 option, or `seq_max_k1` (an
+    /// option verl does not have, which [`RsOption`]'s `FromStr` refuses).
+    pub fn validate(&self) -> Result<(), Error> {
+        check_param(
+            self.upper.is_finite() && self.upper > 0.0,
+            "rollout_rs_threshold",
+            self.upper,
+            "must be finite and > 0",
+        )?;
+        if self.option.aggregation == RsAggregation::SeqMax
+            && self.option.divergence == Divergence::K1
+        {
+            return Err(Error::Invalid {
+                input: "rollout_rs",
+                rule: "there is no seq_max_k1 option (verl has seq_max_k2 and seq_max_k3)",
+            });
+        }
+        match (self.option.divergence, self.lower) {
+            (Divergence::K1, Some(lo)) => {
                 check_param(
                     lo.is_finite() && lo > 0.0,
                     "rollout_rs_threshold (lower)",
@@ -411,28 +447,22 @@ impl RsCriterion {
                     "must be finite and > 0",
                 )?;
                 check_param(
-                    lo <= upper,
+                    lo <= self.upper,
                     "rollout_rs_threshold (lower)",
                     lo,
                     "must be <= the upper bound",
-                )?;
-                Some(lo)
+                )
             }
-            _ => {
-                if lower.is_some() {
-                    return Err(Error::Invalid {
-                        input: "rollout_rs_threshold",
-                        rule: "k2/k3 options take a single upper bound, not \"lower_upper\"",
-                    });
-                }
-                None
-            }
-        };
-        Ok(RsCriterion {
-            option,
-            lower,
-            upper,
-        })
+            (Divergence::K1, None) => Err(Error::Invalid {
+                input: "rollout_rs_threshold",
+                rule: "a k1 criterion carries its lower bound (RsCriterion::new sets 1 / upper)",
+            }),
+            (_, Some(_)) => Err(Error::Invalid {
+                input: "rollout_rs_threshold",
+                rule: "k2/k3 options take a single upper bound, not \"lower_upper\"",
+            }),
+            (_, None) => Ok(()),
+        }
     }
 
     /// The bounds the statistic is compared with: `(log lower, log upper)`
@@ -474,13 +504,15 @@ impl RsConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::Empty`] when `criteria` is empty.
+    /// [`Error::Empty`] when `criteria` is empty; the errors of
+    /// [`RsCriterion::validate`].
     pub fn new(criteria: &[RsCriterion]) -> Result<Self, Error> {
         let mut out = RsConfig {
             criteria: [None; MAX_RS_OPTIONS],
         };
         let mut n = 0;
         for c in criteria {
+            c.validate()?;
             if out.criteria[..n]
                 .iter()
                 .flatten()
@@ -500,6 +532,25 @@ impl RsConfig {
             });
         }
         Ok(out)
+    }
+
+    /// Checks a configuration however it was built (a deserialized one
+    /// bypasses [`RsConfig::new`]): at least one criterion, each valid.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Empty`] without criteria; the errors of
+    /// [`RsCriterion::validate`].
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.criteria.iter().all(Option::is_none) {
+            return Err(Error::Empty {
+                input: "rollout_rs",
+            });
+        }
+        self.criteria
+            .iter()
+            .flatten()
+            .try_for_each(RsCriterion::validate)
     }
 
     /// Parses verl's `rollout_rs` (comma-separated options) and
@@ -1171,7 +1222,8 @@ fn row_statistic<F: Real>(opt: RsOption, lr: &[F], mask: &[bool]) -> F {
 ///
 /// # Errors
 ///
-/// [`Error::ShapeMismatch`] for inputs or buffers of the wrong length.
+/// [`Error::ShapeMismatch`] for inputs or buffers of the wrong length; the
+/// errors of [`RsConfig::validate`] (a deserialized configuration).
 ///
 /// # Example
 ///
@@ -1205,6 +1257,7 @@ pub fn rollout_rejection_mask<F: Real>(
         ],
     )?;
     check_len("row_scratch", row_scratch.len(), dims.batch)?;
+    cfg.validate()?;
     keep.copy_from_slice(mask);
     let n_valid = row_valid_count(mask);
     let mut out = RejectionMetrics {
