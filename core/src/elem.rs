@@ -447,11 +447,12 @@ fn exp_f64_libm(x: f64) -> f64 {
     num_traits::Float::exp(x)
 }
 
-/// `eʳ·2ⁿ` split for [`exp_f32_branch_free`] and [`exp_f32_flush_subnormal`]:
-/// `(eʳ, n)` with `n = round(x / ln 2)`, `r = x − n·ln 2` (Cody–Waite, two-part
-/// `ln 2`), `eʳ` by Cephes' degree-7 polynomial. `x` must lie in `[−104, 89]`.
+/// The range reduction of [`exp_f32_branch_free`] and
+/// [`exp_f32_flush_subnormal`]: `(r, n)` with `n = round(x / ln 2)` and
+/// `r = x − n·ln 2` (Cody–Waite, two-part `ln 2`), so `eˣ = eʳ·2ⁿ` with
+/// `|r| ≤ ln 2 / 2`. `x` must lie in `[−104, 89]`.
 #[inline(always)]
-fn exp_f32_parts(xc: f32) -> (f32, i32) {
+fn exp_f32_reduce(xc: f32) -> (f32, i32) {
     const LOG2E: f32 = core::f32::consts::LOG2_E;
     // ln 2 = LN2_HI + LN2_LO, LN2_HI exact in 9 bits (so n·LN2_HI is exact).
     const LN2_HI: f32 = 0.693_359_4;
@@ -462,61 +463,54 @@ fn exp_f32_parts(xc: f32) -> (f32, i32) {
     let t = xc * LOG2E + ROUND;
     let n_bits = t.to_bits() as i32 - ROUND.to_bits() as i32; // n ∈ [−150, 128]
     let n = t - ROUND;
-    let r = xc - n * LN2_HI - n * LN2_LO;
+    (xc - n * LN2_HI - n * LN2_LO, n_bits)
+}
+
+/// `eʳ` for the reduced argument, by Cephes' degree-7 polynomial
+/// `1 + r + r²·P(r)` with `P` in Horner's form.
+#[inline(always)]
+fn exp_f32_poly_horner(r: f32) -> f32 {
     let p = 1.987_569_1e-4_f32;
     let p = p * r + 1.398_199_9e-3;
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5; // Cephes: 5.0000001201e-1, which is 0.5 in f32
-    (p * (r * r) + r + 1.0, n_bits)
+    p * (r * r) + r + 1.0
 }
 
-/// [`exp_f32_parts`] with the polynomial in Estrin's form (three
-/// independent pairs, then `r²` and `r⁴`): the same coefficients, a shorter
-/// dependency chain, a different rounding (also within 2 ulp, tested).
+/// [`exp_f32_poly_horner`] with `P` in Estrin's form (three independent
+/// pairs, then `r²` and `r⁴`): the same coefficients, a shorter dependency
+/// chain, a different rounding (also within 2 ulp, tested).
 #[inline(always)]
-fn exp_f32_parts_estrin(xc: f32) -> (f32, i32) {
-    const LOG2E: f32 = core::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0;
-    let t = xc * LOG2E + ROUND;
-    let n_bits = t.to_bits() as i32 - ROUND.to_bits() as i32;
-    let n = t - ROUND;
-    let r = xc - n * LN2_HI - n * LN2_LO;
+fn exp_f32_poly_estrin(r: f32) -> f32 {
     let r2 = r * r;
     let r4 = r2 * r2;
     let a = 1.666_666_5e-1 * r + 0.5;
     let b = 8.333_452e-3 * r + 4.166_579_6e-2;
     let c = 1.987_569_1e-4_f32 * r + 1.398_199_9e-3;
     let p = (a + b * r2) + c * r4;
-    (p * r2 + r + 1.0, n_bits)
+    p * r2 + r + 1.0
 }
-
-/// `ln(f32::MAX)`: above it `eˣ` overflows.
-const EXP_F32_OVERFLOW: f32 = 88.722_84;
 
 /// See [`Real::exp_branch_free`]. Every step is a plain float or integer
 /// operation on the one value; the out-of-range and NaN cases are selected at
 /// the end, so the compiler turns a loop of these into vector code.
 #[inline(always)]
 fn exp_f32_branch_free(x: f32) -> f32 {
+    const OVERFLOW: f32 = 88.722_84; // ln(f32::MAX)
     const UNDERFLOW: f32 = -103.972_08; // ln(smallest subnormal / 2)
     let xc = if x > 89.0 { 89.0 } else { x };
     let xc = if xc < -104.0 { -104.0 } else { xc };
-    let (er, n_bits) = exp_f32_parts(xc);
+    let (r, n_bits) = exp_f32_reduce(xc);
+    let er = exp_f32_poly_horner(r);
     // 2ⁿ = 2^{n₁}·2^{n₂}, each factor a normal float.
     let n1 = n_bits >> 1;
     let n2 = n_bits - n1;
     let s1 = f32::from_bits(((n1 + 127) as u32) << 23);
     let s2 = f32::from_bits(((n2 + 127) as u32) << 23);
     let y = er * s1 * s2;
-    let y = if x > EXP_F32_OVERFLOW {
-        f32::INFINITY
-    } else {
-        y
-    };
+    let y = if x > OVERFLOW { f32::INFINITY } else { y };
     let y = if x < UNDERFLOW { 0.0 } else { y };
     if x.is_nan() {
         x
@@ -533,7 +527,8 @@ fn exp_f32_flush_subnormal(x: f32) -> f32 {
     // x ≤ −88 rounds to n ≤ −127; x ≤ 88 to n ≤ 127.
     let xc = if x < -88.0 { -88.0 } else { x };
     let xc = if xc > 88.0 { 88.0 } else { xc };
-    let (er, n_bits) = exp_f32_parts_estrin(xc);
+    let (r, n_bits) = exp_f32_reduce(xc);
+    let er = exp_f32_poly_estrin(r);
     let y = er * f32::from_bits(((n_bits + 127) as u32) << 23);
     if x > 88.0 {
         f32::INFINITY
