@@ -189,11 +189,6 @@ impl<F: Real> Lanes<F> {
         }
         Lanes(o)
     }
-    /// [`Real::exp_flush_subnormal`] lane by lane.
-    #[inline(always)]
-    fn exp_flush_subnormal(self) -> Self {
-        self.map(F::exp_flush_subnormal)
-    }
     #[inline(always)]
     fn test(&self, f: impl Fn(F) -> bool) -> LaneMask {
         let mut o = [false; LANES];
@@ -615,23 +610,34 @@ pub fn use_simd_extensions(enabled: bool) {
 /// within the cap of [`limit_vector_isa`].
 #[cfg(feature = "std")]
 pub fn vector_isa() -> VectorIsa {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let limit = SIMD_LIMIT.load(core::sync::atomic::Ordering::Relaxed);
-        let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-        let avx512 = avx2
-            && std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512dq")
-            && std::is_x86_feature_detected!("avx512vl");
-        if avx512 && limit >= VectorIsa::Avx512 as u8 {
-            return VectorIsa::Avx512;
+    use core::sync::atomic::Ordering::Relaxed;
+    // The CPU's widest level, detected on the first call (u8::MAX: not yet).
+    static CPU: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(u8::MAX);
+    let mut cpu = CPU.load(Relaxed);
+    if cpu == u8::MAX {
+        cpu = VectorIsa::Baseline as u8;
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 =
+                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+            let avx512 = avx2
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512dq")
+                && std::is_x86_feature_detected!("avx512vl");
+            cpu = if avx512 {
+                VectorIsa::Avx512 as u8
+            } else if avx2 {
+                VectorIsa::Avx2 as u8
+            } else {
+                cpu
+            };
         }
-        if avx2 && limit >= VectorIsa::Avx2 as u8 {
-            return VectorIsa::Avx2;
-        }
+        CPU.store(cpu, Relaxed);
     }
-    VectorIsa::Baseline
+    // `cpu` ≤ 2: the discriminants are the declaration order.
+    [VectorIsa::Baseline, VectorIsa::Avx2, VectorIsa::Avx512]
+        [usize::from(cpu.min(SIMD_LIMIT.load(Relaxed)))]
 }
 
 /// Defines `fn $name`, which runs the `#[inline(always)]` function `$body`
@@ -1195,29 +1201,6 @@ fn floored<F: Real>(v: Lanes<F>, floor: F) -> Lanes<F> {
     Lanes(o)
 }
 
-/// The per-lane running maximum of `v` (`−∞` past its end) folded into `mx`
-/// (NaN never wins).
-#[inline(always)]
-fn fold_max<F: Real>(mx: &mut Lanes<F>, v: &[F]) {
-    let v = Lanes::load(v, F::neg_infinity());
-    for i in 0..LANES {
-        mx.0[i] = if v.0[i] > mx.0[i] { v.0[i] } else { mx.0[i] };
-    }
-}
-
-/// The maximum of a row's raw logits, from the per-lane maxima `mx` and the
-/// elements `tail` past the last whole chunk (`−∞` for an empty row).
-#[inline(always)]
-fn finish_max<F: Real>(mx: &Lanes<F>, tail: &[F]) -> F {
-    let mut m = F::neg_infinity();
-    for &v in mx.0.iter().chain(tail) {
-        if v > m {
-            m = v;
-        }
-    }
-    m
-}
-
 /// Adds one chunk `c` (`−∞` past its end) to the exp-sums of
 /// [`log_probs_entropy_row`]: `d = max(c/T − m, floor)`, `s += e^d`, `u += e^d·d`.
 #[inline(always)]
@@ -1230,22 +1213,30 @@ fn exp_sums<F: Real>(
     floor: F,
 ) {
     let d = floored(Lanes::load(c, F::neg_infinity()).mul(inv_t).sub(m), floor);
-    let e = d.exp_flush_subnormal();
+    let e = d.exp();
     for i in 0..LANES {
         s.0[i] += e.0[i];
         u.0[i] += e.0[i] * d.0[i];
     }
 }
 
-/// The maximum of a row's raw logits.
+/// The maximum of a row's raw logits (`−∞` for an empty row; NaN never wins).
 #[inline(always)]
 fn row_max<F: Real>(z: &[F]) -> F {
     let mut mx = Lanes::splat(F::neg_infinity());
     let mut chunks = z.chunks_exact(LANES);
     for c in &mut chunks {
-        fold_max(&mut mx, c);
+        for i in 0..LANES {
+            mx.0[i] = if c[i] > mx.0[i] { c[i] } else { mx.0[i] };
+        }
     }
-    finish_max(&mx, chunks.remainder())
+    let mut m = F::neg_infinity();
+    for &v in mx.0.iter().chain(chunks.remainder()) {
+        if v > m {
+            m = v;
+        }
+    }
+    m
 }
 
 /// One row of [`log_probs_entropy`]: `(log p[target], H, lse)`.
@@ -1391,6 +1382,23 @@ fn lpe_rows_body<F: Real>(
     }
 }
 
+/// One chunk `zs` (≤ [`LANES`] logits) of [`log_probs_entropy_backward_row`]:
+/// `gs = p·(a + b·ℓ)` with `ℓ = max(z/T − lse, floor)`, `p = e^ℓ`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn affine_grad_chunk<F: Real>(
+    zs: &[F],
+    gs: &mut [F],
+    inv_t: Lanes<F>,
+    lse: Lanes<F>,
+    floor: F,
+    a: Lanes<F>,
+    b: Lanes<F>,
+) {
+    let lp = floored(Lanes::load(zs, F::zero()).mul(inv_t).sub(lse), floor);
+    lp.exp().mul(a.add(b.mul(lp))).store(gs);
+}
+
 /// One row of [`log_probs_entropy_backward`].
 ///
 /// With `ℓₖ = max(yₖ − lse, −10⁴)` ([`LOG_P_FLOOR`]) and `pₖ = e^{ℓₖ}`, the two
@@ -1432,15 +1440,11 @@ fn log_probs_entropy_backward_row<F: Real>(
     let mut zc = z.chunks_exact(LANES);
     let mut gc = g.chunks_exact_mut(LANES);
     for (zs, gs) in (&mut zc).zip(&mut gc) {
-        let lp = floored(Lanes::load(zs, F::zero()).mul(it).sub(l), floor);
-        let p = lp.exp_flush_subnormal();
-        p.mul(av.add(bv.mul(lp))).store(gs);
+        affine_grad_chunk(zs, gs, it, l, floor, av, bv);
     }
     let (zt, gt) = (zc.remainder(), gc.into_remainder());
     if !zt.is_empty() {
-        let lp = floored(Lanes::load(zt, F::zero()).mul(it).sub(l), floor);
-        let p = lp.exp_flush_subnormal();
-        p.mul(av.add(bv.mul(lp))).store(gt);
+        affine_grad_chunk(zt, gt, it, l, floor, av, bv);
     }
     let lp = z[target] * inv_t - lse;
     let lp = if lp < floor { floor } else { lp };
