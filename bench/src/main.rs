@@ -234,9 +234,9 @@ fn peak_extra_mb<R>(f: impl FnOnce() -> R) -> (R, Option<f64>) {
     (r, mb)
 }
 
-/// ", peak +N MiB" for a row's note.
+/// "peak +N MiB" for a row's note (empty when not measured).
 fn peak_note(mb: Option<f64>) -> String {
-    mb.map_or(String::new(), |m| format!(", peak +{m:.0} MiB"))
+    mb.map_or(String::new(), |m| format!("peak +{m:.0} MiB"))
 }
 
 fn run_peers(a: &Args, workload: &str, shape: &[usize]) -> Result<Vec<PeerTime>, String> {
@@ -512,7 +512,11 @@ fn logprobs(a: &Args, r: &mut Report, shape: [usize; 3], bw: f64) {
         &shape,
         "posttrain fused (core, f32)",
         ours,
-        format!("{:.0}% of copy bandwidth{}", 100.0 * frac, peak_note(peak)),
+        format!(
+            "{:.0}% of copy bandwidth  {}",
+            100.0 * frac,
+            peak_note(peak)
+        ),
     );
     r.set("logprobs_bw_fraction", Some(frac));
     r.set("logprobs_peak_mb", peak);
@@ -523,7 +527,7 @@ fn logprobs(a: &Args, r: &mut Report, shape: [usize; 3], bw: f64) {
         &shape,
         "posttrain-burn fused, ndarray",
         burn,
-        peak_note(burn_peak).trim_start_matches(", ").to_string(),
+        peak_note(burn_peak),
     );
     r.set("burn_ndarray_logprobs_peak_mb", burn_peak);
     let vs = r.peers(a, "logprobs", &shape, ours, "torch.F.cross_entropy+");
@@ -694,7 +698,11 @@ fn token_loss(a: &Args, r: &mut Report, shape: [usize; 2], bw: f64, headline: bo
         &shape,
         "posttrain fused (core, f32)",
         ours,
-        format!("{:.0}% of copy bandwidth{}", 100.0 * frac, peak_note(peak)),
+        format!(
+            "{:.0}% of copy bandwidth  {}",
+            100.0 * frac,
+            peak_note(peak)
+        ),
     );
     let dev: Device = posttrain_burn::device().expect("burn device").autodiff();
     let (burn, _, _, burn_peak) = burn_token_loss(&dev, false, lp, old, rf, adv, mask, shape, reps);
@@ -703,7 +711,7 @@ fn token_loss(a: &Args, r: &mut Report, shape: [usize; 2], bw: f64, headline: bo
         &shape,
         "posttrain-burn fused, ndarray",
         burn,
-        peak_note(burn_peak).trim_start_matches(", ").to_string(),
+        peak_note(burn_peak),
     );
     let vs = r.peers(a, "token_loss", &shape, ours, "verl");
     if headline {

@@ -395,12 +395,7 @@ impl RsCriterion {
     /// [`Error::OutOfRange`] for a non-positive bound or `lower > upper`;
     /// [`Error::Invalid`] for a lower bound on a k2/k3 option.
     pub fn new(option: RsOption, lower: Option<f64>, upper: f64) -> Result<Self, Error> {
-        check_param(
-            upper.is_finite() && upper > 0.0,
-            "rollout_rs_threshold",
-            upper,
-            "must be finite and > 0",
-        )?;
+        // A bad `upper` (so a bad `1 / upper`) is reported by `validate` first.
         let lower = match option.divergence {
             Divergence::K1 => Some(lower.unwrap_or(1.0 / upper)),
             _ => lower,
