@@ -629,6 +629,74 @@ fn parallel_drivers_are_bitwise_identical_for_every_thread_count() {
     }
 }
 
+#[test]
+fn copy_streaming_copies_at_every_alignment_and_length() {
+    fn check<F: Real>() {
+        let src: Vec<F> = (0..80).map(|i| F::of(i as f64 * 0.25 - 3.0)).collect();
+        for start in 0..5 {
+            for len in [0, 1, 3, 4, 5, 16, 33, 64, 70] {
+                let mut dst = vec![F::nan(); start + len + 3];
+                F::copy_streaming(&src[7..7 + len], &mut dst[start..start + len]);
+                F::stream_fence();
+                assert!(dst[..start].iter().all(|x| x.is_nan()), "start {start} len {len}");
+                assert_eq!(&dst[start..start + len], &src[7..7 + len]);
+                assert!(dst[start + len..].iter().all(|x| x.is_nan()));
+            }
+        }
+    }
+    check::<f32>();
+    check::<f64>();
+}
+
+/// The parallel backward of a gradient past `STREAM_GRAD_BYTES` (8 MiB)
+/// writes it with streaming stores; it must be the sequential (plain) one bit
+/// for bit, wherever the gradient starts (an odd vocabulary puts the rows at
+/// every alignment; the special rows take the reference path).
+#[cfg(feature = "parallel")]
+#[test]
+fn parallel_streamed_gradient_is_bitwise_the_sequential_one() {
+    use posttrain_core::fused::parallel;
+    fn check<F: Real>(rows: usize, vocab: usize, seed: u64) {
+        assert!(rows * vocab * core::mem::size_of::<F>() > 8 << 20);
+        let mut rng = Rng(seed);
+        let (z, ids) = logits_case::<F>(&mut rng, rows, vocab);
+        let t = Temperature::new(0.7).unwrap();
+        let zeros = || vec![F::zero(); rows];
+        let (mut lp, mut h, mut l) = (zeros(), zeros(), zeros());
+        parallel::log_probs_entropy(&z, rows, vocab, t, &ids, &mut lp, &mut h, &mut l, 2).unwrap();
+        let c_lp: Vec<F> = (0..rows).map(|_| F::of(rng.normal())).collect();
+        let c_h: Vec<F> = (0..rows).map(|_| F::of(rng.normal())).collect();
+        let mut g0 = vec![F::zero(); rows * vocab];
+        log_probs_entropy_backward(&z, rows, vocab, t, &ids, &l, &h, &c_lp, Some(&c_h), &mut g0)
+            .unwrap();
+        for (offset, threads) in [(0, 2), (1, 2), (3, 3)] {
+            let mut buf = vec![F::nan(); rows * vocab + offset];
+            let g = &mut buf[offset..];
+            parallel::log_probs_entropy_backward(
+                &z,
+                rows,
+                vocab,
+                t,
+                &ids,
+                &l,
+                &h,
+                &c_lp,
+                Some(&c_h),
+                g,
+                threads,
+            )
+            .unwrap();
+            let same = g
+                .iter()
+                .zip(&g0)
+                .all(|(a, b)| a.to_f64().to_bits() == b.to_f64().to_bits());
+            assert!(same, "offset {offset}, {threads} threads");
+        }
+    }
+    check::<f32>(70, 30_011, 5);
+    check::<f64>(36, 30_011, 6);
+}
+
 #[cfg(feature = "std")]
 #[test]
 fn vector_extensions_change_no_bit() {
