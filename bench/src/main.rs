@@ -384,7 +384,7 @@ impl Report {
                         &format!("peer: {}", p.imp),
                         p.median,
                         format!(
-                            "ours {:.2}× faster{}",
+                            "ours {:.2}× faster  {}",
                             p.median / ours,
                             peak_note(p.peak_mb)
                         ),

@@ -638,7 +638,10 @@ fn copy_streaming_copies_at_every_alignment_and_length() {
                 let mut dst = vec![F::nan(); start + len + 3];
                 F::copy_streaming(&src[7..7 + len], &mut dst[start..start + len]);
                 F::stream_fence();
-                assert!(dst[..start].iter().all(|x| x.is_nan()), "start {start} len {len}");
+                assert!(
+                    dst[..start].iter().all(|x| x.is_nan()),
+                    "start {start} len {len}"
+                );
                 assert_eq!(&dst[start..start + len], &src[7..7 + len]);
                 assert!(dst[start + len..].iter().all(|x| x.is_nan()));
             }
