@@ -300,7 +300,7 @@ pub(crate) struct AggTotals {
 
 impl AggTotals {
     pub(crate) fn of(mask: &[bool], dims: Dims) -> Self {
-        let valid_tokens = mask.iter().filter(|&&m| m).count();
+        let valid_tokens = crate::fused::count_true(mask);
         let valid_rows = mask
             .chunks(dims.seq.max(1))
             .filter(|r| r.iter().any(|&m| m))

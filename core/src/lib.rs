@@ -76,8 +76,11 @@
 //! # Ok::<(), posttrain_core::Error>(())
 //! ```
 #![no_std]
-// `unsafe` appears only to call the AVX2 and AVX-512 builds of the fused loops after a
-// run-time CPU check (`fused`, feature `std`, x86-64): each site is marked.
+// `unsafe` appears only for x86-64 intrinsics, each site marked with its SAFETY
+// argument: calling the AVX2 and AVX-512 builds of the fused loops after a
+// run-time CPU check (`fused`, feature `std`); the SSE streaming stores and
+// `sfence` of `Real::copy_streaming` / `Real::stream_fence` (`elem`); the
+// prefetch hint of the logits forward (`fused`).
 #![deny(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations)]
 #![doc(test(attr(deny(warnings))))]
