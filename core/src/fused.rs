@@ -690,6 +690,33 @@ trait TokenKernel<F: Real> {
     fn token(&self, x: Fast<F>, old: Fast<F>, adv: Fast<F>) -> PolicyToken<Fast<F>>;
 }
 
+/// The rollout importance weights as a type (see [`TokenKernel`]): given
+/// ([`Weighted`]) or absent ([`Unweighted`], a constant 1 whose products fold
+/// away — exact: `x·1 = x`).
+trait IsWeights<F: Real> {
+    fn weight(&self, given: F) -> F;
+}
+
+/// The weight is the given one.
+struct Weighted;
+
+impl<F: Real> IsWeights<F> for Weighted {
+    #[inline(always)]
+    fn weight(&self, given: F) -> F {
+        given
+    }
+}
+
+/// No weights: 1.
+struct Unweighted;
+
+impl<F: Real> IsWeights<F> for Unweighted {
+    #[inline(always)]
+    fn weight(&self, _given: F) -> F {
+        F::one()
+    }
+}
+
 /// A KL estimator as a type (see [`TokenKernel`]).
 trait KlKernel<F: Real> {
     fn estimate(&self, x: Fast<F>, reference: Fast<F>) -> (Fast<F>, Fast<F>);
@@ -860,9 +887,10 @@ multiversioned! {
     /// [`token_block_body`] compiled for the widest instruction set the CPU
     /// has (see [`limit_vector_isa`]).
     #[allow(clippy::too_many_arguments)]
-    fn token_block<F: Real, K: TokenKernel<F>, L: KlKernel<F>>(
+    fn token_block<F: Real, K: TokenKernel<F>, L: KlKernel<F>, W: IsWeights<F>>(
         k: &K,
         kl: &L,
+        weights: &W,
         lp: &[F],
         old: &[F],
         adv: &[F],
@@ -889,9 +917,10 @@ multiversioned! {
 /// unconditional, every branch a selection): it vectorises.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn token_block_body<F: Real, K, L>(
+fn token_block_body<F: Real, K, L, W>(
     k: &K,
     kl: &L,
+    weights: &W,
     lp: &[F],
     old: &[F],
     adv: &[F],
@@ -910,6 +939,7 @@ fn token_block_body<F: Real, K, L>(
 ) where
     K: TokenKernel<F>,
     L: KlKernel<F>,
+    W: IsWeights<F>,
 {
     let len = mask.len();
     let (lp, old, adv, isw, rlp) = (
@@ -935,7 +965,8 @@ fn token_block_body<F: Real, K, L>(
         let pick = |v: F| if m { v } else { zero };
         let x = pick(lp[j]);
         let t = k.token(Fast(x), Fast(pick(old[j])), Fast(pick(adv[j])));
-        let w = pick(isw[j]);
+        // Not masked here: every product with `w` is selected below.
+        let w = weights.weight(isw[j]);
         let (kv, kg) = kl.estimate(Fast(x), Fast(pick(rlp[j])));
         lb[j] = pick(t.loss.0 * w);
         kb[j] = pick(kv.0);
@@ -965,7 +996,6 @@ fn token_loss_row_with<F: Real, K, L>(
     L: KlKernel<F>,
 {
     let zero = F::zero();
-    let ones = [F::one(); BLOCK];
     let mut lbuf = [zero; BLOCK];
     let mut kbuf = [zero; BLOCK];
     let mut mbuf = [zero; BLOCK];
@@ -984,7 +1014,8 @@ fn token_loss_row_with<F: Real, K, L>(
             &row.adv[r.clone()],
             &row.mask[r.clone()],
         );
-        let isw = row.isw.map_or(&ones[..len], |v| &v[r.clone()]);
+        // Without weights any slice will do: `Unweighted` reads none.
+        let isw = row.isw.map_or(lp, |v| &v[r.clone()]);
         // Without a KL term the estimator is a constant 0 (any slice will do).
         let rlp = row.rlp.map_or(lp, |v| &v[r.clone()]);
         let (lb, kb, mb, cb, db) = (
@@ -1000,10 +1031,33 @@ fn token_loss_row_with<F: Real, K, L>(
             None => &mut gbuf[..len],
         };
         let mut sums = [zero; 5];
-        token_block(
-            &k, &kl, lp, old, adv, isw, rlp, mask, scale_pol, scale_kl, lb, kb, mb, cb, db, gb,
-            &mut sums,
-        );
+        if row.isw.is_some() {
+            token_block(
+                &k, &kl, &Weighted, lp, old, adv, isw, rlp, mask, scale_pol, scale_kl, lb, kb, mb,
+                cb, db, gb, &mut sums,
+            );
+        } else {
+            token_block(
+                &k,
+                &kl,
+                &Unweighted,
+                lp,
+                old,
+                adv,
+                isw,
+                rlp,
+                mask,
+                scale_pol,
+                scale_kl,
+                lb,
+                kb,
+                mb,
+                cb,
+                db,
+                gb,
+                &mut sums,
+            );
+        }
         pol += sums[0];
         klv += sums[1];
         klm += sums[2];
