@@ -281,6 +281,17 @@ pub trait Real:
     /// # Panics
     ///
     /// If the lengths differ (as `copy_from_slice`).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use posttrain_core::Real;
+    /// let src: Vec<f32> = (0..100).map(|i| i as f32).collect();
+    /// let mut dst = vec![0.0f32; 100];
+    /// f32::copy_streaming(&src, &mut dst);
+    /// f32::stream_fence(); // before another thread reads `dst`
+    /// assert_eq!(dst, src);
+    /// ```
     fn copy_streaming(src: &[Self], dst: &mut [Self]);
     /// Orders every earlier [`copy_streaming`](Real::copy_streaming) store
     /// before every later store (x86-64 `sfence`; nothing elsewhere, where
