@@ -1031,32 +1031,19 @@ fn token_loss_row_with<F: Real, K, L>(
             None => &mut gbuf[..len],
         };
         let mut sums = [zero; 5];
+        // The block loop built with or without IS weights (see `IsWeights`).
+        macro_rules! block {
+            ($weights:expr) => {
+                token_block(
+                    &k, &kl, $weights, lp, old, adv, isw, rlp, mask, scale_pol, scale_kl, lb, kb,
+                    mb, cb, db, gb, &mut sums,
+                )
+            };
+        }
         if row.isw.is_some() {
-            token_block(
-                &k, &kl, &Weighted, lp, old, adv, isw, rlp, mask, scale_pol, scale_kl, lb, kb, mb,
-                cb, db, gb, &mut sums,
-            );
+            block!(&Weighted);
         } else {
-            token_block(
-                &k,
-                &kl,
-                &Unweighted,
-                lp,
-                old,
-                adv,
-                isw,
-                rlp,
-                mask,
-                scale_pol,
-                scale_kl,
-                lb,
-                kb,
-                mb,
-                cb,
-                db,
-                gb,
-                &mut sums,
-            );
+            block!(&Unweighted);
         }
         pol += sums[0];
         klv += sums[1];
@@ -1499,45 +1486,41 @@ fn lpe_rows_body<F: Real>(
     }
 }
 
-/// `gs = p·(a + b·ℓ)` for a stretch `zs` of [`log_probs_entropy_backward_row`],
-/// [`LANES`] logits at a time, with `ℓ = max(z/T − lse, floor)`, `p = e^ℓ`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn affine_grad_chunks<F: Real>(
-    zs: &[F],
-    gs: &mut [F],
+/// The affine form of [`log_probs_entropy_backward_row`] for one row, in
+/// lanes: `g = p·(a + b·ℓ)` with `ℓ = max(z/T − lse, floor)`, `p = e^ℓ`.
+/// Methods, not closures: closures are not inlined into the AVX loops.
+struct AffineGrad<F: Real> {
     inv_t: Lanes<F>,
     lse: Lanes<F>,
     floor: F,
     a: Lanes<F>,
     b: Lanes<F>,
-) {
-    let mut zc = zs.chunks_exact(LANES);
-    let mut gc = gs.chunks_exact_mut(LANES);
-    for (z, g) in (&mut zc).zip(&mut gc) {
-        affine_grad_chunk(z, g, inv_t, lse, floor, a, b);
-    }
-    let (zt, gt) = (zc.remainder(), gc.into_remainder());
-    if !zt.is_empty() {
-        affine_grad_chunk(zt, gt, inv_t, lse, floor, a, b);
-    }
 }
 
-/// One chunk (≤ [`LANES`] logits) of [`affine_grad_chunks`] (a function, not
-/// a closure: closures are not inlined into the AVX loops).
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn affine_grad_chunk<F: Real>(
-    zs: &[F],
-    gs: &mut [F],
-    inv_t: Lanes<F>,
-    lse: Lanes<F>,
-    floor: F,
-    a: Lanes<F>,
-    b: Lanes<F>,
-) {
-    let lp = floored(Lanes::load(zs, F::zero()).mul(inv_t).sub(lse), floor);
-    lp.exp().mul(a.add(b.mul(lp))).store(gs);
+impl<F: Real> AffineGrad<F> {
+    /// `gs` for a stretch `zs`, [`LANES`] logits at a time.
+    #[inline(always)]
+    fn chunks(&self, zs: &[F], gs: &mut [F]) {
+        let mut zc = zs.chunks_exact(LANES);
+        let mut gc = gs.chunks_exact_mut(LANES);
+        for (z, g) in (&mut zc).zip(&mut gc) {
+            self.chunk(z, g);
+        }
+        let (zt, gt) = (zc.remainder(), gc.into_remainder());
+        if !zt.is_empty() {
+            self.chunk(zt, gt);
+        }
+    }
+
+    /// `gs` for one chunk `zs` of at most [`LANES`] logits.
+    #[inline(always)]
+    fn chunk(&self, zs: &[F], gs: &mut [F]) {
+        let lp = floored(
+            Lanes::load(zs, F::zero()).mul(self.inv_t).sub(self.lse),
+            self.floor,
+        );
+        lp.exp().mul(self.a.add(self.b.mul(lp))).store(gs);
+    }
 }
 
 /// [`parallel::log_probs_entropy_backward`] on several threads writes a
@@ -1595,10 +1578,14 @@ fn log_probs_entropy_backward_row<F: Real>(
         }
         return;
     }
-    let a = -(c_lp + c_h * h) * inv_t;
-    let b = -c_h * inv_t;
-    let (it, l, floor) = (Lanes::splat(inv_t), Lanes::splat(lse), F::of(LOG_P_FLOOR));
-    let (av, bv) = (Lanes::splat(a), Lanes::splat(b));
+    let floor = F::of(LOG_P_FLOOR);
+    let affine = AffineGrad {
+        inv_t: Lanes::splat(inv_t),
+        lse: Lanes::splat(lse),
+        floor,
+        a: Lanes::splat(-(c_lp + c_h * h) * inv_t),
+        b: Lanes::splat(-c_h * inv_t),
+    };
     // Streaming stores need a 16-byte-aligned start: the few logits before
     // it go first, stored plainly (every logit is computed alike, so where
     // the chunks start changes no bit).
@@ -1611,7 +1598,7 @@ fn log_probs_entropy_backward_row<F: Real>(
     let (zh, z_rest) = z.split_at(head);
     let (gh, g_rest) = g.split_at_mut(head);
     if head > 0 {
-        affine_grad_chunks(zh, gh, it, l, floor, av, bv);
+        affine.chunks(zh, gh);
     }
     if stream {
         // Computed into a block on the stack (plain stores, in L1), then
@@ -1623,11 +1610,11 @@ fn log_probs_entropy_backward_row<F: Real>(
             .zip(g_rest.chunks_mut(STREAM_BLOCK))
         {
             let bb = &mut buf[..gb.len()];
-            affine_grad_chunks(zb, bb, it, l, floor, av, bv);
+            affine.chunks(zb, bb);
             F::copy_streaming(bb, gb);
         }
     } else {
-        affine_grad_chunks(z_rest, g_rest, it, l, floor, av, bv);
+        affine.chunks(z_rest, g_rest);
     }
     let lp = z[target] * inv_t - lse;
     let lp = if lp < floor { floor } else { lp };
