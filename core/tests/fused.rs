@@ -317,6 +317,112 @@ fn token_loss_matches_the_reference_chain_f32() {
     check_token_loss::<f32>(1e-5, 0x1234_5678_9abc_def1);
 }
 
+/// Rows longer than the kernel's 256-token blocks, with whole blocks of
+/// padding at the start, in the middle (packed sequences) and at the end:
+/// the blocks of padding are skipped, so their garbage must not reach a
+/// value, and their gradient (the buffer starts as NaN) must come out 0.
+fn check_token_loss_over_padding_blocks<F: Real>(rel: f64) {
+    let seq = 1100;
+    // (valid ranges) per row
+    let rows: [&[(usize, usize)]; 5] = [
+        &[(0, 300), (900, 1000)],
+        &[(700, 1100)],
+        &[(0, 1100)],
+        &[],
+        &[(255, 257), (600, 601)],
+    ];
+    let mut rng = Rng(77);
+    let dims = Dims::new(rows.len(), seq);
+    let n = dims.len();
+    let (mut lp, mut old, mut refp, mut adv, mut isw, mut mask) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for (r, spans) in rows.iter().enumerate() {
+        for j in 0..seq {
+            let valid = spans.iter().any(|&(a, b)| (a..b).contains(&j));
+            mask.push(valid);
+            if valid {
+                let x = -(rng.normal().abs() * 2.0);
+                lp.push(F::of(x));
+                old.push(F::of(x + 0.3 * rng.normal()));
+                refp.push(F::of(x + 0.3 * rng.normal()));
+                adv.push(F::of(rng.normal() + 0.1 * r as f64));
+                isw.push(F::of(0.5 + rng.unif()));
+            } else {
+                let junk = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 1e30];
+                lp.push(F::of(junk[rng.below(4)]));
+                old.push(F::of(junk[rng.below(4)]));
+                refp.push(F::of(junk[rng.below(4)]));
+                adv.push(F::of(junk[rng.below(4)]));
+                isw.push(F::of(junk[rng.below(4)]));
+            }
+        }
+    }
+    let kl = Some(KlPenalty {
+        estimator: KlConfig::preset(KlEstimator::K3, Preset::Verl),
+        coef: 0.001,
+    });
+    for loss in token_local_losses() {
+        for with_is in [false, true] {
+            let batch = PolicyBatch {
+                dims,
+                log_prob: &lp,
+                old_log_prob: &old,
+                advantages: &adv,
+                mask: &mask,
+                is_weights: with_is.then_some(&isw[..]),
+            };
+            let cfg = TokenLoss {
+                loss,
+                agg: AggMode::SeqMeanTokenMean,
+                norm: GlobalNorm::default(),
+                kl,
+            };
+            let (l, _, _, metrics, g_ref) = reference(&cfg, &batch, &refp);
+            let mut g = vec![F::of(f64::NAN); n];
+            let out = token_loss(&cfg, &batch, Some(&refp), Some((F::one(), &mut g))).unwrap();
+            let what = format!("{loss:?} is={with_is}");
+            assert!(
+                close(out.loss.to_f64(), l, rel),
+                "{what}: loss {} vs {l}",
+                out.loss
+            );
+            let got = [
+                out.policy.clipfrac.to_f64(),
+                out.policy.clipfrac_lower.to_f64(),
+                out.policy.approx_kl.to_f64(),
+            ];
+            for k in 0..3 {
+                assert!(close(got[k], metrics[k], rel), "{what}: metric {k}");
+            }
+            let scale = g_ref.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+            for i in 0..n {
+                let gi = g[i].to_f64();
+                assert!(
+                    (gi - g_ref[i]).abs() <= rel * (scale + 1e-30) * 4.0,
+                    "{what}: grad[{i}] {gi} vs {}",
+                    g_ref[i]
+                );
+                if !mask[i] {
+                    assert_eq!(gi.to_bits(), 0.0f64.to_bits(), "{what}: grad[{i}]");
+                }
+            }
+            // Forward only (no gradient buffer) gives the same loss.
+            let fwd = token_loss(&cfg, &batch, Some(&refp), None).unwrap();
+            assert_eq!(
+                fwd.loss.to_f64().to_bits(),
+                out.loss.to_f64().to_bits(),
+                "{what}"
+            );
+        }
+    }
+}
+
+#[test]
+fn token_loss_over_padding_blocks_matches_the_reference_chain() {
+    check_token_loss_over_padding_blocks::<f64>(1e-10);
+    check_token_loss_over_padding_blocks::<f32>(2e-4);
+}
+
 #[test]
 fn token_loss_refuses_cross_token_variants_and_bad_input() {
     let dims = Dims::new(1, 2);
