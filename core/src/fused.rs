@@ -830,9 +830,14 @@ fn sure(v: Option<f64>) -> f64 {
     v.unwrap_or(f64::INFINITY)
 }
 
-/// Tokens per block: the per-token values of a block live in small stack
-/// buffers between the element-wise loop and the reductions.
-const BLOCK: usize = 256;
+/// Tokens per block of the fused token loss: a row runs in blocks of this
+/// many tokens (the per-token values of a block live in small stack buffers
+/// between the element-wise loop and the reductions), and a block that holds
+/// padding only (no `true` in its mask) is skipped: its gradient is written
+/// as zeros and none of its inputs are read. A benchmark counting the bytes
+/// the kernel moves needs it.
+pub const TOKEN_BLOCK: usize = 256;
+const BLOCK: usize = TOKEN_BLOCK;
 
 /// Sum of `v` with eight interleaved partial sums (a fixed order the
 /// compiler vectorises; plain `+=` in a loop cannot be reordered).
