@@ -95,6 +95,15 @@ pub trait Elem: Clone {
     fn min(self, rhs: Self) -> Self;
     /// Element-wise maximum (NaN-propagating like `torch.maximum`).
     fn max(self, rhs: Self) -> Self;
+    /// `min(self, v)` for a constant `v` that is not NaN: NaN-propagating
+    /// like [`min`](Elem::min) (a NaN `self` gives NaN). The default is
+    /// [`min`](Elem::min) against a filled `v`; an element type may do it in
+    /// one selection, since only `self` can be NaN.
+    #[inline(always)]
+    fn min_scalar(self, v: f64) -> Self {
+        let c = self.full_like(v);
+        self.min(c)
+    }
     /// `min(max(x, lo), hi)`, like `torch.clamp`.
     fn clamp(self, lo: f64, hi: f64) -> Self;
     /// `self > rhs` (false for NaN).

@@ -526,6 +526,13 @@ impl<F: Real> Elem for Fast<F> {
     fn max(self, rhs: Self) -> Self {
         Fast(Elem::max(self.0, rhs.0))
     }
+    /// One selection: `v` is a constant, never NaN, and `x > v` is false
+    /// for a NaN `x`, which comes through as it is.
+    #[inline(always)]
+    fn min_scalar(self, v: f64) -> Self {
+        let v = F::of(v);
+        Fast(if self.0 > v { v } else { self.0 })
+    }
     /// [`Elem::clamp`] in two selections instead of six operations: the
     /// bounds of the fused kernels are validated (never NaN), so only `self`
     /// can be NaN, and `x < lo` and `y > hi` are false for it — a NaN comes

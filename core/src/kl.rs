@@ -192,7 +192,7 @@ impl KlConfig {
                 // Safety: e^{kl} overflows (f32 past 88, f64 past 709); keep
                 // it finite with `kl ≤ K3_EXP_SAFETY` (gradient 0 beyond).
                 let capped = kl_c.gt_scalar(K3_EXP_SAFETY);
-                let kl_c = kl_c.clone().min(kl_c.full_like(K3_EXP_SAFETY));
+                let kl_c = kl_c.min_scalar(K3_EXP_SAFETY);
                 let r = kl_c.clone().exp();
                 let v = r.clone().sub(kl_c).add_scalar(-1.0);
                 // d/dlogp (e^{−x} + x − 1) = 1 − e^{−x}

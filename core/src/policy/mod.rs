@@ -192,7 +192,7 @@ pub fn ppo_clipped_surrogate<E: Elem>(
     };
     // Safety cap (whatever the clamp): e^x overflows past 88 (f32) / 709 (f64).
     let capped = log_ratio.gt_scalar(LOG_RATIO_SAFETY);
-    let log_ratio = log_ratio.clone().min(log_ratio.full_like(LOG_RATIO_SAFETY));
+    let log_ratio = log_ratio.min_scalar(LOG_RATIO_SAFETY);
     let ratio = log_ratio.clone().exp();
     let neg_a = advantage.clone().neg();
     let l1 = neg_a.clone().mul(ratio.clone());
