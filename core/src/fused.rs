@@ -1762,12 +1762,14 @@ fn lpe_backward_rows_body<F: Real>(
     }
 }
 
-/// The fused drivers spread over threads (`std::thread::scope`, rows split
-/// into contiguous blocks). Results are bitwise identical to the sequential
-/// drivers for every thread count.
+/// The fused drivers spread over threads (rows split into contiguous blocks,
+/// run on a pool of worker threads that start on first use and stay; the
+/// calling thread takes blocks too). Results are bitwise identical to the
+/// sequential drivers for every thread count.
 #[cfg(feature = "parallel")]
 pub mod parallel {
     use super::*;
+    use crate::pool::Blocks;
     use std::vec::Vec;
 
     /// The number of threads to use: `POSTTRAIN_THREADS` if set and > 0,
@@ -1783,22 +1785,6 @@ pub mod parallel {
     /// Splits `0..rows` into at most `threads` contiguous blocks.
     fn blocks(rows: usize, threads: usize) -> usize {
         rows.div_ceil(threads.max(1)).max(1)
-    }
-
-    /// Runs one block's `work` on a new scoped thread — or, for the `last`
-    /// block, on the calling thread, which would otherwise only wait: one
-    /// thread start fewer per call (tens of µs, a few percent of the token
-    /// loss at `[256, 4096]`).
-    fn run_block<'scope, W: FnOnce() + Send + 'scope>(
-        s: &'scope std::thread::Scope<'scope, '_>,
-        last: bool,
-        work: W,
-    ) {
-        if last {
-            work();
-        } else {
-            s.spawn(work);
-        }
     }
 
     /// [`token_loss`](super::token_loss) on `threads` threads.
@@ -1823,32 +1809,31 @@ pub mod parallel {
             Some((c, g)) => (Some(c), Some(g)),
             None => (None, None),
         };
-        std::thread::scope(|s| {
-            let mut grad_blocks: Vec<Option<&mut [F]>> = match grad {
-                Some(g) if dims.seq > 0 => g.chunks_mut(rows_per * seq).map(Some).collect(),
-                _ => (0..dims.batch.div_ceil(rows_per)).map(|_| None).collect(),
-            };
-            for (bi, (out, gb)) in per_row
-                .chunks_mut(rows_per)
-                .zip(grad_blocks.iter_mut())
-                .enumerate()
-            {
-                let gb = gb.take();
-                let totals = &totals;
-                let last = bi + 1 == dims.batch.div_ceil(rows_per);
-                run_block(s, last, move || {
-                    let mut gb = gb;
-                    for (k, o) in out.iter_mut().enumerate() {
-                        let row = bi * rows_per + k;
-                        let g = match (cot, gb.as_deref_mut()) {
-                            (Some(c), Some(g)) => Some((c, &mut g[k * seq..k * seq + dims.seq])),
-                            _ => None,
-                        };
-                        *o = token_loss_row(cfg, batch, ref_log_prob, totals, row, g);
-                    }
-                });
-            }
-        });
+        let mut grad_blocks: Vec<Option<&mut [F]>> = match grad {
+            Some(g) if dims.seq > 0 => g.chunks_mut(rows_per * seq).map(Some).collect(),
+            _ => (0..dims.batch.div_ceil(rows_per)).map(|_| None).collect(),
+        };
+        let mut work = Blocks::new();
+        for (bi, (out, gb)) in per_row
+            .chunks_mut(rows_per)
+            .zip(grad_blocks.iter_mut())
+            .enumerate()
+        {
+            let gb = gb.take();
+            let totals = &totals;
+            work.push(move || {
+                let mut gb = gb;
+                for (k, o) in out.iter_mut().enumerate() {
+                    let row = bi * rows_per + k;
+                    let g = match (cot, gb.as_deref_mut()) {
+                        (Some(c), Some(g)) => Some((c, &mut g[k * seq..k * seq + dims.seq])),
+                        _ => None,
+                    };
+                    *o = token_loss_row(cfg, batch, ref_log_prob, totals, row, g);
+                }
+            });
+        }
+        work.run(threads);
         let mut acc = RowTotals::default();
         for r in &per_row {
             acc.add(r);
@@ -1885,30 +1870,30 @@ pub mod parallel {
             ],
         )?;
         let rows_per = blocks(rows, threads);
-        std::thread::scope(|s| {
-            for (bi, ((lp, h), l)) in log_probs
-                .chunks_mut(rows_per)
-                .zip(entropy.chunks_mut(rows_per))
-                .zip(lse.chunks_mut(rows_per))
-                .enumerate()
-            {
-                let r0 = bi * rows_per;
-                let (tr, lg) = (&targets[r0..r0 + lp.len()], logits);
-                run_block(s, bi + 1 == rows.div_ceil(rows_per), move || {
-                    super::log_probs_entropy(
-                        &lg[r0 * vocab..(r0 + lp.len()) * vocab],
-                        lp.len(),
-                        vocab,
-                        temperature,
-                        tr,
-                        lp,
-                        h,
-                        l,
-                    )
-                    .expect("checked above");
-                });
-            }
-        });
+        let mut work = Blocks::new();
+        for (bi, ((lp, h), l)) in log_probs
+            .chunks_mut(rows_per)
+            .zip(entropy.chunks_mut(rows_per))
+            .zip(lse.chunks_mut(rows_per))
+            .enumerate()
+        {
+            let r0 = bi * rows_per;
+            let (tr, lg) = (&targets[r0..r0 + lp.len()], logits);
+            work.push(move || {
+                super::log_probs_entropy(
+                    &lg[r0 * vocab..(r0 + lp.len()) * vocab],
+                    lp.len(),
+                    vocab,
+                    temperature,
+                    tr,
+                    lp,
+                    h,
+                    l,
+                )
+                .expect("checked above");
+            });
+        }
+        work.run(threads);
         Ok(())
     }
 
@@ -1953,24 +1938,25 @@ pub mod parallel {
         // Streaming stores pay when several threads fill the memory bus
         // (see `STREAM_GRAD_BYTES`).
         let stream = rows > rows_per && core::mem::size_of_val(grad) >= STREAM_GRAD_BYTES;
-        std::thread::scope(|s| {
-            for (bi, g) in grad.chunks_mut(rows_per * vocab).enumerate() {
-                let r0 = bi * rows_per;
-                let n = g.len() / vocab;
-                let r = r0..r0 + n;
-                let de = d_entropy.map(|d| &d[r.clone()]);
-                let lg = &logits[r0 * vocab..(r0 + n) * vocab];
-                let (tr, ls, en, dl) = (
-                    &targets[r.clone()],
-                    &lse[r.clone()],
-                    &entropy[r.clone()],
-                    &d_log_probs[r],
-                );
-                run_block(s, bi + 1 == rows.div_ceil(rows_per), move || {
-                    lpe_backward_rows(lg, vocab, t, tr, ls, en, dl, de, g, stream);
-                });
-            }
-        });
+        let mut work = Blocks::new();
+        for (bi, g) in grad.chunks_mut(rows_per * vocab).enumerate() {
+            let r0 = bi * rows_per;
+            let n = g.len() / vocab;
+            let r = r0..r0 + n;
+            let de = d_entropy.map(|d| &d[r.clone()]);
+            let lg = &logits[r0 * vocab..(r0 + n) * vocab];
+            let (tr, ls, en, dl) = (
+                &targets[r.clone()],
+                &lse[r.clone()],
+                &entropy[r.clone()],
+                &d_log_probs[r],
+            );
+            // Each block fences its own streaming stores before it finishes.
+            work.push(move || {
+                lpe_backward_rows(lg, vocab, t, tr, ls, en, dl, de, g, stream);
+            });
+        }
+        work.run(threads);
         Ok(())
     }
 }

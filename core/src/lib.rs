@@ -80,7 +80,9 @@
 // argument: calling the AVX2 and AVX-512 builds of the fused loops after a
 // run-time CPU check (`fused`, feature `std`); the SSE streaming stores and
 // `sfence` of `Real::copy_streaming` / `Real::stream_fence` (`elem`); the
-// prefetch hint of the logits forward (`fused`).
+// prefetch hint of the logits forward (`fused`). One more, not an intrinsic:
+// the worker pool of the parallel drivers erases the lifetime of a call's
+// blocks, which the call outlives (`pool`, feature `parallel`).
 #![deny(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations)]
 #![doc(test(attr(deny(warnings))))]
@@ -99,6 +101,8 @@ pub mod fused;
 pub mod kl;
 pub mod logits;
 pub mod policy;
+#[cfg(feature = "parallel")]
+mod pool;
 pub mod preference;
 pub mod preset;
 pub mod sequence;
