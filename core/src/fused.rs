@@ -724,6 +724,34 @@ impl<F: Real> IsWeights<F> for Unweighted {
     }
 }
 
+/// A block's mask as a type (see [`TokenKernel`]): read token by token
+/// ([`Masked`]), or known to be all `true` ([`AllValid`]: a block without
+/// padding, where the loop loads no mask byte and every selection on it
+/// folds away — exact, the same bits as [`Masked`] on that block).
+trait BlockMask {
+    fn valid(&self, mask: &[bool], j: usize) -> bool;
+}
+
+/// The mask as given.
+struct Masked;
+
+impl BlockMask for Masked {
+    #[inline(always)]
+    fn valid(&self, mask: &[bool], j: usize) -> bool {
+        mask[j]
+    }
+}
+
+/// Every token valid.
+struct AllValid;
+
+impl BlockMask for AllValid {
+    #[inline(always)]
+    fn valid(&self, _mask: &[bool], _j: usize) -> bool {
+        true
+    }
+}
+
 /// A KL estimator as a type (see [`TokenKernel`]).
 trait KlKernel<F: Real> {
     fn estimate(&self, x: Fast<F>, reference: Fast<F>) -> (Fast<F>, Fast<F>);
@@ -885,11 +913,15 @@ fn count_true_body(mask: &[bool]) -> usize {
     total
 }
 
-/// Whether any of `mask` is `true`: an OR of the bytes, which vectorises
-/// on every instruction set (no early exit; a block is 256 bytes).
+/// Whether any of `mask` is `true`, and whether all are: an OR and an AND
+/// of the bytes, which vectorise on every instruction set (no early exit; a
+/// block is 256 bytes).
 #[inline(always)]
-fn any_true(mask: &[bool]) -> bool {
-    mask.iter().fold(0u8, |acc, &m| acc | u8::from(m)) != 0
+fn any_all_true(mask: &[bool]) -> (bool, bool) {
+    let (any, all) = mask.iter().fold((0u8, 1u8), |(any, all), &m| {
+        (any | u8::from(m), all & u8::from(m))
+    });
+    (any != 0, all != 0)
 }
 
 /// What one row needs besides the kernel.
@@ -906,10 +938,11 @@ multiversioned! {
     /// [`token_block_body`] compiled for the widest instruction set the CPU
     /// has (see [`limit_vector_isa`]).
     #[allow(clippy::too_many_arguments)]
-    fn token_block<F: Real, K: TokenKernel<F>, L: KlKernel<F>, W: IsWeights<F>>(
+    fn token_block<F: Real, K: TokenKernel<F>, L: KlKernel<F>, W: IsWeights<F>, M: BlockMask>(
         k: &K,
         kl: &L,
         weights: &W,
+        valid: &M,
         lp: &[F],
         old: &[F],
         adv: &[F],
@@ -936,10 +969,11 @@ multiversioned! {
 /// unconditional, every branch a selection): it vectorises.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn token_block_body<F: Real, K, L, W>(
+fn token_block_body<F: Real, K, L, W, M>(
     k: &K,
     kl: &L,
     weights: &W,
+    valid: &M,
     lp: &[F],
     old: &[F],
     adv: &[F],
@@ -959,6 +993,7 @@ fn token_block_body<F: Real, K, L, W>(
     K: TokenKernel<F>,
     L: KlKernel<F>,
     W: IsWeights<F>,
+    M: BlockMask,
 {
     let len = mask.len();
     let (lp, old, adv, isw, rlp) = (
@@ -978,7 +1013,7 @@ fn token_block_body<F: Real, K, L, W>(
     );
     let zero = F::zero();
     for j in 0..len {
-        let m = mask[j];
+        let m = valid.valid(mask, j);
         // Masked tokens run on zeros (padding may hold NaN or inf) and are
         // selected away.
         let pick = |v: F| if m { v } else { zero };
@@ -1049,7 +1084,8 @@ fn token_loss_row_with<F: Real, K, L>(
             Some(g) => &mut g[r],
             None => &mut gbuf[..len],
         };
-        if !any_true(mask) {
+        let (any, all) = any_all_true(mask);
+        if !any {
             // Padding only: the loop would select zeros for every token (its
             // gradient +0, its sums 0), so skip it and read none of the
             // block's inputs. Bitwise the same results.
@@ -1058,19 +1094,21 @@ fn token_loss_row_with<F: Real, K, L>(
             continue;
         }
         let mut sums = [zero; 5];
-        // The block loop built with or without IS weights (see `IsWeights`).
+        // The block loop built with or without IS weights (see `IsWeights`),
+        // for a block with or without padding (see `BlockMask`).
         macro_rules! block {
-            ($weights:expr) => {
+            ($weights:expr, $valid:expr) => {
                 token_block(
-                    &k, &kl, $weights, lp, old, adv, isw, rlp, mask, scale_pol, scale_kl, lb, kb,
-                    mb, cb, db, gb, &mut sums,
+                    &k, &kl, $weights, $valid, lp, old, adv, isw, rlp, mask, scale_pol, scale_kl,
+                    lb, kb, mb, cb, db, gb, &mut sums,
                 )
             };
         }
-        if row.isw.is_some() {
-            block!(&Weighted);
-        } else {
-            block!(&Unweighted);
+        match (row.isw.is_some(), all) {
+            (true, true) => block!(&Weighted, &AllValid),
+            (true, false) => block!(&Weighted, &Masked),
+            (false, true) => block!(&Unweighted, &AllValid),
+            (false, false) => block!(&Unweighted, &Masked),
         }
         pol += sums[0];
         klv += sums[1];
