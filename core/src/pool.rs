@@ -7,8 +7,8 @@
 //! blocks run on a pool instead:
 //!
 //! - **Workers start on first use and stay.** The pool grows to
-//!   `threads − 1` workers when a call asks for `threads`; the calling thread
-//!   is the last worker of every call, taking blocks like the others.
+//!   `threads − 1` workers when a call asks for `threads` (at most twice the
+//!   cores); the calling thread works too, drawing blocks like the others.
 //! - **A worker spins briefly before it sleeps.** After its last block it
 //!   polls for the next call for [`SPIN`] (a training loop calls the loss
 //!   every few hundred µs), then waits on a condition variable. Only as many
@@ -93,7 +93,7 @@ impl<'a> Blocks<'a> {
             }
             return;
         };
-        pool.grow(threads.min(tasks.len()) - 1);
+        pool.grow((threads.min(tasks.len()) - 1).min(pool.max_workers));
         let n = tasks.len();
         let cells = tasks
             .into_iter()
@@ -215,9 +215,17 @@ struct Pool {
     submit: Mutex<()>,
     /// Workers that may spin: the cores besides the caller's.
     spinners: usize,
+    /// The most workers the pool starts: twice the cores (more threads than
+    /// cores only take turns; the blocks are drawn, so fewer workers than
+    /// blocks is never a deadlock).
+    max_workers: usize,
 }
 
 static POOL: OnceLock<Pool> = OnceLock::new();
+
+fn cores() -> usize {
+    thread::available_parallelism().map_or(1, |n| n.get())
+}
 
 impl Pool {
     fn new() -> Self {
@@ -229,7 +237,8 @@ impl Pool {
             }),
             workers: Mutex::new(0),
             submit: Mutex::new(()),
-            spinners: thread::available_parallelism().map_or(1, |n| n.get()) - 1,
+            spinners: cores() - 1,
+            max_workers: 2 * cores(),
         }
     }
 
