@@ -9,11 +9,12 @@
 //! - **Workers start on first use and stay.** The pool grows to
 //!   `threads − 1` workers when a call asks for `threads` (at most twice the
 //!   cores); the calling thread works too, drawing blocks like the others.
-//! - **A worker spins briefly before it sleeps.** After its last block it
+//! - **A worker polls briefly before it sleeps.** After its last block it
 //!   polls for the next call for [`SPIN`] (a training loop calls the loss
-//!   every few hundred µs), then waits on a condition variable. Only as many
-//!   workers spin as the machine has cores besides the caller's; the others
-//!   sleep at once, so an oversubscribed pool never spins against the
+//!   every few hundred µs), yielding its CPU between polls to any thread that
+//!   wants it, then waits on a condition variable. Only as many
+//!   workers poll as the machine has cores besides the caller's; the others
+//!   sleep at once, so an oversubscribed pool never polls against the
 //!   threads doing the work.
 //! - **One call at a time.** A second caller arriving while the pool is busy
 //!   (another user thread, or a parallel driver called from inside a block)
@@ -126,7 +127,9 @@ impl<'a> Blocks<'a> {
         let start = Instant::now();
         while job.remaining.load(Ordering::Acquire) != 0 {
             if start.elapsed() < SPIN {
-                std::hint::spin_loop();
+                // Polite polling: a thread waiting for this CPU (a worker
+                // placed on it, say) runs first.
+                thread::yield_now();
             } else {
                 // The worker finishing the last block unparks this thread.
                 thread::park_timeout(Duration::from_millis(10));
@@ -269,14 +272,14 @@ fn worker(shared: &Shared, spin: bool) {
         let mut polls = 0u32;
         while shared.epoch.load(Ordering::Acquire) == seen {
             polls = polls.wrapping_add(1);
-            if !spin || (polls % 64 == 0 && start.elapsed() > SPIN) {
+            if !spin || (polls % 16 == 0 && start.elapsed() > SPIN) {
                 let mut g = lock(&shared.slot);
                 while g.0 == seen {
                     g = shared.wake.wait(g).unwrap_or_else(|e| e.into_inner());
                 }
                 break;
             }
-            std::hint::spin_loop();
+            thread::yield_now();
         }
         let job = {
             let g = lock(&shared.slot);
