@@ -20,6 +20,11 @@
 //!   (another user thread, or a parallel driver called from inside a block)
 //!   runs its blocks on scoped threads of its own, as before: never a
 //!   deadlock, never a queue.
+//! - **A forked child does not use it.** After `fork` (Python's
+//!   `multiprocessing`, data-loader workers) the child has none of the
+//!   workers and may hold a copy of a lock taken at the time; a call in a
+//!   process other than the one that started the pool runs on scoped
+//!   threads.
 //! - **Panics come back to the caller.** A block that panics is caught on its
 //!   worker; the call waits for the other blocks, then resumes the panic on
 //!   the calling thread, as `std::thread::scope` does.
@@ -70,10 +75,16 @@ impl<'a> Blocks<'a> {
             return;
         }
         let pool = POOL.get_or_init(Pool::new);
-        let busy = match pool.submit.try_lock() {
-            Ok(guard) => Some(guard),
-            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
+        // In a child of `fork` the workers are gone and a lock may have been
+        // copied held: the child never touches the pool.
+        let busy = if pool.pid != std::process::id() {
+            None
+        } else {
+            match pool.submit.try_lock() {
+                Ok(guard) => Some(guard),
+                Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            }
         };
         let Some(_submit) = busy else {
             // The pool is running another call: scoped threads of our own,
@@ -222,6 +233,8 @@ struct Pool {
     /// cores only take turns; the blocks are drawn, so fewer workers than
     /// blocks is never a deadlock).
     max_workers: usize,
+    /// The process that started the workers.
+    pid: u32,
 }
 
 static POOL: OnceLock<Pool> = OnceLock::new();
@@ -242,6 +255,7 @@ impl Pool {
             submit: Mutex::new(()),
             spinners: cores() - 1,
             max_workers: 2 * cores(),
+            pid: std::process::id(),
         }
     }
 

@@ -2,6 +2,9 @@
 modules (see ``core_check``), and cross-checks against the peer-named ops
 running the same core functions."""
 
+import os
+import signal
+
 import numpy as np
 import pytest
 
@@ -483,6 +486,32 @@ def test_fused_token_loss_is_verls_actor_loss(kl):
         close(mine.grads["log_prob"], pl.grads["log_prob"], atol=1e-15)
     else:
         close(mine.metrics["kl_loss"], metrics["kl_loss"])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_parallel_token_loss_in_a_forked_child():
+    # The parallel drivers run on a pool of worker threads started on first
+    # use; a forked child has none of them (and may hold a copied lock), so
+    # it must compute on threads of its own: the same numbers, no hang.
+    r = np.random.default_rng(17)
+    kw = policy_batch(r, b=8, t=300)
+    ref = -np.abs(r.normal(size=(8, 300)))
+    args = (kw["old_log_prob"], kw["log_prob"], kw["advantages"], kw["mask"])
+    opts = dict(ref_log_prob=ref, threads=2, clip_ratio_low=0.2, clip_ratio_high=0.28,
+                loss_agg_mode="seq-mean-token-mean", use_kl_loss=True, kl_loss_type="low_var_kl",
+                kl_loss_coef=0.1)
+    want_m, want_g = ops.verl_policy_loss(*args, **opts)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.alarm(60)
+            got_m, got_g = ops.verl_policy_loss(*args, **opts)
+            code = 0 if (got_m == want_m and np.array_equal(got_g, want_g)) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
 
 
 def test_configs_validate():
