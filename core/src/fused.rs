@@ -22,6 +22,7 @@
 //! | fused driver | reads | writes | the unfused chain it replaces |
 //! |---|---|---|---|
 //! | [`token_loss`] | `log π`, `log π_old`, `log π_ref`, `A`, mask (+ IS weights) once | `∂L/∂log π` once | [`policy_loss`](crate::policy::token::policy_loss) + [`KlConfig::estimate_slices`] + [`aggregate`](crate::aggregate::aggregate) |
+//! | [`token_loss_per_token`] | the same | `∂L/∂log π`, and each term's per-token loss and gradient ([`TokenLossPerToken`]) | the same, keeping its per-token arrays |
 //! | [`log_probs_entropy`] | the logits once from memory (its max), again from the cache (its exp-sums) | `log p[target]`, `H`, `lse` per row | [`gather_log_softmax`](crate::logits::gather_log_softmax) + [`entropy_from_logits`](crate::logits::entropy_from_logits) |
 //! | [`log_probs_entropy_backward`] | the logits once | `∂/∂logits` once | their two VJPs |
 //!
@@ -404,6 +405,79 @@ pub struct TokenLossOutput<F> {
     pub kl_loss: F,
 }
 
+/// The per-token values behind [`token_loss`], written by
+/// [`token_loss_per_token`] in the same pass: each slice `[batch·seq]`, 0 on
+/// masked positions.
+///
+/// - `policy_loss`: `ISᵢⱼ·ℓᵢⱼ`, the policy loss before aggregation
+///   ([`policy_loss`](crate::policy::token::policy_loss)'s `per_token`).
+/// - `policy_grad`: `∂ pg_loss/∂log πᵢⱼ = wᵢⱼ·ISᵢⱼ·∂ℓᵢⱼ/∂log π` (its
+///   gradient, with no cotangent).
+/// - `kl`: `KLᵢⱼ`, the estimate before aggregation.
+/// - `kl_grad`: `∂ kl_loss/∂log πᵢⱼ = vᵢⱼ·∂KLᵢⱼ/∂log π` (before `coef`).
+///
+/// Without a KL penalty `kl` and `kl_grad` may be empty (if not, they
+/// receive zeros).
+#[derive(Debug)]
+pub struct TokenLossPerToken<'a, F> {
+    /// `IS·ℓ` per token.
+    pub policy_loss: &'a mut [F],
+    /// `w·IS·∂ℓ/∂log π` per token.
+    pub policy_grad: &'a mut [F],
+    /// `KL` per token (with a penalty).
+    pub kl: &'a mut [F],
+    /// `v·∂KL/∂log π` per token (with a penalty).
+    pub kl_grad: &'a mut [F],
+}
+
+impl<'a, F: Copy> TokenLossPerToken<'a, F> {
+    /// Sets every slice to `v`.
+    fn fill(&mut self, v: F) {
+        self.policy_loss.fill(v);
+        self.policy_grad.fill(v);
+        self.kl.fill(v);
+        self.kl_grad.fill(v);
+    }
+
+    /// The slices of the positions `r`.
+    fn part(&mut self, r: core::ops::Range<usize>) -> TokenLossPerToken<'_, F> {
+        let kl_r = if self.kl.is_empty() { 0..0 } else { r.clone() };
+        TokenLossPerToken {
+            policy_loss: &mut self.policy_loss[r.clone()],
+            policy_grad: &mut self.policy_grad[r],
+            kl: &mut self.kl[kl_r.clone()],
+            kl_grad: &mut self.kl_grad[kl_r],
+        }
+    }
+
+    /// Splits into the consecutive parts of `len` positions each.
+    #[cfg(feature = "parallel")]
+    fn split(self, len: usize) -> impl Iterator<Item = TokenLossPerToken<'a, F>> {
+        let has_kl = !self.kl.is_empty();
+        let (kl, kl_grad) = (
+            self.kl.chunks_mut(len.max(1)),
+            self.kl_grad.chunks_mut(len.max(1)),
+        );
+        let mut kls = kl.zip(kl_grad);
+        self.policy_loss
+            .chunks_mut(len.max(1))
+            .zip(self.policy_grad.chunks_mut(len.max(1)))
+            .map(move |(policy_loss, policy_grad)| {
+                let (kl, kl_grad): (&'a mut [F], &'a mut [F]) = if has_kl {
+                    kls.next().expect("as many KL parts")
+                } else {
+                    (&mut [], &mut [])
+                };
+                TokenLossPerToken {
+                    policy_loss,
+                    policy_grad,
+                    kl,
+                    kl_grad,
+                }
+            })
+    }
+}
+
 /// One row's contribution, kept apart so that rows can be reduced on any
 /// thread and added in row order.
 #[derive(Debug, Clone, Copy, Default)]
@@ -752,6 +826,26 @@ impl BlockMask for AllValid {
     }
 }
 
+/// Whether the block loop also stores the per-token gradients of the two
+/// terms ([`TokenLossPerToken`]), as a type (see [`TokenKernel`]).
+trait PerTokenFlag {
+    const ON: bool;
+}
+
+/// The loss and its gradient only.
+struct Totals;
+
+impl PerTokenFlag for Totals {
+    const ON: bool = false;
+}
+
+/// Also the per-token gradients.
+struct PerToken;
+
+impl PerTokenFlag for PerToken {
+    const ON: bool = true;
+}
+
 /// A KL estimator as a type (see [`TokenKernel`]).
 trait KlKernel<F: Real> {
     fn estimate(&self, x: Fast<F>, reference: Fast<F>) -> (Fast<F>, Fast<F>);
@@ -924,6 +1018,16 @@ fn any_all_true(mask: &[bool]) -> (bool, bool) {
     (any != 0, all != 0)
 }
 
+/// A row's gradient scales: `c·w`, `c·coef·v` (the total's) and `w`, `v`
+/// (the per-token gradients', see [`TokenLossPerToken`]).
+#[derive(Clone, Copy)]
+struct RowScales<F> {
+    scale_pol: F,
+    scale_kl: F,
+    w_pol: F,
+    w_kl: F,
+}
+
 /// What one row needs besides the kernel.
 struct RowInputs<'a, F> {
     lp: &'a [F],
@@ -938,11 +1042,12 @@ multiversioned! {
     /// [`token_block_body`] compiled for the widest instruction set the CPU
     /// has (see [`limit_vector_isa`]).
     #[allow(clippy::too_many_arguments)]
-    fn token_block<F: Real, K: TokenKernel<F>, L: KlKernel<F>, W: IsWeights<F>, M: BlockMask>(
+    fn token_block<F: Real, K: TokenKernel<F>, L: KlKernel<F>, W: IsWeights<F>, M: BlockMask, P: PerTokenFlag>(
         k: &K,
         kl: &L,
         weights: &W,
         valid: &M,
+        per: &P,
         lp: &[F],
         old: &[F],
         adv: &[F],
@@ -951,12 +1056,16 @@ multiversioned! {
         mask: &[bool],
         scale_pol: F,
         scale_kl: F,
+        w_pol: F,
+        w_kl: F,
         lb: &mut [F],
         kb: &mut [F],
         mb: &mut [F],
         cb: &mut [F],
         db: &mut [F],
         gb: &mut [F],
+        pgb: &mut [F],
+        kgb: &mut [F],
         sums: &mut [F; 5],
     ) => token_block_body
 }
@@ -969,11 +1078,12 @@ multiversioned! {
 /// unconditional, every branch a selection): it vectorises.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn token_block_body<F: Real, K, L, W, M>(
+fn token_block_body<F: Real, K, L, W, M, P>(
     k: &K,
     kl: &L,
     weights: &W,
     valid: &M,
+    _per: &P,
     lp: &[F],
     old: &[F],
     adv: &[F],
@@ -982,18 +1092,23 @@ fn token_block_body<F: Real, K, L, W, M>(
     mask: &[bool],
     scale_pol: F,
     scale_kl: F,
+    w_pol: F,
+    w_kl: F,
     lb: &mut [F],
     kb: &mut [F],
     mb: &mut [F],
     cb: &mut [F],
     db: &mut [F],
     gb: &mut [F],
+    pgb: &mut [F],
+    kgb: &mut [F],
     sums: &mut [F; 5],
 ) where
     K: TokenKernel<F>,
     L: KlKernel<F>,
     W: IsWeights<F>,
     M: BlockMask,
+    P: PerTokenFlag,
 {
     let len = mask.len();
     let (lp, old, adv, isw, rlp) = (
@@ -1011,6 +1126,11 @@ fn token_block_body<F: Real, K, L, W, M>(
         &mut db[..len],
         &mut gb[..len],
     );
+    let (pgb, kgb) = if P::ON {
+        (&mut pgb[..len], &mut kgb[..len])
+    } else {
+        (&mut pgb[..0], &mut kgb[..0])
+    };
     let zero = F::zero();
     for j in 0..len {
         let m = valid.valid(mask, j);
@@ -1028,6 +1148,10 @@ fn token_block_body<F: Real, K, L, W, M>(
         cb[j] = if m & t.clipped { F::one() } else { zero };
         db[j] = if m & t.clipped_lower { F::one() } else { zero };
         gb[j] = pick(t.grad.0 * w * scale_pol + kg.0 * scale_kl);
+        if P::ON {
+            pgb[j] = pick(t.grad.0 * w * w_pol);
+            kgb[j] = pick(kg.0 * w_kl);
+        }
     }
     *sums = [sum8(lb), sum8(kb), sum8(mb), sum8(cb), sum8(db)];
 }
@@ -1041,14 +1165,20 @@ fn token_loss_row_with<F: Real, K, L>(
     k: K,
     kl: L,
     row: &RowInputs<'_, F>,
-    scale_pol: F,
-    scale_kl: F,
+    scale: RowScales<F>,
     mut grad: Option<&mut [F]>,
+    mut per: Option<TokenLossPerToken<'_, F>>,
     out: &mut RowTotals,
 ) where
     K: TokenKernel<F>,
     L: KlKernel<F>,
 {
+    let RowScales {
+        scale_pol,
+        scale_kl,
+        w_pol,
+        w_kl,
+    } = scale;
     let zero = F::zero();
     let mut lbuf = [zero; BLOCK];
     let mut kbuf = [zero; BLOCK];
@@ -1056,6 +1186,9 @@ fn token_loss_row_with<F: Real, K, L>(
     let mut cbuf = [zero; BLOCK];
     let mut dbuf = [zero; BLOCK];
     let mut gbuf = [zero; BLOCK];
+    // The per-token gradients of the two terms (with `per` only).
+    let mut pgbuf = [zero; BLOCK];
+    let mut kgbuf = [zero; BLOCK];
     let (mut pol, mut klv, mut klm, mut clipped, mut lower) = (zero, zero, zero, zero, zero);
     let n = row.mask.len();
     let mut start = 0;
@@ -1081,34 +1214,51 @@ fn token_loss_row_with<F: Real, K, L>(
         );
         // The gradient goes straight to its place (or to a scratch block).
         let gb = match grad.as_deref_mut() {
-            Some(g) => &mut g[r],
+            Some(g) => &mut g[r.clone()],
             None => &mut gbuf[..len],
         };
+        let mut per_block = per.as_mut().map(|p| p.part(r.clone()));
         let (any, all) = any_all_true(mask);
         if !any {
             // Padding only: the loop would select zeros for every token (its
             // gradient +0, its sums 0), so skip it and read none of the
             // block's inputs. Bitwise the same results.
             gb.fill(zero);
+            if let Some(p) = per_block.as_mut() {
+                p.fill(zero);
+            }
             start += len;
             continue;
         }
+        let (pgb, kgb) = (&mut pgbuf[..len], &mut kgbuf[..len]);
         let mut sums = [zero; 5];
         // The block loop built with or without IS weights (see `IsWeights`),
-        // for a block with or without padding (see `BlockMask`).
+        // for a block with or without padding (see `BlockMask`), storing the
+        // per-token gradients or not (see `PerTokenFlag`).
         macro_rules! block {
-            ($weights:expr, $valid:expr) => {
+            ($weights:expr, $valid:expr, $per:expr) => {
                 token_block(
-                    &k, &kl, $weights, $valid, lp, old, adv, isw, rlp, mask, scale_pol, scale_kl,
-                    lb, kb, mb, cb, db, gb, &mut sums,
+                    &k, &kl, $weights, $valid, $per, lp, old, adv, isw, rlp, mask, scale_pol,
+                    scale_kl, w_pol, w_kl, lb, kb, mb, cb, db, gb, pgb, kgb, &mut sums,
                 )
             };
         }
-        match (row.isw.is_some(), all) {
-            (true, true) => block!(&Weighted, &AllValid),
-            (true, false) => block!(&Weighted, &Masked),
-            (false, true) => block!(&Unweighted, &AllValid),
-            (false, false) => block!(&Unweighted, &Masked),
+        match (row.isw.is_some(), all, per_block.is_some()) {
+            (true, true, false) => block!(&Weighted, &AllValid, &Totals),
+            (true, false, false) => block!(&Weighted, &Masked, &Totals),
+            (false, true, false) => block!(&Unweighted, &AllValid, &Totals),
+            (false, false, false) => block!(&Unweighted, &Masked, &Totals),
+            // Per-token outputs: one build for every mask (a rarer call).
+            (true, _, true) => block!(&Weighted, &Masked, &PerToken),
+            (false, _, true) => block!(&Unweighted, &Masked, &PerToken),
+        }
+        if let Some(p) = per_block {
+            p.policy_loss.copy_from_slice(lb);
+            p.policy_grad.copy_from_slice(pgb);
+            if !p.kl.is_empty() {
+                p.kl.copy_from_slice(kb);
+                p.kl_grad.copy_from_slice(kgb);
+            }
         }
         pol += sums[0];
         klv += sums[1];
@@ -1134,6 +1284,7 @@ fn token_loss_row<F: Real>(
     totals: &AggTotals,
     row: usize,
     grad: Option<(F, &mut [F])>,
+    per: Option<TokenLossPerToken<'_, F>>,
 ) -> RowTotals {
     let dims = batch.dims;
     let range = dims.row(row);
@@ -1155,12 +1306,19 @@ fn token_loss_row<F: Real>(
         if let Some(g) = grad {
             g.iter_mut().for_each(|x| *x = F::zero());
         }
+        if let Some(mut p) = per {
+            p.fill(F::zero());
+        }
         return out;
     }
     let coef = cfg.kl.map_or(0.0, |k| k.coef);
     // ∂L/∂log π = c·w_pol·IS·∂ℓ + c·coef·w_kl·∂KL
-    let scale_pol = cot * F::of(w_pol);
-    let scale_kl = cot * F::of(coef * w_kl);
+    let scale = RowScales {
+        scale_pol: cot * F::of(w_pol),
+        scale_kl: cot * F::of(coef * w_kl),
+        w_pol: F::of(w_pol),
+        w_kl: F::of(w_kl),
+    };
     let inputs = RowInputs {
         lp: &batch.log_prob[range.clone()],
         old: &batch.old_log_prob[range.clone()],
@@ -1171,7 +1329,7 @@ fn token_loss_row<F: Real>(
     };
     macro_rules! run_kl {
         ($kernel:expr, $kl:expr) => {{
-            token_loss_row_with($kernel, $kl, &inputs, scale_pol, scale_kl, grad, &mut out)
+            token_loss_row_with($kernel, $kl, &inputs, scale, grad, per, &mut out)
         }};
     }
     macro_rules! run {
@@ -1291,16 +1449,110 @@ pub fn token_loss<F: Real>(
     ref_log_prob: Option<&[F]>,
     vjp: Option<(F, &mut [F])>,
 ) -> Result<TokenLossOutput<F>, Error> {
+    token_loss_driver(cfg, batch, ref_log_prob, vjp, None)
+}
+
+/// [`token_loss`], also writing the per-token values behind it — each
+/// term's per-token loss and gradient (see [`TokenLossPerToken`]) — in the
+/// same pass.
+///
+/// # Formula
+///
+/// As [`token_loss`]; `per_token` receives `ISᵢⱼ·ℓᵢⱼ`,
+/// `wᵢⱼ·ISᵢⱼ·∂ℓᵢⱼ/∂log π`, `KLᵢⱼ` and `vᵢⱼ·∂KLᵢⱼ/∂log π`, 0 on masked
+/// positions, so that `grad = c·(policy_grad + coef·kl_grad)` up to
+/// rounding.
+///
+/// # Peers
+///
+/// verl's `pg_losses` / `kld` before `agg_loss`; `policy_loss`'s
+/// `per_token` and [`KlConfig::estimate`] per position.
+///
+/// # Errors
+///
+/// As [`token_loss`], and [`Error::ShapeMismatch`] for a `per_token` slice
+/// of the wrong length (`kl` and `kl_grad` may be empty without a KL
+/// penalty).
+///
+/// # Example
+///
+/// ```
+/// use posttrain_core::aggregate::{AggMode, GlobalNorm};
+/// use posttrain_core::fused::{token_loss_per_token, TokenLoss, TokenLossPerToken};
+/// use posttrain_core::policy::token::{PolicyBatch, PolicyLoss, PolicyLossMode, VerlPolicyParams};
+/// use posttrain_core::Dims;
+///
+/// let loss = PolicyLoss::from_verl(PolicyLossMode::Vanilla, &VerlPolicyParams::default())?;
+/// let cfg = TokenLoss { loss, agg: AggMode::TokenMean, norm: GlobalNorm::default(), kl: None };
+/// let (lp, old, adv) = ([-1.0f64, -0.5, -2.0], [-1.1, -0.5, -2.0], [1.0, 1.0, 1.0]);
+/// let batch = PolicyBatch {
+///     dims: Dims::new(1, 3),
+///     log_prob: &lp,
+///     old_log_prob: &old,
+///     advantages: &adv,
+///     mask: &[true, true, false],
+///     is_weights: None,
+/// };
+/// let (mut pl, mut pg) = ([0.0; 3], [0.0; 3]);
+/// let per = TokenLossPerToken { policy_loss: &mut pl, policy_grad: &mut pg, kl: &mut [], kl_grad: &mut [] };
+/// let out = token_loss_per_token(&cfg, &batch, None, None, per)?;
+/// // token-mean: the loss is the mean of the valid per-token losses
+/// assert!((out.loss - (pl[0] + pl[1]) / 2.0).abs() < 1e-12);
+/// assert_eq!((pl[2], pg[2]), (0.0, 0.0));
+/// # Ok::<(), posttrain_core::Error>(())
+/// ```
+pub fn token_loss_per_token<F: Real>(
+    cfg: &TokenLoss,
+    batch: &PolicyBatch<'_, F>,
+    ref_log_prob: Option<&[F]>,
+    vjp: Option<(F, &mut [F])>,
+    per_token: TokenLossPerToken<'_, F>,
+) -> Result<TokenLossOutput<F>, Error> {
+    token_loss_driver(cfg, batch, ref_log_prob, vjp, Some(per_token))
+}
+
+/// The sequential driver of [`token_loss`] and [`token_loss_per_token`].
+fn token_loss_driver<F: Real>(
+    cfg: &TokenLoss,
+    batch: &PolicyBatch<'_, F>,
+    ref_log_prob: Option<&[F]>,
+    vjp: Option<(F, &mut [F])>,
+    mut per: Option<TokenLossPerToken<'_, F>>,
+) -> Result<TokenLossOutput<F>, Error> {
     let totals = token_loss_check(cfg, batch, ref_log_prob, vjp.as_ref().map(|(_, g)| g.len()))?;
+    per_token_check(cfg, batch.dims, per.as_ref())?;
     let dims = batch.dims;
     let mut acc = RowTotals::default();
     let mut vjp = vjp;
     for row in 0..dims.batch {
         let g = vjp.as_mut().map(|(c, g)| (*c, &mut g[dims.row(row)]));
-        let r = token_loss_row(cfg, batch, ref_log_prob, &totals, row, g);
+        let p = per.as_mut().map(|p| p.part(dims.row(row)));
+        let r = token_loss_row(cfg, batch, ref_log_prob, &totals, row, g, p);
         acc.add(&r);
     }
     Ok(token_loss_output(cfg, &acc))
+}
+
+/// The lengths of the per-token outputs: `[batch·seq]`, the KL pair also
+/// empty without a penalty.
+fn per_token_check<F>(
+    cfg: &TokenLoss,
+    dims: crate::Dims,
+    per: Option<&TokenLossPerToken<'_, F>>,
+) -> Result<(), Error> {
+    let Some(p) = per else {
+        return Ok(());
+    };
+    let n = dims.len();
+    check_len("per_token.policy_loss", p.policy_loss.len(), n)?;
+    check_len("per_token.policy_grad", p.policy_grad.len(), n)?;
+    let kl_len = if cfg.kl.is_none() && p.kl.is_empty() && p.kl_grad.is_empty() {
+        0
+    } else {
+        n
+    };
+    check_len("per_token.kl", p.kl.len(), kl_len)?;
+    check_len("per_token.kl_grad", p.kl_grad.len(), kl_len)
 }
 
 // ---------------------------------------------------------------------------
@@ -1837,37 +2089,75 @@ pub mod parallel {
         vjp: Option<(F, &mut [F])>,
         threads: usize,
     ) -> Result<TokenLossOutput<F>, Error> {
+        token_loss_driver(cfg, batch, ref_log_prob, vjp, None, threads)
+    }
+
+    /// [`token_loss_per_token`](super::token_loss_per_token) on `threads`
+    /// threads.
+    ///
+    /// # Errors
+    ///
+    /// As [`token_loss_per_token`](super::token_loss_per_token).
+    pub fn token_loss_per_token<F: Real>(
+        cfg: &TokenLoss,
+        batch: &PolicyBatch<'_, F>,
+        ref_log_prob: Option<&[F]>,
+        vjp: Option<(F, &mut [F])>,
+        per_token: TokenLossPerToken<'_, F>,
+        threads: usize,
+    ) -> Result<TokenLossOutput<F>, Error> {
+        token_loss_driver(cfg, batch, ref_log_prob, vjp, Some(per_token), threads)
+    }
+
+    /// The parallel driver of both: rows in `threads` contiguous blocks.
+    fn token_loss_driver<F: Real>(
+        cfg: &TokenLoss,
+        batch: &PolicyBatch<'_, F>,
+        ref_log_prob: Option<&[F]>,
+        vjp: Option<(F, &mut [F])>,
+        per: Option<TokenLossPerToken<'_, F>>,
+        threads: usize,
+    ) -> Result<TokenLossOutput<F>, Error> {
         let totals =
             token_loss_check(cfg, batch, ref_log_prob, vjp.as_ref().map(|(_, g)| g.len()))?;
+        per_token_check(cfg, batch.dims, per.as_ref())?;
         let dims = batch.dims;
         let mut per_row = std::vec![RowTotals::default(); dims.batch];
         let rows_per = blocks(dims.batch, threads);
         let seq = dims.seq.max(1);
+        let n_blocks = dims.batch.div_ceil(rows_per);
         let (cot, grad) = match vjp {
             Some((c, g)) => (Some(c), Some(g)),
             None => (None, None),
         };
         let mut grad_blocks: Vec<Option<&mut [F]>> = match grad {
             Some(g) if dims.seq > 0 => g.chunks_mut(rows_per * seq).map(Some).collect(),
-            _ => (0..dims.batch.div_ceil(rows_per)).map(|_| None).collect(),
+            _ => (0..n_blocks).map(|_| None).collect(),
+        };
+        let mut per_blocks: Vec<Option<TokenLossPerToken<'_, F>>> = match per {
+            Some(p) if dims.seq > 0 => p.split(rows_per * seq).map(Some).collect(),
+            _ => (0..n_blocks).map(|_| None).collect(),
         };
         let mut work = Blocks::new();
-        for (bi, (out, gb)) in per_row
+        for (bi, ((out, gb), pb)) in per_row
             .chunks_mut(rows_per)
             .zip(grad_blocks.iter_mut())
+            .zip(per_blocks.iter_mut())
             .enumerate()
         {
-            let gb = gb.take();
+            let (gb, pb) = (gb.take(), pb.take());
             let totals = &totals;
             work.push(move || {
-                let mut gb = gb;
+                let (mut gb, mut pb) = (gb, pb);
                 for (k, o) in out.iter_mut().enumerate() {
                     let row = bi * rows_per + k;
+                    let local = k * seq..k * seq + dims.seq;
                     let g = match (cot, gb.as_deref_mut()) {
-                        (Some(c), Some(g)) => Some((c, &mut g[k * seq..k * seq + dims.seq])),
+                        (Some(c), Some(g)) => Some((c, &mut g[local.clone()])),
                         _ => None,
                     };
-                    *o = token_loss_row(cfg, batch, ref_log_prob, totals, row, g);
+                    let p = pb.as_mut().map(|p| p.part(local));
+                    *o = token_loss_row(cfg, batch, ref_log_prob, totals, row, g, p);
                 }
             });
         }

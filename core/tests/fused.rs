@@ -2,7 +2,8 @@
 
 use posttrain_core::aggregate::{aggregate, AggMode, GlobalNorm};
 use posttrain_core::fused::{
-    log_probs_entropy, log_probs_entropy_backward, token_loss, KlPenalty, TokenLoss,
+    log_probs_entropy, log_probs_entropy_backward, token_loss, token_loss_per_token, KlPenalty,
+    TokenLoss, TokenLossPerToken,
 };
 use posttrain_core::kl::{KlConfig, KlEstimator};
 use posttrain_core::logits::{entropy_from_logits, gather_log_softmax, Temperature};
@@ -421,6 +422,232 @@ fn check_token_loss_over_padding_blocks<F: Real>(rel: f64) {
 fn token_loss_over_padding_blocks_matches_the_reference_chain() {
     check_token_loss_over_padding_blocks::<f64>(1e-10);
     check_token_loss_over_padding_blocks::<f32>(2e-4);
+}
+
+/// `token_loss_per_token` (and its parallel driver): each term's per-token
+/// loss and gradient against the per-position kernels and the reference
+/// drivers; the loss and total gradient bitwise those of `token_loss`.
+fn check_token_loss_per_token<F: Real>(rel: f64, seed: u64) {
+    use posttrain_core::aggregate::aggregation_weights;
+    let mut rng = Rng(seed);
+    let kls = [
+        None,
+        Some(KlPenalty {
+            estimator: KlConfig::preset(KlEstimator::K3, Preset::Verl),
+            coef: 0.001,
+        }),
+        Some(KlPenalty {
+            estimator: KlConfig::parse_verl("k2+").unwrap(),
+            coef: 0.2,
+        }),
+    ];
+    for loss in token_local_losses() {
+        for agg in [
+            AggMode::TokenMean,
+            AggMode::SeqMeanTokenMean,
+            AggMode::SeqMeanTokenSumNorm,
+        ] {
+            for kl in kls {
+                // Rows long enough for several blocks, some of padding only.
+                let (b, t) = (1 + rng.below(5), 1 + rng.below(700));
+                let c = token_case::<F>(&mut rng, b, t);
+                let with_is = rng.below(2) == 0;
+                let batch = PolicyBatch {
+                    dims: c.dims,
+                    log_prob: &c.lp,
+                    old_log_prob: &c.old,
+                    advantages: &c.adv,
+                    mask: &c.mask,
+                    is_weights: with_is.then_some(&c.isw[..]),
+                };
+                let cfg = TokenLoss {
+                    loss,
+                    agg,
+                    norm: GlobalNorm::default(),
+                    kl,
+                };
+                let n = c.dims.len();
+                let what = format!("{loss:?} {agg:?} {kl:?} is={with_is} [{b}, {t}]");
+                let kl_n = if kl.is_some() { n } else { 0 };
+                let nan = F::of(f64::NAN);
+                let (mut pl, mut pg, mut kv, mut kg) =
+                    (vec![nan; n], vec![nan; n], vec![nan; kl_n], vec![nan; kl_n]);
+                let mut g = vec![nan; n];
+                let out = token_loss_per_token(
+                    &cfg,
+                    &batch,
+                    Some(&c.refp),
+                    Some((F::one(), &mut g)),
+                    TokenLossPerToken {
+                        policy_loss: &mut pl,
+                        policy_grad: &mut pg,
+                        kl: &mut kv,
+                        kl_grad: &mut kg,
+                    },
+                )
+                .unwrap();
+                // The loss and gradient are token_loss's, bit for bit.
+                let mut g0 = vec![F::zero(); n];
+                let out0 =
+                    token_loss(&cfg, &batch, Some(&c.refp), Some((F::one(), &mut g0))).unwrap();
+                assert_eq!(
+                    out.loss.to_f64().to_bits(),
+                    out0.loss.to_f64().to_bits(),
+                    "{what}"
+                );
+                assert!(
+                    g.iter()
+                        .zip(&g0)
+                        .all(|(a, b)| a.to_f64().to_bits() == b.to_f64().to_bits()),
+                    "{what}"
+                );
+                // The policy term against the per-position kernel and the reference driver.
+                let mut scratch = vec![F::zero(); PolicyLoss::scratch_len(c.dims)];
+                let mut pg_ref = vec![F::zero(); n];
+                policy_loss(
+                    &cfg.loss,
+                    agg,
+                    &cfg.norm,
+                    &batch,
+                    &mut scratch,
+                    Some((F::one(), &mut pg_ref)),
+                )
+                .unwrap();
+                let scale = |v: &[F]| v.iter().fold(1e-30f64, |a, x| a.max(x.to_f64().abs()));
+                let (s_pl, s_pg) = (scale(&pl), scale(&pg_ref));
+                for i in 0..n {
+                    let want = if c.mask[i] {
+                        let tok =
+                            loss.token(c.lp[i].to_f64(), c.old[i].to_f64(), c.adv[i].to_f64());
+                        tok.loss * if with_is { c.isw[i].to_f64() } else { 1.0 }
+                    } else {
+                        0.0
+                    };
+                    let got = pl[i].to_f64();
+                    assert!(
+                        (got - want).abs() <= rel * 4.0 * s_pl.max(want.abs()),
+                        "{what}: policy_loss[{i}] {got} vs {want}"
+                    );
+                    let (got, want) = (pg[i].to_f64(), pg_ref[i].to_f64());
+                    assert!(
+                        (got - want).abs() <= rel * 4.0 * s_pg,
+                        "{what}: policy_grad[{i}] {got} vs {want}"
+                    );
+                    if !c.mask[i] {
+                        assert_eq!(
+                            (pl[i].to_f64(), pg[i].to_f64()),
+                            (0.0, 0.0),
+                            "{what}: [{i}]"
+                        );
+                    }
+                }
+                // The KL term against the estimator and the aggregation weights.
+                if let Some(k) = kl {
+                    let mut est = vec![F::zero(); n];
+                    let mut dk = vec![F::zero(); n];
+                    let ones = vec![F::one(); n];
+                    k.estimator
+                        .estimate_slices(&c.lp, &c.refp, &mut est, Some((&ones, &mut dk)))
+                        .unwrap();
+                    let mut w = vec![F::zero(); n];
+                    aggregation_weights(agg, &cfg.norm, c.dims, &c.mask, &mut w).unwrap();
+                    for i in 0..n {
+                        let (want_v, want_g) = if c.mask[i] {
+                            (est[i].to_f64(), (w[i] * dk[i]).to_f64())
+                        } else {
+                            (0.0, 0.0)
+                        };
+                        let (got_v, got_g) = (kv[i].to_f64(), kg[i].to_f64());
+                        assert!(
+                            close(got_v, want_v, rel * 4.0) || (got_v - want_v).abs() < 1e-30,
+                            "{what}: kl[{i}] {got_v} vs {want_v}"
+                        );
+                        assert!(
+                            (got_g - want_g).abs() <= rel * 4.0 * want_g.abs().max(1e-30) + 1e-30,
+                            "{what}: kl_grad[{i}] {got_g} vs {want_g}"
+                        );
+                    }
+                }
+                // The parallel driver: the same bits.
+                #[cfg(feature = "parallel")]
+                for threads in [2, 3] {
+                    use posttrain_core::fused::parallel;
+                    let (mut pl2, mut pg2, mut kv2, mut kg2) =
+                        (vec![nan; n], vec![nan; n], vec![nan; kl_n], vec![nan; kl_n]);
+                    let mut g2 = vec![nan; n];
+                    let out2 = parallel::token_loss_per_token(
+                        &cfg,
+                        &batch,
+                        Some(&c.refp),
+                        Some((F::one(), &mut g2)),
+                        TokenLossPerToken {
+                            policy_loss: &mut pl2,
+                            policy_grad: &mut pg2,
+                            kl: &mut kv2,
+                            kl_grad: &mut kg2,
+                        },
+                        threads,
+                    )
+                    .unwrap();
+                    assert_eq!(out2, out, "{what} threads {threads}");
+                    let bits = |v: &[F]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&g2), bits(&g), "{what} threads {threads}");
+                    assert_eq!(bits(&pl2), bits(&pl), "{what} threads {threads}");
+                    assert_eq!(bits(&pg2), bits(&pg), "{what} threads {threads}");
+                    assert_eq!(bits(&kv2), bits(&kv), "{what} threads {threads}");
+                    assert_eq!(bits(&kg2), bits(&kg), "{what} threads {threads}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn token_loss_per_token_matches_the_kernels_and_the_reference_drivers() {
+    check_token_loss_per_token::<f64>(1e-12, 0x5eed_0001);
+    check_token_loss_per_token::<f32>(1e-5, 0x5eed_0002);
+}
+
+#[test]
+fn token_loss_per_token_refuses_wrong_lengths() {
+    let c = token_case::<f64>(&mut Rng(5), 2, 8);
+    let batch = PolicyBatch {
+        dims: c.dims,
+        log_prob: &c.lp,
+        old_log_prob: &c.old,
+        advantages: &c.adv,
+        mask: &c.mask,
+        is_weights: None,
+    };
+    let kl = Some(KlPenalty {
+        estimator: KlConfig::new(KlEstimator::K1),
+        coef: 0.1,
+    });
+    let cfg = TokenLoss {
+        loss: token_local_losses()[0],
+        agg: AggMode::TokenMean,
+        norm: GlobalNorm::default(),
+        kl,
+    };
+    let (mut pl, mut pg, mut short) = (vec![0.0; 16], vec![0.0; 16], vec![0.0; 15]);
+    // A KL penalty needs the KL slices.
+    let per = TokenLossPerToken {
+        policy_loss: &mut pl,
+        policy_grad: &mut pg,
+        kl: &mut [],
+        kl_grad: &mut [],
+    };
+    let err = token_loss_per_token(&cfg, &batch, Some(&c.refp), None, per).unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+    let per = TokenLossPerToken {
+        policy_loss: &mut short,
+        policy_grad: &mut pg,
+        kl: &mut [],
+        kl_grad: &mut [],
+    };
+    let cfg_no_kl = TokenLoss { kl: None, ..cfg };
+    let err = token_loss_per_token(&cfg_no_kl, &batch, None, None, per).unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
 }
 
 #[test]
