@@ -31,7 +31,7 @@ use burn::backend::{
 use burn::tensor::{Bool, Element, Int, Tensor, TensorData};
 use posttrain_core::aggregate::{aggregation_weights, AggMode, GlobalNorm};
 use posttrain_core::elem::{Elem, Real};
-use posttrain_core::fused::{self as core_fused, LaneMask, Lanes, TokenLoss, LANES};
+use posttrain_core::fused::{self as core_fused, TokenLoss, TokenLossPerToken};
 use posttrain_core::kl::KlConfig;
 use posttrain_core::logits::Temperature;
 use posttrain_core::policy::token::{PolicyBatch, PolicyLoss};
@@ -248,19 +248,7 @@ fn policy_on<F: HostFloat>(
     };
     let threads = threads_for(n);
     let mut grad = vec![F::zero(); n];
-    let out = token_loss(cfg, &batch_in, rlp, &mut grad, threads)?;
-
-    // The per-token outputs of the structs: the same kernels, one pass.
-    let eff = cfg.loss.effective_agg(cfg.agg);
-    let mut w_pol = vec![F::zero(); n];
-    aggregation_weights(eff, &cfg.norm, dims, &mask, &mut w_pol)?;
-    let w_kl = if has_kl && eff != cfg.agg {
-        let mut w = vec![F::zero(); n];
-        aggregation_weights(cfg.agg, &cfg.norm, dims, &mask, &mut w)?;
-        Some(w)
-    } else {
-        None
-    };
+    // The per-token outputs of the structs, written by the same pass.
     let mut per_token = vec![F::zero(); n];
     let mut pol_grad = vec![F::zero(); n];
     let (mut kl_tok, mut kl_grad) = if has_kl {
@@ -268,28 +256,13 @@ fn policy_on<F: HostFloat>(
     } else {
         (Vec::new(), Vec::new())
     };
-    let aux = AuxIn {
-        loss: &cfg.loss,
-        kl: cfg.kl.map(|k| k.estimator),
-        lp: &bufs[0],
-        old: &bufs[1],
-        adv: &bufs[2],
-        isw: is_weights,
-        rlp,
-        mask: &mask,
-        w_pol: &w_pol,
-        w_kl: w_kl.as_deref().unwrap_or(&w_pol),
+    let per = TokenLossPerToken {
+        policy_loss: &mut per_token,
+        policy_grad: &mut pol_grad,
+        kl: &mut kl_tok,
+        kl_grad: &mut kl_grad,
     };
-    aux_outputs(
-        &aux,
-        AuxOut {
-            per_token: &mut per_token,
-            pol_grad: &mut pol_grad,
-            kl_tok: &mut kl_tok,
-            kl_grad: &mut kl_grad,
-        },
-        threads,
-    );
+    let out = token_loss(cfg, &batch_in, rlp, &mut grad, per, threads)?;
     let shape = [batch, seq];
     let policy = PolicyLossOutput {
         loss: scalar(out.policy.loss),
@@ -317,120 +290,16 @@ fn token_loss<F: Real>(
     batch: &PolicyBatch<'_, F>,
     rlp: Option<&[F]>,
     grad: &mut [F],
+    per: TokenLossPerToken<'_, F>,
     threads: usize,
 ) -> Result<core_fused::TokenLossOutput<F>, Error> {
+    let vjp = Some((F::one(), grad));
     #[cfg(feature = "parallel")]
     if threads > 1 {
-        return core_fused::parallel::token_loss(cfg, batch, rlp, Some((F::one(), grad)), threads);
+        return core_fused::parallel::token_loss_per_token(cfg, batch, rlp, vjp, per, threads);
     }
     let _ = threads;
-    core_fused::token_loss(cfg, batch, rlp, Some((F::one(), grad)))
-}
-
-/// The inputs of [`aux_outputs`].
-struct AuxIn<'a, F> {
-    loss: &'a PolicyLoss,
-    kl: Option<KlConfig>,
-    lp: &'a [F],
-    old: &'a [F],
-    adv: &'a [F],
-    isw: Option<&'a [F]>,
-    rlp: Option<&'a [F]>,
-    mask: &'a [bool],
-    /// The policy term's aggregation weights (0 on masked positions).
-    w_pol: &'a [F],
-    /// The KL term's.
-    w_kl: &'a [F],
-}
-
-/// The per-token tensors of `PolicyLossOutput` / `KlLoss` (`kl_*` empty
-/// without a KL penalty).
-struct AuxOut<'a, F> {
-    per_token: &'a mut [F],
-    pol_grad: &'a mut [F],
-    kl_tok: &'a mut [F],
-    kl_grad: &'a mut [F],
-}
-
-/// Fills `out` as the tensor path does — `per_token = IS·ℓ`,
-/// `grad = w_pol·(IS·∂ℓ)`, `kl per_token = KL`, `kl grad = w_kl·∂KL`, 0 on
-/// masked positions — with the core's per-token kernels on [`Lanes`]
-/// (masked positions run on zeros: padding may hold NaN or ±inf).
-fn aux_outputs<F: Real>(a: &AuxIn<'_, F>, out: AuxOut<'_, F>, threads: usize) {
-    let n = a.mask.len();
-    let per = n.div_ceil(threads.max(1)).div_ceil(LANES) * LANES;
-    if threads <= 1 || per >= n {
-        return aux_range(a, 0, out);
-    }
-    let has_kl = a.kl.is_some();
-    let mut pt = out.per_token.chunks_mut(per);
-    let mut pg = out.pol_grad.chunks_mut(per);
-    let mut kt = out.kl_tok.chunks_mut(per);
-    let mut kg = out.kl_grad.chunks_mut(per);
-    std::thread::scope(|s| {
-        let mut start = 0;
-        while start < n {
-            let part = AuxOut {
-                per_token: pt.next().expect("one chunk per block"),
-                pol_grad: pg.next().expect("one chunk per block"),
-                kl_tok: if has_kl {
-                    kt.next().expect("kl chunk")
-                } else {
-                    &mut []
-                },
-                kl_grad: if has_kl {
-                    kg.next().expect("kl chunk")
-                } else {
-                    &mut []
-                },
-            };
-            let len = part.per_token.len();
-            s.spawn(move || aux_range(a, start, part));
-            start += len;
-        }
-    });
-}
-
-/// [`aux_outputs`] for the positions `start..start + out.per_token.len()`.
-fn aux_range<F: Real>(a: &AuxIn<'_, F>, start: usize, out: AuxOut<'_, F>) {
-    let n = out.per_token.len();
-    let zero = Lanes::splat(F::zero());
-    let mut j = 0;
-    while j < n {
-        let len = (n - j).min(LANES);
-        let r = start + j..start + j + len;
-        let mut m = [false; LANES];
-        m[..len].copy_from_slice(&a.mask[r.clone()]);
-        let live = LaneMask(m);
-        // Masked lanes (and the tail) run on zeros.
-        let pick = |src: &[F]| {
-            let mut v = [F::zero(); LANES];
-            for (i, (&x, &keep)) in src[r.clone()].iter().zip(&m).enumerate() {
-                if keep {
-                    v[i] = x;
-                }
-            }
-            Lanes(v)
-        };
-        let x = pick(a.lp);
-        let t = a.loss.token(x, pick(a.old), pick(a.adv));
-        let (loss, tg) = match a.isw {
-            Some(w) => {
-                let w = pick(w);
-                (t.loss.mul(w), t.grad.mul(w))
-            }
-            None => (t.loss, t.grad),
-        };
-        let o = j..j + len;
-        Lanes::select(&live, loss, zero).store(&mut out.per_token[o.clone()]);
-        Lanes::select(&live, tg.mul(pick(a.w_pol)), zero).store(&mut out.pol_grad[o.clone()]);
-        if let (Some(cfg), Some(rlp)) = (&a.kl, a.rlp) {
-            let (v, g) = cfg.estimate(x, pick(rlp));
-            Lanes::select(&live, v, zero).store(&mut out.kl_tok[o.clone()]);
-            Lanes::select(&live, g.mul(pick(a.w_kl)), zero).store(&mut out.kl_grad[o]);
-        }
-        j += len;
-    }
+    core_fused::token_loss_per_token(cfg, batch, rlp, vjp, per)
 }
 
 // ---------------------------------------------------------------------------
