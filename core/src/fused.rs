@@ -2055,7 +2055,9 @@ fn lpe_backward_rows_body<F: Real>(
 /// The fused drivers spread over threads (rows split into contiguous blocks,
 /// run on a pool of worker threads that start on first use and stay; the
 /// calling thread takes blocks too). Results are bitwise identical to the
-/// sequential drivers for every thread count.
+/// sequential drivers for every thread count. An idle worker polls for the
+/// next call for 200 µs before it sleeps; `POSTTRAIN_SPIN_US` sets that time
+/// (0: sleep at once, for a machine whose cores other busy threads share).
 #[cfg(feature = "parallel")]
 pub mod parallel {
     use super::*;

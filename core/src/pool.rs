@@ -10,9 +10,9 @@
 //!   `threads − 1` workers when a call asks for `threads` (at most twice the
 //!   cores); the calling thread works too, drawing blocks like the others.
 //! - **A worker polls briefly before it sleeps.** After its last block it
-//!   polls for the next call for [`SPIN`] (a training loop calls the loss
-//!   every few hundred µs), yielding its CPU between polls to any thread that
-//!   wants it, then waits on a condition variable. Only as many
+//!   polls for the next call for [`SPIN`] (200 µs; `POSTTRAIN_SPIN_US`
+//!   sets it, 0 sleeps at once), yielding its CPU between polls to any
+//!   thread that wants it, then waits on a condition variable. Only as many
 //!   workers poll as the machine has cores besides the caller's; the others
 //!   sleep at once, so an oversubscribed pool never polls against the
 //!   threads doing the work.
@@ -42,8 +42,17 @@ use std::time::{Duration, Instant};
 use std::vec::Vec;
 
 /// How long an idle worker (and a caller waiting for its last blocks) polls
-/// before it sleeps.
+/// before it sleeps, unless `POSTTRAIN_SPIN_US` says otherwise.
 const SPIN: Duration = Duration::from_micros(200);
+
+/// The polling time: `POSTTRAIN_SPIN_US` (microseconds; 0 sleeps at once,
+/// for a machine shared with other busy threads) if set, else [`SPIN`].
+fn spin_time() -> Duration {
+    std::env::var("POSTTRAIN_SPIN_US")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(SPIN, Duration::from_micros)
+}
 
 /// One block of work, borrowing the caller's data for `'a`.
 type Task<'a> = Box<dyn FnOnce() + Send + 'a>;
@@ -137,7 +146,7 @@ impl<'a> Blocks<'a> {
         // Wait for the blocks still running on the workers.
         let start = Instant::now();
         while job.remaining.load(Ordering::Acquire) != 0 {
-            if start.elapsed() < SPIN {
+            if start.elapsed() < pool.spin {
                 // Polite polling: a thread waiting for this CPU (a worker
                 // placed on it, say) runs first.
                 thread::yield_now();
@@ -235,6 +244,8 @@ struct Pool {
     max_workers: usize,
     /// The process that started the workers.
     pid: u32,
+    /// How long the workers and the caller poll (see [`spin_time`]).
+    spin: Duration,
 }
 
 static POOL: OnceLock<Pool> = OnceLock::new();
@@ -256,6 +267,7 @@ impl Pool {
             spinners: cores() - 1,
             max_workers: 2 * cores(),
             pid: std::process::id(),
+            spin: spin_time(),
         }
     }
 
@@ -265,7 +277,12 @@ impl Pool {
         let mut have = lock(&self.workers);
         while *have < want {
             let shared = self.shared.clone();
-            let spin = *have < self.spinners;
+            // Only the workers the machine has cores for poll.
+            let spin = if *have < self.spinners {
+                self.spin
+            } else {
+                Duration::ZERO
+            };
             let started = thread::Builder::new()
                 .name(std::format!("posttrain-{}", *have))
                 .spawn(move || worker(&shared, spin));
@@ -277,16 +294,16 @@ impl Pool {
     }
 }
 
-/// A worker: waits for a call (polling for [`SPIN`] if `spin`, then asleep),
-/// draws its blocks, and waits again.
-fn worker(shared: &Shared, spin: bool) {
+/// A worker: waits for a call (polling for `spin`, then asleep), draws its
+/// blocks, and waits again.
+fn worker(shared: &Shared, spin: Duration) {
     let mut seen = 0;
     loop {
         let start = Instant::now();
         let mut polls = 0u32;
         while shared.epoch.load(Ordering::Acquire) == seen {
             polls = polls.wrapping_add(1);
-            if !spin || (polls % 16 == 0 && start.elapsed() > SPIN) {
+            if spin.is_zero() || (polls % 16 == 0 && start.elapsed() > spin) {
                 let mut g = lock(&shared.slot);
                 while g.0 == seen {
                     g = shared.wake.wait(g).unwrap_or_else(|e| e.into_inner());
