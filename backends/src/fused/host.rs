@@ -29,8 +29,8 @@ use burn::backend::{
     Autodiff, DispatchKindConversion, DispatchTensor, GradientCheckpointingStrategy, TensorMetadata,
 };
 use burn::tensor::{Bool, Element, Int, Tensor, TensorData};
-use posttrain_core::aggregate::{aggregation_weights, AggMode, GlobalNorm};
-use posttrain_core::elem::{Elem, Real};
+use posttrain_core::aggregate::{AggMode, GlobalNorm};
+use posttrain_core::elem::Real;
 use posttrain_core::fused::{self as core_fused, TokenLoss, TokenLossPerToken};
 use posttrain_core::kl::KlConfig;
 use posttrain_core::logits::Temperature;
